@@ -1,0 +1,40 @@
+# Quick start: `make run` builds and starts the daemons with a local config under .joblet/;
+# `make test` runs everything CI runs.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+JOBLET_DIR := $(CURDIR)/.joblet
+
+.PHONY: all build deps test fmt clippy run bench clean-run
+
+all: build
+
+# RocksDB's bindings are generated at build time and need libclang. Installed when missing.
+deps:
+	@if ! ldconfig -p | grep -q 'libclang-14\|libclang\.so'; then \
+		echo "make: installing libclang (needed to build RocksDB's bindings)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang1-14 libclang-common-14-dev >/dev/null; \
+	fi
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: deps fmt
+	$(CARGO) test --workspace
+	$(MAKE) --no-print-directory clippy
+
+run: build
+	@scripts/run-local.sh
+
+bench: deps
+	$(CARGO) build --release -p joblet-benches
+	./target/release/ipc
+
+clean-run:
+	rm -rf $(JOBLET_DIR)

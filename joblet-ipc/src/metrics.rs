@@ -1,0 +1,61 @@
+//! Prometheus metric names emitted by this crate, with their help text.
+//!
+//! The sender's metrics are joblet-core's (`joblet_ipc_*`); the receiver's are joblet-persist's
+//! (`joblet_persist_ipc_*`). Alert rules in `deploy/prometheus/` refer to these names.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const IPC_MESSAGES_SENT: &str = "joblet_ipc_messages_sent_total";
+pub const IPC_MESSAGES_DROPPED: &str = "joblet_ipc_messages_dropped_total";
+pub const IPC_QUEUE_DEPTH: &str = "joblet_ipc_queue_depth";
+pub const IPC_QUEUE_CAPACITY: &str = "joblet_ipc_queue_capacity";
+pub const IPC_CONNECTED: &str = "joblet_ipc_connected";
+pub const IPC_RECONNECTS: &str = "joblet_ipc_reconnects_total";
+pub const IPC_WRITE_DURATION: &str = "joblet_ipc_write_duration_seconds";
+
+pub const PERSIST_IPC_MESSAGES_RECEIVED: &str = "joblet_persist_ipc_messages_received_total";
+pub const PERSIST_IPC_FRAMES_REJECTED: &str = "joblet_persist_ipc_frames_rejected_total";
+pub const PERSIST_IPC_CONNECTIONS: &str = "joblet_persist_ipc_connections";
+
+/// Registers help text for the sender's metrics (call once, from joblet-core).
+pub fn describe_sender() {
+    describe_counter!(IPC_MESSAGES_SENT, "Messages written to the persist socket.");
+    describe_counter!(
+        IPC_MESSAGES_DROPPED,
+        "Messages not replicated, by reason (queue_full, disconnected, oversized, shutdown)."
+    );
+    describe_gauge!(
+        IPC_QUEUE_DEPTH,
+        "Messages waiting in the replication queue."
+    );
+    describe_gauge!(IPC_QUEUE_CAPACITY, "Capacity of the replication queue.");
+    describe_gauge!(
+        IPC_CONNECTED,
+        "1 while connected to joblet-persist, else 0."
+    );
+    describe_counter!(
+        IPC_RECONNECTS,
+        "Successful reconnections to joblet-persist."
+    );
+    describe_histogram!(
+        IPC_WRITE_DURATION,
+        Unit::Seconds,
+        "Time to write one batch of frames to the persist socket."
+    );
+}
+
+/// Registers help text for the receiver's metrics (call once, from joblet-persist).
+pub fn describe_receiver() {
+    describe_counter!(
+        PERSIST_IPC_MESSAGES_RECEIVED,
+        "Valid messages received from joblet-core."
+    );
+    describe_counter!(
+        PERSIST_IPC_FRAMES_REJECTED,
+        "Frames or messages refused, by reason (oversized, truncated, decode, version, empty_job_id, type)."
+    );
+    describe_gauge!(
+        PERSIST_IPC_CONNECTIONS,
+        "Open IPC connections from joblet-core."
+    );
+}

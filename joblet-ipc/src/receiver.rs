@@ -1,0 +1,321 @@
+//! The persist side of the replication stream.
+//!
+//! [`IpcReceiver::bind`] creates the Unix socket (mode 0600), replacing a stale socket file left
+//! by a crashed process but refusing to steal a socket another process still serves.
+//! [`IpcReceiver::run`] accepts connections, one task pair each: a reader decodes frames and
+//! gathers everything already buffered into a batch; a store task hands batches to the
+//! [`MessageSink`] and acknowledges them. At most [`BATCHES_IN_FLIGHT`] batches wait between the
+//! two, so a slow store stops the reader, the socket buffer fills and the sender slows down:
+//! memory does not grow.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use futures::{FutureExt, StreamExt};
+use joblet_proto::ipc::{IpcAck, IpcMessage, JobAck, MessageType};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError, encode_frame};
+use crate::message::validate;
+use crate::metrics as m;
+
+/// Batches decoded but not yet stored, per connection. Two lets decoding overlap storing.
+pub const BATCHES_IN_FLIGHT: usize = 2;
+/// Read buffer per connection: large reads mean few syscalls at high rates.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub socket_path: PathBuf,
+    pub max_frame_bytes: usize,
+    /// Most messages handed to the sink in one batch.
+    pub max_batch_messages: usize,
+}
+
+impl ReceiverConfig {
+    pub fn new(socket_path: impl Into<PathBuf>) -> Self {
+        ReceiverConfig {
+            socket_path: socket_path.into(),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_batch_messages: 8192,
+        }
+    }
+}
+
+/// Where received messages go. `store` returns once the batch is durable by the store's policy;
+/// only then is the batch acknowledged. An error closes the connection without an ack, and the
+/// sender will send the data again after reconnecting.
+pub trait MessageSink: Send + Sync + 'static {
+    fn store(&self, batch: Vec<IpcMessage>) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("socket {path} is in use by another process")]
+    InUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot bind socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Counters of one receiver.
+#[derive(Debug, Default)]
+pub struct ReceiverStats {
+    pub received: AtomicU64,
+    pub rejected: AtomicU64,
+    pub connections: AtomicU64,
+    pub store_errors: AtomicU64,
+}
+
+pub struct IpcReceiver {
+    listener: UnixListener,
+    config: ReceiverConfig,
+    stats: Arc<ReceiverStats>,
+}
+
+impl IpcReceiver {
+    pub async fn bind(config: ReceiverConfig) -> Result<IpcReceiver, BindError> {
+        let path = &config.socket_path;
+        remove_stale_socket(path).await?;
+        let io_error = |source| BindError::Io {
+            path: path.clone(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(io_error)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_error)?;
+        Ok(IpcReceiver {
+            listener,
+            config,
+            stats: Arc::new(ReceiverStats::default()),
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.config.socket_path
+    }
+
+    pub fn stats(&self) -> Arc<ReceiverStats> {
+        self.stats.clone()
+    }
+
+    /// Serves connections until `shutdown` is cancelled; then stops accepting, stores and
+    /// acknowledges what each connection already read, and removes the socket file.
+    pub async fn run<S: MessageSink>(self, sink: Arc<S>, shutdown: CancellationToken) {
+        let connections = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let connection = Connection {
+                        config: self.config.clone(),
+                        stats: self.stats.clone(),
+                        sink: sink.clone(),
+                        shutdown: shutdown.clone(),
+                    };
+                    connections.spawn(connection.serve(stream));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept on the IPC socket failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+        connections.close();
+        connections.wait().await;
+        let _ = std::fs::remove_file(&self.config.socket_path);
+    }
+}
+
+async fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(BindError::Io {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(BindError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        return Err(BindError::InUse {
+            path: path.to_owned(),
+        });
+    }
+    tracing::info!(socket = %path.display(), "removing stale socket file");
+    std::fs::remove_file(path).map_err(|source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+struct Connection<S> {
+    config: ReceiverConfig,
+    stats: Arc<ReceiverStats>,
+    sink: Arc<S>,
+    shutdown: CancellationToken,
+}
+
+impl<S: MessageSink> Connection<S> {
+    async fn serve(self, stream: UnixStream) {
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::PERSIST_IPC_CONNECTIONS).increment(1.0);
+        let (read_half, write_half) = stream.into_split();
+        let (batches, batches_rx) = mpsc::channel(BATCHES_IN_FLIGHT);
+        let store = tokio::spawn(store_and_ack(
+            self.sink.clone(),
+            batches_rx,
+            write_half,
+            self.stats.clone(),
+            self.config.max_frame_bytes,
+        ));
+        let frames = FramedRead::with_capacity(
+            read_half,
+            FrameCodec::<IpcMessage>::new(self.config.max_frame_bytes),
+            READ_BUFFER_BYTES,
+        );
+        self.read_batches(frames, batches).await;
+        if let Err(error) = store.await {
+            tracing::error!(%error, "IPC store task failed");
+        }
+        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(m::PERSIST_IPC_CONNECTIONS).decrement(1.0);
+    }
+
+    async fn read_batches(
+        &self,
+        mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec<IpcMessage>>,
+        batches: mpsc::Sender<Vec<IpcMessage>>,
+    ) {
+        loop {
+            let first = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                frame = frames.next() => frame,
+            };
+            let mut batch = Vec::new();
+            let mut open = self.accept(first, &mut batch);
+            // Gather what is already decoded or buffered, without waiting for more.
+            while open && batch.len() < self.config.max_batch_messages {
+                match frames.next().now_or_never() {
+                    Some(frame) => open = self.accept(frame, &mut batch),
+                    None => break,
+                }
+            }
+            if !batch.is_empty() {
+                let received = batch.len() as u64;
+                self.stats.received.fetch_add(received, Ordering::Relaxed);
+                metrics::counter!(m::PERSIST_IPC_MESSAGES_RECEIVED).increment(received);
+                if batches.send(batch).await.is_err() {
+                    return; // the store task failed and closed the connection
+                }
+            }
+            if !open {
+                return;
+            }
+        }
+    }
+
+    /// Adds a decoded frame to the batch; returns false when the connection must close.
+    fn accept(
+        &self,
+        frame: Option<Result<IpcMessage, FrameError>>,
+        batch: &mut Vec<IpcMessage>,
+    ) -> bool {
+        match frame {
+            None => false,
+            Some(Ok(message)) => {
+                match validate(&message) {
+                    Ok(_) => batch.push(message),
+                    Err(invalid) => {
+                        self.reject(invalid.reason());
+                        tracing::warn!(job_id = %message.job_id, reason = invalid.reason(), "rejected IPC message");
+                    }
+                }
+                true
+            }
+            Some(Err(FrameError::Io(error))) => {
+                tracing::debug!(%error, "IPC connection closed");
+                false
+            }
+            Some(Err(error)) => {
+                self.reject(error.reason());
+                tracing::warn!(%error, "bad IPC frame; closing the connection");
+                false
+            }
+        }
+    }
+
+    fn reject(&self, reason: &'static str) {
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::PERSIST_IPC_FRAMES_REJECTED, "reason" => reason).increment(1);
+    }
+}
+
+async fn store_and_ack<S: MessageSink>(
+    sink: Arc<S>,
+    mut batches: mpsc::Receiver<Vec<IpcMessage>>,
+    mut socket: OwnedWriteHalf,
+    stats: Arc<ReceiverStats>,
+    max_frame_bytes: usize,
+) {
+    let mut buffer = BytesMut::new();
+    while let Some(batch) = batches.recv().await {
+        let ack = ack_for(&batch);
+        if let Err(error) = sink.store(batch).await {
+            stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, "storing replicated data failed; closing the connection");
+            return;
+        }
+        buffer.clear();
+        if encode_frame(&ack, max_frame_bytes, &mut buffer).is_err() {
+            tracing::error!("acknowledgement too large to frame");
+            return;
+        }
+        if socket.write_all(&buffer).await.is_err() {
+            // The sender went away; keep storing what was already read.
+            continue;
+        }
+    }
+}
+
+/// The highest sequence per job and type in a batch.
+fn ack_for(batch: &[IpcMessage]) -> IpcAck {
+    let mut highest: HashMap<(&str, i32), u64> = HashMap::new();
+    for message in batch {
+        let entry = highest
+            .entry((message.job_id.as_str(), message.r#type))
+            .or_default();
+        *entry = (*entry).max(message.sequence);
+    }
+    IpcAck {
+        jobs: highest
+            .into_iter()
+            .map(|((job_id, kind), sequence)| JobAck {
+                job_id: job_id.to_owned(),
+                r#type: MessageType::try_from(kind).unwrap_or_default() as i32,
+                sequence,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,444 @@
+//! The core side of the replication stream.
+//!
+//! [`IpcSender::try_send`] is called on the job path: it never blocks and never awaits. It puts
+//! the message into a bounded queue (`buffer_size`) or, when the queue is full, drops it and
+//! counts the drop by reason. One writer task drains the queue in batches, encodes many frames
+//! into one buffer and writes it with a single call, reconnecting with exponential backoff and
+//! jitter when the socket is missing or breaks. A batch whose write failed is written again first
+//! after the reconnect (persist stores idempotently, so a partial write is harmless).
+//!
+//! A second task per connection reads persist's acknowledgements and records, per job and type,
+//! the highest acknowledged sequence (see the crate docs for what an ack promises).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use joblet_proto::ipc::{IpcAck, IpcMessage, MessageType};
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, encode_frame};
+use crate::metrics as m;
+
+/// Messages the writer takes from the queue per batch. Larger batches mean fewer syscalls; this
+/// size keeps one batch of 150-byte lines around 200 KiB.
+const MAX_BATCH_MESSAGES: usize = 1024;
+/// First reconnect delay; it doubles up to `reconnect_delay`.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// How long shutdown waits to flush what is still queued.
+const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    pub socket_path: PathBuf,
+    /// Queue capacity in messages (ADR default 10000). When full, `try_send` drops and counts.
+    pub buffer_size: usize,
+    /// Upper bound of the reconnect backoff (ADR default 5s).
+    pub reconnect_delay: Duration,
+    pub max_frame_bytes: usize,
+}
+
+impl SenderConfig {
+    pub fn new(socket_path: impl Into<PathBuf>) -> Self {
+        SenderConfig {
+            socket_path: socket_path.into(),
+            buffer_size: 10_000,
+            reconnect_delay: Duration::from_secs(5),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// Why a message was not queued. Every one of these is also counted in
+/// `joblet_ipc_messages_dropped_total{reason}` — except `Closed`, which means shutdown began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("replication queue is full")]
+    QueueFull,
+    #[error("replication queue is full and persist is disconnected")]
+    Disconnected,
+    #[error("message of {len} bytes exceeds the frame limit")]
+    Oversized { len: usize },
+    #[error("sender is shut down")]
+    Closed,
+}
+
+impl SendError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            SendError::QueueFull => "queue_full",
+            SendError::Disconnected => "disconnected",
+            SendError::Oversized { .. } => "oversized",
+            SendError::Closed => "shutdown",
+        }
+    }
+}
+
+/// Counters of one sender, readable at any time.
+#[derive(Debug, Default)]
+pub struct SenderStats {
+    pub sent: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_disconnected: AtomicU64,
+    pub dropped_oversized: AtomicU64,
+    pub dropped_shutdown: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl SenderStats {
+    pub fn dropped(&self) -> u64 {
+        self.dropped_queue_full.load(Ordering::Relaxed)
+            + self.dropped_disconnected.load(Ordering::Relaxed)
+            + self.dropped_oversized.load(Ordering::Relaxed)
+            + self.dropped_shutdown.load(Ordering::Relaxed)
+    }
+
+    fn count_drop(&self, error: SendError, messages: u64) {
+        let counter = match error {
+            SendError::QueueFull => &self.dropped_queue_full,
+            SendError::Disconnected => &self.dropped_disconnected,
+            SendError::Oversized { .. } => &self.dropped_oversized,
+            SendError::Closed => &self.dropped_shutdown,
+        };
+        counter.fetch_add(messages, Ordering::Relaxed);
+        metrics::counter!(m::IPC_MESSAGES_DROPPED, "reason" => error.reason()).increment(messages);
+    }
+}
+
+struct Shared {
+    config: SenderConfig,
+    stats: SenderStats,
+    connected: AtomicBool,
+    /// Per job: highest acknowledged sequence for logs ([0]) and metrics ([1]).
+    acks: Mutex<HashMap<String, [u64; 2]>>,
+    /// Incremented on every successful connect; core watches it to replay after a reconnect.
+    connection_generation: watch::Sender<u64>,
+}
+
+/// Handle to the replication stream. Cheap to clone; all clones feed the same queue.
+#[derive(Clone)]
+pub struct IpcSender {
+    queue: mpsc::Sender<IpcMessage>,
+    shared: Arc<Shared>,
+}
+
+impl IpcSender {
+    /// Starts the writer task. It runs until `shutdown` is cancelled, then flushes what is
+    /// queued (if connected, for at most a few seconds) and ends.
+    pub fn start(config: SenderConfig, shutdown: CancellationToken) -> (IpcSender, JoinHandle<()>) {
+        let (queue, queue_rx) = mpsc::channel(config.buffer_size.max(1));
+        metrics::gauge!(m::IPC_QUEUE_CAPACITY).set(config.buffer_size as f64);
+        metrics::gauge!(m::IPC_CONNECTED).set(0.0);
+        let shared = Arc::new(Shared {
+            config,
+            stats: SenderStats::default(),
+            connected: AtomicBool::new(false),
+            acks: Mutex::new(HashMap::new()),
+            connection_generation: watch::Sender::new(0),
+        });
+        let writer = Writer {
+            shared: shared.clone(),
+            queue: queue_rx,
+            pending: Vec::with_capacity(MAX_BATCH_MESSAGES),
+            buffer: BytesMut::with_capacity(256 * 1024),
+            shutdown,
+        };
+        let task = tokio::spawn(writer.run());
+        (IpcSender { queue, shared }, task)
+    }
+
+    /// Queues `message` without waiting. On error the message is dropped and counted.
+    pub fn try_send(&self, message: IpcMessage) -> Result<(), SendError> {
+        let result = self.check_size(&message).and_then(|()| {
+            self.queue.try_send(message).map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) if self.is_connected() => SendError::QueueFull,
+                mpsc::error::TrySendError::Full(_) => SendError::Disconnected,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            })
+        });
+        if let Err(error) = result {
+            self.shared.stats.count_drop(error, 1);
+        }
+        result
+    }
+
+    /// Queues `message`, waiting for room. For replay and bulk transfers that may wait; the job
+    /// path uses [`IpcSender::try_send`].
+    pub async fn send(&self, message: IpcMessage) -> Result<(), SendError> {
+        let result = match self.check_size(&message) {
+            Ok(()) => self
+                .queue
+                .send(message)
+                .await
+                .map_err(|_| SendError::Closed),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = result {
+            self.shared.stats.count_drop(error, 1);
+        }
+        result
+    }
+
+    fn check_size(&self, message: &IpcMessage) -> Result<(), SendError> {
+        let len = prost::Message::encoded_len(message);
+        if len > self.shared.config.max_frame_bytes {
+            return Err(SendError::Oversized { len });
+        }
+        Ok(())
+    }
+
+    /// Highest sequence of `job_id` and `kind` that persist acknowledged (0 = none yet).
+    pub fn acknowledged(&self, job_id: &str, kind: MessageType) -> u64 {
+        let acks = self.shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        acks.get(job_id)
+            .map_or(0, |by_kind| by_kind[ack_slot(kind)])
+    }
+
+    /// Forgets the acknowledgements of a job (call when the job is deleted).
+    pub fn forget_job(&self, job_id: &str) {
+        let mut acks = self.shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        acks.remove(job_id);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// A receiver of the connection generation: it changes every time the sender connects.
+    pub fn connections(&self) -> watch::Receiver<u64> {
+        self.shared.connection_generation.subscribe()
+    }
+
+    pub fn stats(&self) -> &SenderStats {
+        &self.shared.stats
+    }
+
+    /// Messages waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
+fn ack_slot(kind: MessageType) -> usize {
+    match kind {
+        MessageType::Metric => 1,
+        _ => 0,
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    queue: mpsc::Receiver<IpcMessage>,
+    /// The batch being written; kept across a reconnect when its write failed.
+    pending: Vec<IpcMessage>,
+    buffer: BytesMut,
+    shutdown: CancellationToken,
+}
+
+enum ConnectionEnd {
+    Shutdown,
+    Broken,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut backoff = INITIAL_BACKOFF;
+        let mut ever_connected = false;
+        let mut warned = false;
+        loop {
+            self.publish_queue_depth();
+            let connect = UnixStream::connect(&self.shared.config.socket_path);
+            let stream = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                result = connect => result,
+            };
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(error) => {
+                    if !warned {
+                        tracing::warn!(
+                            socket = %self.shared.config.socket_path.display(),
+                            %error,
+                            "cannot reach joblet-persist; replication waits and retries"
+                        );
+                        warned = true;
+                    }
+                    let delay = jitter(backoff);
+                    backoff = (backoff * 2).min(self.shared.config.reconnect_delay);
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            backoff = INITIAL_BACKOFF;
+            warned = false;
+            if ever_connected {
+                self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::IPC_RECONNECTS).increment(1);
+            }
+            ever_connected = true;
+            tracing::info!(socket = %self.shared.config.socket_path.display(), "connected to joblet-persist");
+            let (read_half, write_half) = stream.into_split();
+            let ack_reader = tokio::spawn(read_acks(
+                FramedRead::new(
+                    read_half,
+                    FrameCodec::<IpcAck>::new(self.shared.config.max_frame_bytes),
+                ),
+                self.shared.clone(),
+            ));
+            self.set_connected(true);
+            self.shared
+                .connection_generation
+                .send_modify(|generation| *generation += 1);
+            let end = self.write_until_broken(write_half, ack_reader).await;
+            self.set_connected(false);
+            match end {
+                ConnectionEnd::Shutdown => return,
+                ConnectionEnd::Broken => {
+                    tracing::warn!("connection to joblet-persist lost; reconnecting");
+                }
+            }
+        }
+        // Shut down while disconnected: whatever is queued cannot be delivered.
+        self.queue.close();
+        let mut lost = self.pending.len() as u64;
+        while self.queue.try_recv().is_ok() {
+            lost += 1;
+        }
+        if lost > 0 {
+            self.shared.stats.count_drop(SendError::Closed, lost);
+        }
+    }
+
+    async fn write_until_broken(
+        &mut self,
+        mut socket: OwnedWriteHalf,
+        mut ack_reader: JoinHandle<()>,
+    ) -> ConnectionEnd {
+        loop {
+            if self.pending.is_empty() {
+                tokio::select! {
+                    biased;
+                    received = self.queue.recv_many(&mut self.pending, MAX_BATCH_MESSAGES) => {
+                        if received == 0 {
+                            return ConnectionEnd::Shutdown;
+                        }
+                    }
+                    _ = &mut ack_reader => return ConnectionEnd::Broken,
+                    () = self.shutdown.cancelled() => {
+                        self.flush_on_shutdown(socket).await;
+                        ack_reader.abort();
+                        return ConnectionEnd::Shutdown;
+                    }
+                }
+            }
+            self.publish_queue_depth();
+            if self.write_pending(&mut socket).await.is_err() {
+                ack_reader.abort();
+                return ConnectionEnd::Broken;
+            }
+        }
+    }
+
+    async fn write_pending(&mut self, socket: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        self.buffer.clear();
+        for message in &self.pending {
+            // Sizes were checked when the message was queued.
+            if let Err(error) = encode_frame(
+                message,
+                self.shared.config.max_frame_bytes,
+                &mut self.buffer,
+            ) {
+                tracing::error!(%error, "dropping a message that cannot be framed");
+            }
+        }
+        let started = Instant::now();
+        socket.write_all(&self.buffer).await?;
+        metrics::histogram!(m::IPC_WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        let written = self.pending.len() as u64;
+        self.pending.clear();
+        self.shared.stats.sent.fetch_add(written, Ordering::Relaxed);
+        metrics::counter!(m::IPC_MESSAGES_SENT).increment(written);
+        Ok(())
+    }
+
+    async fn flush_on_shutdown(&mut self, mut socket: OwnedWriteHalf) {
+        self.queue.close();
+        let flush = async {
+            loop {
+                if self.pending.is_empty()
+                    && self
+                        .queue
+                        .recv_many(&mut self.pending, MAX_BATCH_MESSAGES)
+                        .await
+                        == 0
+                {
+                    return Ok(());
+                }
+                self.write_pending(&mut socket).await?;
+            }
+        };
+        let result: std::io::Result<()> =
+            match tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, flush).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            };
+        if let Err(error) = result {
+            let mut lost = self.pending.len() as u64;
+            while self.queue.try_recv().is_ok() {
+                lost += 1;
+            }
+            tracing::warn!(%error, lost, "could not flush the replication queue at shutdown");
+            self.shared.stats.count_drop(SendError::Closed, lost);
+        }
+        let _ = socket.shutdown().await;
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.shared.connected.store(connected, Ordering::Relaxed);
+        metrics::gauge!(m::IPC_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    }
+
+    fn publish_queue_depth(&self) {
+        metrics::gauge!(m::IPC_QUEUE_DEPTH).set(self.queue.len() as f64);
+    }
+}
+
+async fn read_acks(
+    mut acks: FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec<IpcAck>>,
+    shared: Arc<Shared>,
+) {
+    while let Some(frame) = acks.next().await {
+        let ack = match frame {
+            Ok(ack) => ack,
+            Err(error) => {
+                tracing::warn!(%error, "bad acknowledgement frame from joblet-persist");
+                return;
+            }
+        };
+        let mut table = shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        for job in ack.jobs {
+            let slot = ack_slot(job.r#type());
+            let entry = table.entry(job.job_id).or_default();
+            entry[slot] = entry[slot].max(job.sequence);
+        }
+    }
+}
+
+/// A delay drawn uniformly from [base/2, base] so that many senders do not retry in lockstep.
+fn jitter(base: Duration) -> Duration {
+    let half = base / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}

@@ -1,0 +1,332 @@
+//! The configuration file (YAML). The structs are the file format: every key has a default
+//! (`deploy/config/persist-config.yml` lists them), unknown keys are refused, and
+//! [`Config::validate`] rejects nonsense with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytesize::ByteSize;
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where RocksDB keeps its files.
+    pub data_dir: PathBuf,
+    pub ipc: IpcConfig,
+    pub grpc: GrpcConfig,
+    pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
+    pub storage: StorageConfig,
+    pub rocksdb: RocksDbConfig,
+    pub query: QueryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/joblet-persist"),
+            ipc: IpcConfig::default(),
+            grpc: GrpcConfig::default(),
+            metrics: MetricsConfig::default(),
+            retention: RetentionConfig::default(),
+            storage: StorageConfig::default(),
+            rocksdb: RocksDbConfig::default(),
+            query: QueryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IpcConfig {
+    /// Unix socket core connects to; created with mode 0600.
+    pub socket: PathBuf,
+    /// Largest accepted frame.
+    pub max_frame_size: ByteSize,
+}
+
+impl Default for IpcConfig {
+    fn default() -> Self {
+        IpcConfig {
+            socket: PathBuf::from("/tmp/joblet-persist.sock"),
+            max_frame_size: ByteSize::mib(8),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus exporter address; null disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9092))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How long log lines are kept, counted from each line's timestamp; "0" keeps forever.
+    pub logs: Retention,
+    /// How long metric samples are kept; "0" keeps forever.
+    pub metrics: Retention,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            logs: Retention(Some(Duration::from_secs(7 * 86_400))),
+            metrics: Retention(Some(Duration::from_secs(30 * 86_400))),
+        }
+    }
+}
+
+/// A retention period; `None` keeps data forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for Retention {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(0) => Ok(Retention(None)),
+            Raw::Number(n) => Err(serde::de::Error::custom(format!(
+                "invalid retention {n}: use a duration like \"7d\" or 0 for forever"
+            ))),
+            Raw::Text(text) => parse_retention(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    let text = text.trim();
+    if text == "0" || text.eq_ignore_ascii_case("forever") {
+        return Ok(Retention(None));
+    }
+    if text.starts_with('-') {
+        return Err(format!("invalid retention {text:?}: it cannot be negative"));
+    }
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Ok(Retention(None)),
+        Ok(d) => Ok(Retention(Some(d))),
+        Err(e) => Err(format!(
+            "invalid retention {text:?}: {e} (use a duration like \"7d\", or 0 for forever)"
+        )),
+    }
+}
+
+/// When an acknowledgement is sent, relative to the data reaching the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Every ingest batch is written to the WAL and fsynced before it is acknowledged: acked
+    /// data survives a power loss. Batches hold everything that arrived meanwhile, so one
+    /// fsync (3-4 ms here) covers thousands of lines at high rates.
+    Sync,
+    /// Every batch is written to the WAL (in the OS page cache) before it is acknowledged:
+    /// acked data survives a crash of joblet-persist, not of the machine. The WAL is fsynced
+    /// in the background every `background_sync_interval`.
+    Wal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub durability: Durability,
+    /// With durability `wal`: how often the WAL is fsynced.
+    #[serde(with = "humantime_serde")]
+    pub background_sync_interval: Duration,
+    /// Capacity used for the storage usage gauge and alert; null = the size of the filesystem
+    /// holding `data_dir`.
+    pub capacity: Option<ByteSize>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            durability: Durability::Sync,
+            background_sync_interval: Duration::from_secs(1),
+            capacity: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Lz4,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RocksDbConfig {
+    /// Shared block cache for reads.
+    pub block_cache_size: ByteSize,
+    /// Memtable size per column family before it is flushed.
+    pub write_buffer_size: ByteSize,
+    pub compression: Compression,
+}
+
+impl Default for RocksDbConfig {
+    fn default() -> Self {
+        RocksDbConfig {
+            block_cache_size: ByteSize::mib(128),
+            write_buffer_size: ByteSize::mib(64),
+            compression: Compression::Lz4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Largest `tail` a query may ask for (tail keeps that many lines in memory).
+    pub max_tail: u32,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            max_tail: 1_000_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config {}", path.display()))?;
+        let config = Config::parse(&text).with_context(|| format!("config {}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_norway::from_str(text)?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("data_dir: must not be empty");
+        }
+        let socket_dir = self
+            .ipc
+            .socket
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !socket_dir.is_dir() {
+            bail!(
+                "ipc.socket: directory {} does not exist",
+                socket_dir.display()
+            );
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if self.ipc.socket.as_os_str().len() > 107 {
+            bail!("ipc.socket: path is longer than the 107 bytes a Unix socket allows");
+        }
+        let frame = self.ipc.max_frame_size.as_u64();
+        if !(1024..=u32::MAX as u64).contains(&frame) {
+            bail!("ipc.max_frame_size: must be between 1 KiB and 4 GiB, got {frame} bytes");
+        }
+        if self.storage.background_sync_interval.is_zero() {
+            bail!("storage.background_sync_interval: must be greater than zero");
+        }
+        if self.storage.capacity.is_some_and(|c| c.as_u64() == 0) {
+            bail!("storage.capacity: must be greater than zero (or null for the filesystem size)");
+        }
+        if self.rocksdb.write_buffer_size.as_u64() < 1024 * 1024 {
+            bail!("rocksdb.write_buffer_size: must be at least 1 MiB");
+        }
+        if self.query.max_tail == 0 {
+            bail!("query.max_tail: must be greater than zero");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../../deploy/config/persist-config.yml");
+        let parsed = Config::parse(text).expect("reference config parses");
+        let defaults = Config::default();
+        assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.grpc.listen.port(), 50052);
+        assert_eq!(config.ipc.socket, PathBuf::from("/tmp/joblet-persist.sock"));
+    }
+
+    #[test]
+    fn retention_accepts_durations_and_zero() {
+        let config = Config::parse("retention:\n  logs: 30d\n  metrics: 0\n").unwrap();
+        assert_eq!(
+            config.retention.logs,
+            Retention(Some(Duration::from_secs(30 * 86_400)))
+        );
+        assert_eq!(config.retention.metrics, Retention(None));
+    }
+
+    fn error_of(text: &str) -> String {
+        format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn nonsense_is_refused_naming_the_key() {
+        assert!(error_of("retention:\n  logs: -5d\n").contains("negative"));
+        assert!(error_of("retention:\n  logs: soon\n").contains("invalid retention"));
+        assert!(error_of("bogus: 1\n").contains("unknown field `bogus`"));
+        assert!(error_of("ipc:\n  sockett: /tmp/x\n").contains("unknown field `sockett`"));
+        assert!(
+            error_of("ipc:\n  socket: /no/such/dir/p.sock\n").contains("ipc.socket"),
+            "{}",
+            error_of("ipc:\n  socket: /no/such/dir/p.sock\n")
+        );
+        assert!(error_of("grpc:\n  listen: nowhere\n").contains("grpc"));
+        assert!(error_of("storage:\n  durability: maybe\n").contains("durability"));
+        assert!(error_of("ipc:\n  max_frame_size: 10\n").contains("ipc.max_frame_size"));
+        assert!(error_of("rocksdb:\n  compression: brotli\n").contains("compression"));
+    }
+}

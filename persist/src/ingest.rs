@@ -1,0 +1,36 @@
+//! Feeds the IPC receiver's batches into the store on the blocking pool. A batch is
+//! acknowledged by the receiver only after `ingest` returned, i.e. once it is durable by the
+//! configured policy.
+
+use std::sync::Arc;
+
+use joblet_ipc::{IpcMessage, MessageSink};
+
+use crate::store::Store;
+
+pub struct StoreSink {
+    store: Arc<Store>,
+}
+
+impl StoreSink {
+    pub fn new(store: Arc<Store>) -> Self {
+        StoreSink { store }
+    }
+}
+
+impl MessageSink for StoreSink {
+    async fn store(&self, batch: Vec<IpcMessage>) -> Result<(), String> {
+        let store = self.store.clone();
+        let outcome = tokio::task::spawn_blocking(move || store.ingest(&batch))
+            .await
+            .map_err(|e| format!("ingest task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        if outcome.invalid > 0 {
+            tracing::warn!(
+                count = outcome.invalid,
+                "skipped replicated records with invalid payloads"
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! joblet-persist: the query side of ADR-0001.
+//!
+//! It receives every log line and metric sample joblet-core replicates over the IPC socket
+//! ([`ingest`]), stores them in RocksDB ([`store`]) and answers history queries over gRPC
+//! ([`service`]). [`Persist::open`] acquires everything that can fail at start (data directory,
+//! RocksDB, the socket); [`Persist::serve`] runs until the shutdown token is cancelled, then
+//! stops accepting, stores and acknowledges what was received, and flushes RocksDB.
+
+pub mod config;
+pub mod ingest;
+pub mod keys;
+pub mod metrics;
+pub mod service;
+pub mod store;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use joblet_ipc::{IpcReceiver, ReceiverConfig};
+use joblet_proto::persist::persist_service_server::PersistServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Durability};
+use crate::store::Store;
+
+/// How often storage gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
+pub struct Persist {
+    config: Config,
+    store: Arc<Store>,
+    receiver: IpcReceiver,
+}
+
+impl Persist {
+    pub async fn open(config: Config) -> anyhow::Result<Persist> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .with_context(|| format!("create data_dir {}", config.data_dir.display()))?;
+        let store_config = config.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&store_config))
+            .await?
+            .with_context(|| format!("open store in {}", config.data_dir.display()))?;
+        let mut receiver_config = ReceiverConfig::new(&config.ipc.socket);
+        receiver_config.max_frame_bytes = config.ipc.max_frame_size.as_u64() as usize;
+        let receiver = IpcReceiver::bind(receiver_config)
+            .await
+            .context("ipc.socket")?;
+        Ok(Persist {
+            config,
+            store: Arc::new(store),
+            receiver,
+        })
+    }
+
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Persist {
+            config,
+            store,
+            receiver,
+        } = self;
+        let tasks = tokio_util::task::TaskTracker::new();
+        let sink = Arc::new(ingest::StoreSink::new(store.clone()));
+        tasks.spawn(receiver.run(sink, shutdown.clone()));
+        tasks.spawn(publish_storage_gauges(
+            store.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
+        if config.storage.durability == Durability::Wal {
+            tasks.spawn(sync_wal_periodically(
+                store.clone(),
+                config.storage.background_sync_interval,
+                shutdown.clone(),
+            ));
+        }
+        ::metrics::gauge!(metrics::UP).set(1.0);
+        let api = service::PersistApi::new(store.clone(), config.query.max_tail);
+        let served = tonic::transport::Server::builder()
+            .add_service(PersistServiceServer::new(api))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                shutdown.cancelled(),
+            )
+            .await;
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        ::metrics::gauge!(metrics::UP).set(0.0);
+        tokio::task::spawn_blocking(move || store.flush())
+            .await?
+            .context("flush store at shutdown")?;
+        served.context("gRPC server")?;
+        tracing::info!("joblet-persist stopped");
+        Ok(())
+    }
+}
+
+async fn publish_storage_gauges(store: Arc<Store>, config: Config, shutdown: CancellationToken) {
+    loop {
+        let store = store.clone();
+        let config_for_task = config.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            let used = store::directory_bytes(&config_for_task.data_dir);
+            let capacity = config_for_task
+                .storage
+                .capacity
+                .map(|c| c.as_u64())
+                .or_else(|| filesystem_bytes(&config_for_task.data_dir));
+            (used, capacity, store.index_bytes())
+        })
+        .await;
+        if let Ok((used, capacity, index)) = measured {
+            ::metrics::gauge!(metrics::STORAGE_BYTES).set(used as f64);
+            if let Some(capacity) = capacity {
+                ::metrics::gauge!(metrics::STORAGE_CAPACITY_BYTES).set(capacity as f64);
+            }
+            ::metrics::gauge!(metrics::INDEX_BYTES).set(index as f64);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(GAUGE_INTERVAL) => {}
+        }
+    }
+}
+
+fn filesystem_bytes(path: &Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(stat.blocks() as u64 * stat.fragment_size() as u64)
+}
+
+async fn sync_wal_periodically(store: Arc<Store>, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.sync_wal()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "WAL sync failed"),
+            Err(error) => tracing::error!(%error, "WAL sync task failed"),
+        }
+    }
+}

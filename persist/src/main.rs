@@ -1,0 +1,114 @@
+//! joblet-persist daemon: flags, config, tracing, the Prometheus exporter, listeners; then
+//! [`joblet_persist::Persist`] does the work.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use joblet_persist::Persist;
+use joblet_persist::config::Config;
+use tokio_util::sync::CancellationToken;
+
+const DEFAULT_CONFIG: &str = "/etc/joblet/persist-config.yml";
+
+/// Stores joblet job logs and metrics and answers history queries (ADR-0001).
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (YAML); see deploy/config/persist-config.yml.
+    #[arg(long, short, env = "JOBLET_PERSIST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match load_config(args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("joblet-persist: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("joblet-persist: start runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("joblet-persist: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Config::load(&path),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            Config::load(std::path::Path::new(DEFAULT_CONFIG))
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    if let Some(address) = config.metrics.listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(address)
+            .install()
+            .with_context(|| format!("metrics.listen: start Prometheus exporter on {address}"))?;
+    }
+    joblet_persist::metrics::describe();
+    let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
+        .await
+        .with_context(|| format!("grpc.listen: bind {}", config.grpc.listen))?;
+    let grpc_address = grpc.local_addr()?;
+    let socket = config.ipc.socket.clone();
+    let metrics_address = config.metrics.listen;
+    let persist = Persist::open(config).await?;
+
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    tracing::info!(grpc = %grpc_address, ipc = %socket.display(), "joblet-persist ready");
+    // One line on stdout for scripts and tests that start the daemon with port 0.
+    println!(
+        "joblet-persist ready grpc={grpc_address} ipc={} metrics={}",
+        socket.display(),
+        metrics_address.map_or("off".to_owned(), |a| a.to_string())
+    );
+    persist.serve(grpc, shutdown).await
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! Prometheus metric names of joblet-persist, with help text. The IPC receiver's names
+//! (`joblet_persist_ipc_*`) live in `joblet_ipc::metrics`.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const WRITE_DURATION: &str = "joblet_persist_write_duration_seconds";
+pub const QUERY_DURATION: &str = "joblet_persist_query_duration_seconds";
+pub const STORAGE_BYTES: &str = "joblet_persist_storage_bytes";
+pub const STORAGE_CAPACITY_BYTES: &str = "joblet_persist_storage_capacity_bytes";
+pub const RETENTION_EXPIRED: &str = "joblet_persist_retention_expired_total";
+pub const INDEX_BYTES: &str = "joblet_persist_index_bytes";
+pub const LINES_STORED: &str = "joblet_persist_log_lines_stored_total";
+pub const METRICS_STORED: &str = "joblet_persist_metric_samples_stored_total";
+pub const DUPLICATES_SKIPPED: &str = "joblet_persist_duplicates_skipped_total";
+pub const QUERY_ERRORS: &str = "joblet_persist_query_errors_total";
+pub const UP: &str = "joblet_persist_up";
+
+pub fn describe() {
+    joblet_ipc::metrics::describe_receiver();
+    describe_histogram!(
+        WRITE_DURATION,
+        Unit::Seconds,
+        "Time to make one ingest batch durable (RocksDB write, with fsync under durability sync)."
+    );
+    describe_histogram!(
+        QUERY_DURATION,
+        Unit::Seconds,
+        "Duration of a query RPC from request to the end of its stream, by rpc."
+    );
+    describe_gauge!(
+        STORAGE_BYTES,
+        Unit::Bytes,
+        "Bytes used by the data directory."
+    );
+    describe_gauge!(
+        STORAGE_CAPACITY_BYTES,
+        Unit::Bytes,
+        "Capacity the storage usage is measured against (config or filesystem size)."
+    );
+    describe_counter!(
+        RETENTION_EXPIRED,
+        "Records removed by retention during compaction, by column family."
+    );
+    describe_gauge!(
+        INDEX_BYTES,
+        Unit::Bytes,
+        "Memory held by RocksDB index and filter blocks."
+    );
+    describe_counter!(LINES_STORED, "Log lines stored.");
+    describe_counter!(METRICS_STORED, "Metric samples stored.");
+    describe_counter!(
+        DUPLICATES_SKIPPED,
+        "Replicated records already stored (replays after a reconnect), skipped."
+    );
+    describe_counter!(
+        QUERY_ERRORS,
+        "Query RPCs that ended with an error, by rpc and code."
+    );
+    describe_gauge!(UP, "1 while joblet-persist is serving.");
+}

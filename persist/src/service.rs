@@ -1,0 +1,308 @@
+//! The gRPC query API (`joblet.persist.PersistService`). Requests are validated into a
+//! [`Selection`] here; every store error maps to a status in [`status_of`].
+//!
+//! Scans run on the blocking pool and hand lines to the response stream in chunks through a
+//! bounded channel: the response is never built up whole, and a client that goes away closes
+//! the channel, which ends the scan.
+
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use joblet_proto::joblet::JobMetricsEvent;
+use joblet_proto::persist::persist_service_server::PersistService;
+use joblet_proto::persist::{
+    DeleteJobRequest, DeleteJobResponse, ListJobsRequest, ListJobsResponse, LogLine, Metric,
+    PingRequest, PingResponse, QueryLogsRequest, QueryMetricsRequest, StreamType,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::metrics as m;
+use crate::store::{Selection, Store, StoreError, StreamFilter};
+
+/// Records per chunk handed from a scan to the response stream.
+const CHUNK_RECORDS: usize = 512;
+/// Chunks buffered per query; when full, the scan waits for the client to read.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub struct PersistApi {
+    store: Arc<Store>,
+    max_tail: u32,
+    started: Instant,
+}
+
+impl PersistApi {
+    pub fn new(store: Arc<Store>, max_tail: u32) -> Self {
+        PersistApi {
+            store,
+            max_tail,
+            started: Instant::now(),
+        }
+    }
+
+    fn selection(&self, window: Window<'_>) -> Result<Selection, Status> {
+        let Window {
+            job_id,
+            start_time,
+            end_time,
+            limit,
+            offset,
+            after_sequence,
+            tail,
+        } = window;
+        let job_id = self.store.resolve_job(job_id).map_err(status_of)?;
+        let bound = |field: &'static str, value: i64| match value {
+            0 => Ok(None),
+            v if v < 0 => Err(invalid(
+                field,
+                "must not be negative (Unix nanoseconds, 0 = open)",
+            )),
+            v => Ok(Some(v)),
+        };
+        let start = bound("start_time", start_time)?;
+        let end = bound("end_time", end_time)?;
+        if let (Some(start), Some(end)) = (start, end)
+            && end <= start
+        {
+            return Err(invalid(
+                "end_time",
+                "must be after start_time (start is inclusive, end exclusive)",
+            ));
+        }
+        let limit = match limit {
+            0 => None,
+            l if l < 0 => return Err(invalid("limit", "must not be negative")),
+            l => Some(l as usize),
+        };
+        if offset < 0 {
+            return Err(invalid("offset", "must not be negative"));
+        }
+        if tail > self.max_tail {
+            return Err(invalid(
+                "tail",
+                &format!("must be at most {} (query.max_tail)", self.max_tail),
+            ));
+        }
+        Ok(Selection {
+            job_id,
+            start,
+            end,
+            after_sequence,
+            offset: offset as usize,
+            limit,
+            tail: (tail > 0).then_some(tail as usize),
+        })
+    }
+}
+
+/// The request fields QueryLogs and QueryMetrics share.
+struct Window<'a> {
+    job_id: &'a str,
+    start_time: i64,
+    end_time: i64,
+    limit: i32,
+    offset: i32,
+    after_sequence: u64,
+    tail: u32,
+}
+
+fn invalid(field: &str, message: &str) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+/// The one place store errors become gRPC statuses.
+pub fn status_of(error: StoreError) -> Status {
+    match error {
+        StoreError::NotFound(_) => Status::not_found(error.to_string()),
+        StoreError::Ambiguous { .. } | StoreError::InvalidArgument { .. } => {
+            Status::invalid_argument(error.to_string())
+        }
+        StoreError::Rocks(_) | StoreError::MissingColumnFamily(_) => {
+            tracing::error!(%error, "store error");
+            Status::internal("storage error (see joblet-persist's log)")
+        }
+    }
+}
+
+/// Runs `scan` on the blocking pool and returns its records as a response stream.
+fn stream_scan<T: Send + 'static>(
+    rpc: &'static str,
+    scan: impl FnOnce(&mut dyn FnMut(T) -> ControlFlow<()>) -> Result<(), StoreError> + Send + 'static,
+) -> ResponseStream<T> {
+    let (chunks, chunks_rx) = mpsc::channel::<Result<Vec<T>, Status>>(CHUNKS_IN_FLIGHT);
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = Vec::with_capacity(CHUNK_RECORDS);
+        let mut emit = |record: T| {
+            chunk.push(record);
+            if chunk.len() < CHUNK_RECORDS {
+                return ControlFlow::Continue(());
+            }
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_RECORDS));
+            match chunks.blocking_send(Ok(full)) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()), // the client went away
+            }
+        };
+        let result = scan(&mut emit);
+        let last = match result {
+            Ok(()) => Ok(chunk),
+            Err(error) => {
+                metrics::counter!(m::QUERY_ERRORS, "rpc" => rpc, "code" => "internal").increment(1);
+                Err(status_of(error))
+            }
+        };
+        let _ = chunks.blocking_send(last);
+        metrics::histogram!(m::QUERY_DURATION, "rpc" => rpc)
+            .record(started.elapsed().as_secs_f64());
+    });
+    Box::pin(ReceiverStream::new(chunks_rx).flat_map(|chunk| {
+        let items: Vec<Result<T, Status>> = match chunk {
+            Ok(records) => records.into_iter().map(Ok).collect(),
+            Err(status) => vec![Err(status)],
+        };
+        futures::stream::iter(items)
+    }))
+}
+
+fn count_rejection(rpc: &'static str, status: &Status) {
+    let code = match status.code() {
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::InvalidArgument => "invalid_argument",
+        _ => "other",
+    };
+    metrics::counter!(m::QUERY_ERRORS, "rpc" => rpc, "code" => code).increment(1);
+}
+
+#[tonic::async_trait]
+impl PersistService for PersistApi {
+    type QueryLogsStream = ResponseStream<LogLine>;
+    type QueryMetricsStream = ResponseStream<Metric>;
+
+    async fn query_logs(
+        &self,
+        request: Request<QueryLogsRequest>,
+    ) -> Result<Response<Self::QueryLogsStream>, Status> {
+        let request = request.into_inner();
+        let parsed = (|| {
+            let streams = match StreamType::try_from(request.stream) {
+                Ok(StreamType::Unspecified) => StreamFilter::Both,
+                Ok(StreamType::Stdout) => StreamFilter::Stdout,
+                Ok(StreamType::Stderr) => StreamFilter::Stderr,
+                Err(_) => return Err(invalid("stream", "must be STDOUT, STDERR or unspecified")),
+            };
+            let selection = self.selection(Window {
+                job_id: &request.job_id,
+                start_time: request.start_time,
+                end_time: request.end_time,
+                limit: request.limit,
+                offset: request.offset,
+                after_sequence: request.after_sequence,
+                tail: request.tail,
+            })?;
+            Ok((streams, selection))
+        })();
+        let (streams, selection) = parsed.inspect_err(|s| count_rejection("QueryLogs", s))?;
+        tracing::debug!(job_id = %selection.job_id, "QueryLogs");
+        let store = self.store.clone();
+        let contains = request.contains.into_bytes();
+        Ok(Response::new(stream_scan("QueryLogs", move |emit| {
+            let job_id = selection.job_id.clone();
+            store.scan_logs(&selection, streams, &contains, |record| {
+                emit(LogLine {
+                    job_id: job_id.clone(),
+                    stream: match record.stream {
+                        joblet_ipc::Stream::Stderr => StreamType::Stderr,
+                        _ => StreamType::Stdout,
+                    } as i32,
+                    timestamp: record.timestamp,
+                    sequence: record.sequence,
+                    content: record.content,
+                })
+            })
+        })))
+    }
+
+    async fn query_metrics(
+        &self,
+        request: Request<QueryMetricsRequest>,
+    ) -> Result<Response<Self::QueryMetricsStream>, Status> {
+        let request = request.into_inner();
+        let selection = self
+            .selection(Window {
+                job_id: &request.job_id,
+                start_time: request.start_time,
+                end_time: request.end_time,
+                limit: request.limit,
+                offset: request.offset,
+                after_sequence: request.after_sequence,
+                tail: request.tail,
+            })
+            .inspect_err(|s| count_rejection("QueryMetrics", s))?;
+        let store = self.store.clone();
+        Ok(Response::new(stream_scan("QueryMetrics", move |emit| {
+            let job_id = selection.job_id.clone();
+            store.scan_metrics(&selection, |record| {
+                let sample = record.sample;
+                emit(Metric {
+                    job_id: job_id.clone(),
+                    timestamp: record.timestamp,
+                    sequence: record.sequence,
+                    sample: Some(JobMetricsEvent {
+                        timestamp: record.timestamp,
+                        job_uuid: job_id.clone(),
+                        cpu_percent: sample.cpu_percent,
+                        memory_bytes: sample.memory_bytes,
+                        memory_limit: sample.memory_limit,
+                        disk_read_bytes: sample.io_read_bytes,
+                        disk_write_bytes: sample.io_write_bytes,
+                        net_recv_bytes: sample.net_recv_bytes,
+                        net_sent_bytes: sample.net_sent_bytes,
+                        pids: sample.pids,
+                        sequence: record.sequence,
+                        ..Default::default()
+                    }),
+                })
+            })
+        })))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let prefix = request.into_inner().job_id_prefix;
+        Ok(Response::new(ListJobsResponse {
+            jobs: self.store.list_jobs(&prefix),
+        }))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
+        let job_id = request.into_inner().job_id;
+        if job_id.is_empty() {
+            return Err(invalid("job_id", "must not be empty"));
+        }
+        let store = self.store.clone();
+        let existed = tokio::task::spawn_blocking(move || store.delete_job(&job_id))
+            .await
+            .map_err(|e| Status::internal(format!("delete task failed: {e}")))?
+            .map_err(status_of)?;
+        Ok(Response::new(DeleteJobResponse { existed }))
+    }
+
+    async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }))
+    }
+}

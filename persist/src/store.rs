@@ -1,0 +1,735 @@
+//! The RocksDB store: three column families and what may be done with them.
+//!
+//! - `logs`: key (job_id, timestamp, sequence) → stream byte ‖ content bytes.
+//! - `metrics`: key (job_id, timestamp, sequence) → `joblet.ipc.MetricData` bytes.
+//! - `summaries`: job_id → `joblet.persist.JobSummary` (first/last timestamp, counts, bytes,
+//!   highest stored sequence per kind), written in the same atomic batch as the records.
+//!
+//! Invariants:
+//! - Writes are idempotent: a record is identified by its key; one that is already stored is
+//!   skipped (and not counted twice in the summary).
+//! - Retention is enforced by compaction filters on each column family, relative to a record's
+//!   own timestamp; reads clamp their time range to the retention window so expired records
+//!   are never returned even before compaction removes them.
+//! - Ingest is serialised by one lock, which also guards the in-memory copy of the summaries.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use joblet_ipc::{IpcMessage, LogData, MessageType, MetricData};
+use joblet_proto::persist::JobSummary;
+use prost::Message;
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, ReadOptions,
+    WriteBatch, WriteOptions,
+};
+
+use crate::config::{Compression, Config, Durability, Retention};
+use crate::keys;
+use crate::metrics as m;
+
+pub const CF_LOGS: &str = "logs";
+pub const CF_METRICS: &str = "metrics";
+pub const CF_SUMMARIES: &str = "summaries";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no job matches {0:?}")]
+    NotFound(String),
+    #[error("job id prefix {prefix:?} matches {count} jobs; give more characters")]
+    Ambiguous { prefix: String, count: usize },
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("column family {0} is missing")]
+    MissingColumnFamily(&'static str),
+}
+
+/// Stream selector of a log query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFilter {
+    Both,
+    Stdout,
+    Stderr,
+}
+
+/// What a log or metric scan selects. Time bounds: `start` inclusive, `end` exclusive, Unix ns.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub job_id: String,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    pub after_sequence: u64,
+    pub offset: usize,
+    pub limit: Option<usize>,
+    /// Only the newest N matching records, still delivered oldest first.
+    pub tail: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub stream: joblet_ipc::Stream,
+    pub timestamp: i64,
+    pub sequence: u64,
+    pub content: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricRecord {
+    pub timestamp: i64,
+    pub sequence: u64,
+    pub sample: MetricData,
+}
+
+/// How one ingest batch went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IngestOutcome {
+    pub lines: u64,
+    pub samples: u64,
+    pub duplicates: u64,
+    pub invalid: u64,
+}
+
+pub struct Store {
+    db: DB,
+    write_options: WriteOptions,
+    retention_logs: Retention,
+    retention_metrics: Retention,
+    /// Serialises ingest and deletion; holds the summaries of every stored job.
+    summaries: Mutex<HashMap<String, JobSummary>>,
+}
+
+impl Store {
+    pub fn open(config: &Config) -> Result<Store, StoreError> {
+        let path = &config.data_dir;
+        let cache = Cache::new_lru_cache(config.rocksdb.block_cache_size.as_u64() as usize);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_bloom_filter(10.0, false);
+
+        let base = |name: &'static str| {
+            let mut options = Options::default();
+            options.set_block_based_table_factory(&table);
+            options.set_write_buffer_size(config.rocksdb.write_buffer_size.as_u64() as usize);
+            options.set_compression_type(match config.rocksdb.compression {
+                Compression::None => DBCompressionType::None,
+                Compression::Lz4 => DBCompressionType::Lz4,
+            });
+            // Files are revisited at least daily, so retention removes data from idle
+            // column families too.
+            options.set_periodic_compaction_seconds(86_400);
+            (name, options)
+        };
+        let (logs_name, mut logs) = base(CF_LOGS);
+        logs.set_compaction_filter(
+            "joblet-log-retention",
+            record_filter(config.retention.logs, CF_LOGS),
+        );
+        let (metrics_name, mut metrics) = base(CF_METRICS);
+        metrics.set_compaction_filter(
+            "joblet-metric-retention",
+            record_filter(config.retention.metrics, CF_METRICS),
+        );
+        let (summaries_name, mut summaries) = base(CF_SUMMARIES);
+        summaries.set_compaction_filter(
+            "joblet-summary-retention",
+            summary_filter(config.retention.logs, config.retention.metrics),
+        );
+
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.increase_parallelism(2);
+        let db = DB::open_cf_descriptors(
+            &db_options,
+            path,
+            [
+                ColumnFamilyDescriptor::new(logs_name, logs),
+                ColumnFamilyDescriptor::new(metrics_name, metrics),
+                ColumnFamilyDescriptor::new(summaries_name, summaries),
+            ],
+        )?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(config.storage.durability == Durability::Sync);
+
+        let store = Store {
+            db,
+            write_options,
+            retention_logs: config.retention.logs,
+            retention_metrics: config.retention.metrics,
+            summaries: Mutex::new(HashMap::new()),
+        };
+        store.load_summaries()?;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or(StoreError::MissingColumnFamily(name))
+    }
+
+    fn load_summaries(&self) -> Result<(), StoreError> {
+        let mut loaded = HashMap::new();
+        let mut iter = self.db.raw_iterator_cf(self.cf(CF_SUMMARIES)?);
+        iter.seek_to_first();
+        while iter.valid() {
+            if let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+                match (std::str::from_utf8(key), JobSummary::decode(value)) {
+                    (Ok(job_id), Ok(summary)) => {
+                        loaded.insert(job_id.to_owned(), summary);
+                    }
+                    _ => tracing::warn!("skipping an unreadable job summary"),
+                }
+            }
+            iter.next();
+        }
+        iter.status()?;
+        tracing::info!(jobs = loaded.len(), "loaded job summaries");
+        *self.lock_summaries() = loaded;
+        Ok(())
+    }
+
+    fn lock_summaries(&self) -> std::sync::MutexGuard<'_, HashMap<String, JobSummary>> {
+        self.summaries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores a batch atomically and durably (per the configured durability). Records already
+    /// stored are skipped; invalid payloads are skipped and counted.
+    pub fn ingest(&self, batch: &[IpcMessage]) -> Result<IngestOutcome, StoreError> {
+        let started = Instant::now();
+        let logs = self.cf(CF_LOGS)?;
+        let metrics_cf = self.cf(CF_METRICS)?;
+        let summaries_cf = self.cf(CF_SUMMARIES)?;
+        let mut summaries = self.lock_summaries();
+        let mut changed: HashMap<&str, JobSummary> = HashMap::new();
+        let mut write = WriteBatch::default();
+        let mut outcome = IngestOutcome::default();
+        let mut key = Vec::new();
+        let mut value = Vec::new();
+
+        for message in batch {
+            if message.job_id.contains('\0') {
+                outcome.invalid += 1;
+                continue;
+            }
+            let kind = message.r#type();
+            let cf = match kind {
+                MessageType::Log => logs,
+                MessageType::Metric => metrics_cf,
+                MessageType::Unspecified => {
+                    outcome.invalid += 1;
+                    continue;
+                }
+            };
+            let known = changed
+                .get(message.job_id.as_str())
+                .or_else(|| summaries.get(&message.job_id));
+            let highest = known.map_or(0, |s| match kind {
+                MessageType::Metric => s.last_metric_sequence,
+                _ => s.last_log_sequence,
+            });
+            keys::encode_into(
+                &mut key,
+                &message.job_id,
+                message.timestamp,
+                message.sequence,
+            );
+            // A sequence above the highest stored one is new (the sender keeps each job's
+            // order); only replays need the lookup.
+            if message.sequence <= highest && self.db.get_pinned_cf(cf, &key)?.is_some() {
+                outcome.duplicates += 1;
+                continue;
+            }
+            value.clear();
+            let content_bytes = match kind {
+                MessageType::Log => {
+                    let Ok(data) = LogData::decode(message.data.clone()) else {
+                        outcome.invalid += 1;
+                        continue;
+                    };
+                    value.push(data.stream as u8);
+                    value.extend_from_slice(&data.content);
+                    Some(data.content.len() as u64)
+                }
+                _ => {
+                    if MetricData::decode(message.data.clone()).is_err() {
+                        outcome.invalid += 1;
+                        continue;
+                    }
+                    value.extend_from_slice(&message.data);
+                    None
+                }
+            };
+            let summary = changed.entry(message.job_id.as_str()).or_insert_with(|| {
+                summaries
+                    .get(&message.job_id)
+                    .cloned()
+                    .unwrap_or_else(|| JobSummary {
+                        job_id: message.job_id.clone(),
+                        first_timestamp: i64::MAX,
+                        last_timestamp: i64::MIN,
+                        ..Default::default()
+                    })
+            });
+            match content_bytes {
+                Some(bytes) => {
+                    summary.log_lines += 1;
+                    summary.log_bytes += bytes;
+                    summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
+                    outcome.lines += 1;
+                }
+                None => {
+                    summary.metric_samples += 1;
+                    summary.last_metric_sequence =
+                        summary.last_metric_sequence.max(message.sequence);
+                    outcome.samples += 1;
+                }
+            }
+            summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
+            summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
+            write.put_cf(cf, &key, &value);
+        }
+        if !write.is_empty() {
+            for (job_id, summary) in &changed {
+                write.put_cf(summaries_cf, job_id.as_bytes(), summary.encode_to_vec());
+            }
+            self.db.write_opt(write, &self.write_options)?;
+            for (job_id, summary) in changed {
+                summaries.insert(job_id.to_owned(), summary);
+            }
+        }
+        drop(summaries);
+        metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::LINES_STORED).increment(outcome.lines);
+        metrics::counter!(m::METRICS_STORED).increment(outcome.samples);
+        if outcome.duplicates > 0 {
+            metrics::counter!(m::DUPLICATES_SKIPPED).increment(outcome.duplicates);
+        }
+        if outcome.invalid > 0 {
+            metrics::counter!(joblet_ipc::metrics::PERSIST_IPC_FRAMES_REJECTED, "reason" => "payload")
+                .increment(outcome.invalid);
+        }
+        Ok(outcome)
+    }
+
+    /// Syncs the write-ahead log to disk (durability `wal` does this periodically).
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        Ok(self.db.flush_wal(true)?)
+    }
+
+    /// Resolves a full job id or a unique prefix of one.
+    pub fn resolve_job(&self, id_or_prefix: &str) -> Result<String, StoreError> {
+        if id_or_prefix.is_empty() {
+            return Err(StoreError::InvalidArgument {
+                field: "job_id",
+                message: "must not be empty".into(),
+            });
+        }
+        let summaries = self.lock_summaries();
+        if summaries.contains_key(id_or_prefix) {
+            return Ok(id_or_prefix.to_owned());
+        }
+        let matches: Vec<&String> = summaries
+            .keys()
+            .filter(|id| id.starts_with(id_or_prefix))
+            .take(2)
+            .collect();
+        match matches.as_slice() {
+            [] => Err(StoreError::NotFound(id_or_prefix.to_owned())),
+            [only] => Ok((*only).clone()),
+            _ => Err(StoreError::Ambiguous {
+                prefix: id_or_prefix.to_owned(),
+                count: summaries
+                    .keys()
+                    .filter(|id| id.starts_with(id_or_prefix))
+                    .count(),
+            }),
+        }
+    }
+
+    /// Summaries of stored jobs whose id starts with `prefix`, ordered by id.
+    pub fn list_jobs(&self, prefix: &str) -> Vec<JobSummary> {
+        let oldest_kept = oldest_kept_ns(longest(self.retention_logs, self.retention_metrics));
+        let mut jobs: Vec<JobSummary> = self
+            .lock_summaries()
+            .values()
+            .filter(|s| s.job_id.starts_with(prefix) && s.last_timestamp >= oldest_kept)
+            .cloned()
+            .collect();
+        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        jobs
+    }
+
+    /// Removes every record and the summary of `job_id`; returns whether it had any.
+    pub fn delete_job(&self, job_id: &str) -> Result<bool, StoreError> {
+        let mut summaries = self.lock_summaries();
+        let existed = summaries.contains_key(job_id);
+        let mut write = WriteBatch::default();
+        let (start, end) = (keys::job_start(job_id), keys::job_end(job_id));
+        write.delete_range_cf(self.cf(CF_LOGS)?, &start, &end);
+        write.delete_range_cf(self.cf(CF_METRICS)?, &start, &end);
+        write.delete_cf(self.cf(CF_SUMMARIES)?, job_id.as_bytes());
+        self.db.write_opt(write, &self.write_options)?;
+        summaries.remove(job_id);
+        Ok(existed)
+    }
+
+    /// Streams matching log lines in (timestamp, sequence) order to `emit` until it breaks.
+    pub fn scan_logs(
+        &self,
+        selection: &Selection,
+        streams: StreamFilter,
+        contains: &[u8],
+        mut emit: impl FnMut(LogRecord) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let finder = (!contains.is_empty()).then(|| memchr::memmem::Finder::new(contains));
+        self.scan(
+            CF_LOGS,
+            self.retention_logs,
+            selection,
+            |timestamp, sequence, value| {
+                let (&stream_byte, content) = value.split_first()?;
+                let stream = joblet_ipc::Stream::try_from(i32::from(stream_byte)).ok()?;
+                let wanted = match streams {
+                    StreamFilter::Both => true,
+                    StreamFilter::Stdout => stream == joblet_ipc::Stream::Stdout,
+                    StreamFilter::Stderr => stream == joblet_ipc::Stream::Stderr,
+                };
+                if !wanted || finder.as_ref().is_some_and(|f| f.find(content).is_none()) {
+                    return None;
+                }
+                Some(LogRecord {
+                    stream,
+                    timestamp,
+                    sequence,
+                    content: Bytes::copy_from_slice(content),
+                })
+            },
+            &mut emit,
+        )
+    }
+
+    /// Streams matching metric samples in (timestamp, sequence) order to `emit`.
+    pub fn scan_metrics(
+        &self,
+        selection: &Selection,
+        mut emit: impl FnMut(MetricRecord) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        self.scan(
+            CF_METRICS,
+            self.retention_metrics,
+            selection,
+            |timestamp, sequence, value| {
+                let sample = MetricData::decode(value).ok()?;
+                Some(MetricRecord {
+                    timestamp,
+                    sequence,
+                    sample,
+                })
+            },
+            &mut emit,
+        )
+    }
+
+    /// The shared scan: bounds from the selection (clamped to retention), a forward scan — or,
+    /// for a tail, a backward scan that keeps the newest N — then offset and limit.
+    fn scan<T>(
+        &self,
+        cf_name: &'static str,
+        retention: Retention,
+        selection: &Selection,
+        decode: impl Fn(i64, u64, &[u8]) -> Option<T>,
+        emit: &mut impl FnMut(T) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(cf_name)?;
+        let job = selection.job_id.as_str();
+        let start = selection
+            .start
+            .unwrap_or(i64::MIN)
+            .max(oldest_kept_ns(retention));
+        let lower = keys::lower_bound(job, start);
+        let upper = match selection.end {
+            Some(end) => keys::lower_bound(job, end),
+            None => keys::job_end(job),
+        };
+        if lower >= upper {
+            return Ok(());
+        }
+        let mut options = ReadOptions::default();
+        options.set_iterate_lower_bound(lower);
+        options.set_iterate_upper_bound(upper);
+        let mut iter = self.db.raw_iterator_cf_opt(cf, options);
+
+        let matching = |key: &[u8], value: &[u8]| -> Option<T> {
+            let (_, timestamp, sequence) = keys::decode(key)?;
+            if sequence <= selection.after_sequence {
+                return None;
+            }
+            decode(timestamp, sequence, value)
+        };
+
+        if let Some(tail) = selection.tail {
+            let mut newest = VecDeque::with_capacity(tail.min(4096));
+            iter.seek_to_last();
+            while iter.valid() && newest.len() < tail {
+                if let (Some(key), Some(value)) = (iter.key(), iter.value())
+                    && let Some(record) = matching(key, value)
+                {
+                    newest.push_front(record);
+                }
+                iter.prev();
+            }
+            iter.status()?;
+            let take = selection.limit.unwrap_or(usize::MAX);
+            for record in newest.into_iter().skip(selection.offset).take(take) {
+                if emit(record).is_break() {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+
+        let mut skip = selection.offset;
+        let mut remaining = selection.limit.unwrap_or(usize::MAX);
+        iter.seek_to_first();
+        while iter.valid() && remaining > 0 {
+            if let (Some(key), Some(value)) = (iter.key(), iter.value())
+                && let Some(record) = matching(key, value)
+            {
+                if skip > 0 {
+                    skip -= 1;
+                } else {
+                    remaining -= 1;
+                    if emit(record).is_break() {
+                        return Ok(());
+                    }
+                }
+            }
+            iter.next();
+        }
+        iter.status()?;
+        Ok(())
+    }
+
+    /// Compacts every column family now (retention filters run during compaction).
+    pub fn compact(&self) -> Result<(), StoreError> {
+        for name in [CF_LOGS, CF_METRICS, CF_SUMMARIES] {
+            self.db
+                .compact_range_cf(self.cf(name)?, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
+    /// Memory held by index and filter blocks across column families.
+    pub fn index_bytes(&self) -> u64 {
+        [CF_LOGS, CF_METRICS, CF_SUMMARIES]
+            .into_iter()
+            .filter_map(|name| self.cf(name).ok())
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(cf, rocksdb::properties::ESTIMATE_TABLE_READERS_MEM)
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+
+    /// Flushes memtables so that a clean shutdown leaves no WAL to replay.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true)?;
+        for name in [CF_LOGS, CF_METRICS, CF_SUMMARIES] {
+            self.db.flush_cf(self.cf(name)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes used by all files under `dir`.
+pub fn directory_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let metadata = entry.metadata().ok()?;
+            Some(if metadata.is_dir() {
+                directory_bytes(&entry.path())
+            } else {
+                metadata.len()
+            })
+        })
+        .sum()
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The oldest timestamp still inside `retention` (i64::MIN when kept forever).
+fn oldest_kept_ns(retention: Retention) -> i64 {
+    match retention.0 {
+        None => i64::MIN,
+        Some(period) => now_ns().saturating_sub(period.as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+fn longest(a: Retention, b: Retention) -> Retention {
+    match (a.0, b.0) {
+        (Some(a), Some(b)) => Retention(Some(a.max(b))),
+        _ => Retention(None),
+    }
+}
+
+fn record_filter(
+    retention: Retention,
+    cf: &'static str,
+) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
+    let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => cf);
+    move |_level, key, _value| {
+        let Some(period) = retention.0 else {
+            return Decision::Keep;
+        };
+        match keys::timestamp_of(key) {
+            Some(timestamp) if timestamp < oldest_kept_ns(Retention(Some(period))) => {
+                expired.increment(1);
+                Decision::Remove
+            }
+            _ => Decision::Keep,
+        }
+    }
+}
+
+fn summary_filter(
+    logs: Retention,
+    metrics_retention: Retention,
+) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
+    let retention = longest(logs, metrics_retention);
+    let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => CF_SUMMARIES);
+    move |_level, _key, value| {
+        if retention.0.is_none() {
+            return Decision::Keep;
+        }
+        match JobSummary::decode(value) {
+            Ok(summary) if summary.last_timestamp < oldest_kept_ns(retention) => {
+                expired.increment(1);
+                Decision::Remove
+            }
+            _ => Decision::Keep,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Retention};
+    use joblet_ipc::{Stream, log_message};
+    use std::time::Duration;
+
+    const HOUR_NS: i64 = 3600 * 1_000_000_000;
+
+    fn config(dir: &Path, logs: Retention) -> Config {
+        let mut config = Config {
+            data_dir: dir.to_owned(),
+            ..Default::default()
+        };
+        config.retention.logs = logs;
+        config.storage.durability = Durability::Wal;
+        config
+    }
+
+    fn count_all(store: &Store, job: &str) -> usize {
+        let mut count = 0;
+        store
+            .scan_logs(
+                &Selection {
+                    job_id: job.to_owned(),
+                    ..Default::default()
+                },
+                StreamFilter::Both,
+                b"",
+                |_| {
+                    count += 1;
+                    ControlFlow::Continue(())
+                },
+            )
+            .unwrap();
+        count
+    }
+
+    /// Three lines two hours old and two fresh ones, in a store keeping logs for one hour.
+    fn store_with_old_and_new_lines(dir: &Path) -> Store {
+        let store = Store::open(&config(dir, Retention(Some(Duration::from_secs(3600))))).unwrap();
+        let old = now_ns() - 2 * HOUR_NS;
+        let batch: Vec<_> = (1..=3)
+            .map(|s| log_message("job", s, old + s as i64, Stream::Stdout, "old".into()))
+            .chain((4..=5).map(|s| log_message("job", s, now_ns(), Stream::Stdout, "new".into())))
+            .collect();
+        store.ingest(&batch).unwrap();
+        store.flush().unwrap();
+        store
+    }
+
+    #[test]
+    fn compaction_removes_expired_records_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_old_and_new_lines(dir.path());
+        assert_eq!(
+            count_all(&store, "job"),
+            2,
+            "expired lines are hidden at once"
+        );
+        store.compact().unwrap();
+        drop(store);
+        // Reopened with retention off, only what compaction kept is there.
+        let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
+        assert_eq!(count_all(&store, "job"), 2);
+    }
+
+    #[test]
+    fn without_compaction_expired_records_are_only_hidden() {
+        // The control for the test above: the removal is RocksDB's doing, not the query's.
+        let dir = tempfile::tempdir().unwrap();
+        drop(store_with_old_and_new_lines(dir.path()));
+        let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
+        assert_eq!(count_all(&store, "job"), 5);
+    }
+
+    #[test]
+    fn replays_are_stored_once_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
+        let batch: Vec<_> = (1..=10)
+            .map(|s| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into()))
+            .collect();
+        assert_eq!(store.ingest(&batch).unwrap().lines, 10);
+        let outcome = store.ingest(&batch[4..]).unwrap();
+        assert_eq!((outcome.lines, outcome.duplicates), (0, 6));
+        assert_eq!(count_all(&store, "job"), 10);
+        assert_eq!(store.list_jobs("")[0].log_lines, 10);
+    }
+
+    #[test]
+    fn a_line_dropped_earlier_and_replayed_later_fills_its_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
+        let line = |s: u64| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into());
+        store.ingest(&[line(1), line(2), line(4)]).unwrap();
+        assert_eq!(store.ingest(&[line(3)]).unwrap().lines, 1);
+        assert_eq!(count_all(&store, "job"), 4);
+        assert_eq!(store.list_jobs("")[0].log_lines, 4);
+    }
+}
