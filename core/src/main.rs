@@ -1,11 +1,105 @@
-//! joblet-core: not built yet (see the core issue). This binary only reports that.
+//! joblet-core daemon: flags, config, tracing, the Prometheus exporter, the listener; then
+//! [`joblet_core::Core`] does the work.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
+use clap::Parser;
+use joblet_core::Core;
+use joblet_core::config::Config;
+use tokio_util::sync::CancellationToken;
+
+const DEFAULT_CONFIG: &str = "/etc/joblet/joblet-config.yml";
+
+/// Runs Linux commands as jobs under cgroup limits and namespaces (ADR-0001 command side).
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (YAML); see deploy/config/joblet-config.yml.
+    #[arg(long, short, env = "JOBLET_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
 fn main() -> ExitCode {
-    eprintln!(
-        "joblet-core {}: job execution is not implemented yet; joblet-persist and the IPC stream are",
-        env!("CARGO_PKG_VERSION")
+    let args = Args::parse();
+    let config = match args.config {
+        Some(path) => Config::load(&path),
+        None if Path::new(DEFAULT_CONFIG).exists() => Config::load(Path::new(DEFAULT_CONFIG)),
+        None => Ok(Config::default()),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("joblet-core: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("joblet-core: start runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("joblet-core: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    if let Some(address) = config.metrics.listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(address)
+            .install()
+            .with_context(|| format!("metrics.listen: start Prometheus exporter on {address}"))?;
+    }
+    joblet_core::metrics::describe();
+    let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
+        .await
+        .with_context(|| format!("grpc.listen: bind {}", config.grpc.listen))?;
+    let grpc_address = grpc.local_addr()?;
+    let metrics_address = config.metrics.listen;
+    let shutdown = CancellationToken::new();
+    let core = Core::open(config, shutdown.clone()).await?;
+    spawn_signal_handler(shutdown.clone())?;
+    tracing::info!(grpc = %grpc_address, "joblet-core ready");
+    println!(
+        "joblet-core ready grpc={grpc_address} metrics={}",
+        metrics_address.map_or("off".to_owned(), |a| a.to_string())
     );
-    ExitCode::FAILURE
+    core.serve(grpc, shutdown).await
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
 }

@@ -89,7 +89,7 @@ impl Persist {
         let served = tonic::transport::Server::builder()
             .add_service(PersistServiceServer::new(api))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 shutdown.cancelled(),
             )
             .await;

@@ -24,7 +24,8 @@ use tonic::{Request, Response, Status};
 use crate::metrics as m;
 use crate::store::{Selection, Store, StoreError, StreamFilter};
 
-/// Records per chunk handed from a scan to the response stream.
+/// Records per chunk handed from a scan to the response stream. The first chunk holds one
+/// record so that the first line reaches the client at once; chunks then double up to this.
 const CHUNK_RECORDS: usize = 512;
 /// Chunks buffered per query; when full, the scan waits for the client to read.
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -138,13 +139,15 @@ fn stream_scan<T: Send + 'static>(
     let (chunks, chunks_rx) = mpsc::channel::<Result<Vec<T>, Status>>(CHUNKS_IN_FLIGHT);
     let started = Instant::now();
     tokio::task::spawn_blocking(move || {
-        let mut chunk = Vec::with_capacity(CHUNK_RECORDS);
+        let mut chunk_size = 1;
+        let mut chunk = Vec::with_capacity(chunk_size);
         let mut emit = |record: T| {
             chunk.push(record);
-            if chunk.len() < CHUNK_RECORDS {
+            if chunk.len() < chunk_size {
                 return ControlFlow::Continue(());
             }
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_RECORDS));
+            chunk_size = (chunk_size * 2).min(CHUNK_RECORDS);
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_size));
             match chunks.blocking_send(Ok(full)) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()), // the client went away

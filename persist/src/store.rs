@@ -322,6 +322,17 @@ impl Store {
         Ok(outcome)
     }
 
+    /// The database itself, for benchmarks that compare against raw RocksDB with the same
+    /// options. Everything else goes through the methods above.
+    pub fn raw_db(&self) -> &DB {
+        &self.db
+    }
+
+    /// The write options ingest uses (sync or not, per the durability policy).
+    pub fn write_options(&self) -> &WriteOptions {
+        &self.write_options
+    }
+
     /// Syncs the write-ahead log to disk (durability `wal` does this periodically).
     pub fn sync_wal(&self) -> Result<(), StoreError> {
         Ok(self.db.flush_wal(true)?)

@@ -1,0 +1,252 @@
+//! Persist benchmark, against baselines measured in the same run:
+//! 1. ingest: N 150-byte lines through the real IPC sender and socket into the real store
+//!    (acknowledged, i.e. durable by the default `sync` policy), against raw RocksDB
+//!    `WriteBatch` writes of the same keys and values with the same options and batch size;
+//! 2. on that data, time to the first line of random 1-minute window queries over gRPC,
+//!    against a raw RocksDB seek in-process;
+//! 3. a full scan streamed to a gRPC client, against a raw RocksDB iterator scan.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use joblet_benches::Table;
+use joblet_ipc::{IpcSender, MessageType, SenderConfig, Stream, log_message};
+use joblet_persist::Persist;
+use joblet_persist::config::{Config, Retention};
+use joblet_persist::store::Store;
+use joblet_proto::persist::QueryLogsRequest;
+use joblet_proto::persist::persist_service_client::PersistServiceClient;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 10_000_000)]
+    lines: u64,
+    #[arg(long, default_value_t = 150)]
+    line_bytes: usize,
+    /// Time between consecutive lines' timestamps (so N lines span N × this).
+    #[arg(long, default_value_t = 100_000)]
+    line_interval_ns: i64,
+    #[arg(long, default_value_t = 500)]
+    window_queries: usize,
+}
+
+const JOB: &str = "b3c1e0f2-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
+const T0: i64 = 1_760_000_000_000_000_000;
+/// The receiver's batch size, used for the baseline's write batches too.
+const BATCH: usize = 8192;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let contents = line_contents(args.line_bytes);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut table = Table::default();
+
+    // Baseline 1: raw WriteBatch writes, same options, in a store of its own.
+    let baseline_dir = tempfile::tempdir()?;
+    let baseline_store = Store::open(&config(baseline_dir.path()))?;
+    let started = Instant::now();
+    let mut batch = rocksdb::WriteBatch::default();
+    let logs = baseline_store
+        .raw_db()
+        .cf_handle(joblet_persist::store::CF_LOGS)
+        .context("logs column family")?;
+    for sequence in 1..=args.lines {
+        let key = joblet_persist::keys::encode(JOB, timestamp(&args, sequence), sequence);
+        let content = &contents[sequence as usize % contents.len()];
+        let mut value = Vec::with_capacity(content.len() + 1);
+        value.push(Stream::Stdout as u8);
+        value.extend_from_slice(content);
+        batch.put_cf(logs, key, value);
+        if batch.len() == BATCH {
+            baseline_store
+                .raw_db()
+                .write_opt(std::mem::take(&mut batch), baseline_store.write_options())?;
+        }
+    }
+    baseline_store
+        .raw_db()
+        .write_opt(batch, baseline_store.write_options())?;
+    let baseline_rate = args.lines as f64 / started.elapsed().as_secs_f64();
+
+    // Real 1: through IPC into the daemon's store.
+    let dir = tempfile::tempdir()?;
+    let (ingest_rate, first_line, scan_rate) =
+        runtime.block_on(real(&args, &contents, dir.path()))?;
+    table.add(
+        "ingest lines/s (IPC → store, acked)",
+        ingest_rate,
+        Some(baseline_rate),
+        "lines/s",
+        ">= 1,000,000 and >= 0.70 of raw",
+    );
+
+    // Baselines 2 and 3 on the baseline store's identical data.
+    let mut rng = rand::rng();
+    let span = args.lines as i64 * args.line_interval_ns;
+    let mut raw_first = Vec::with_capacity(args.window_queries);
+    for _ in 0..args.window_queries {
+        let start = T0 + rng.random_range(0..span.max(1));
+        let began = Instant::now();
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_lower_bound(joblet_persist::keys::lower_bound(JOB, start));
+        options.set_iterate_upper_bound(joblet_persist::keys::lower_bound(
+            JOB,
+            start + 60_000_000_000,
+        ));
+        let mut iter = baseline_store.raw_db().raw_iterator_cf_opt(logs, options);
+        iter.seek_to_first();
+        anyhow::ensure!(iter.valid(), "raw window query found nothing");
+        raw_first.push(began.elapsed());
+    }
+    let started = Instant::now();
+    let mut iter = baseline_store.raw_db().raw_iterator_cf(logs);
+    iter.seek_to_first();
+    let mut scanned = 0u64;
+    while iter.valid() {
+        scanned += 1;
+        iter.next();
+    }
+    let raw_scan_rate = scanned as f64 / started.elapsed().as_secs_f64();
+
+    table.add(
+        "window query first line p50 (gRPC)",
+        percentile(&first_line, 0.50),
+        Some(percentile(&raw_first, 0.50)),
+        "ms",
+        "",
+    );
+    table.add(
+        "window query first line p99 (gRPC)",
+        percentile(&first_line, 0.99),
+        Some(percentile(&raw_first, 0.99)),
+        "ms",
+        "<= 2 ms",
+    );
+    table.add(
+        "full scan lines/s to a gRPC client",
+        scan_rate,
+        Some(raw_scan_rate),
+        "lines/s",
+        ">= 2,000,000",
+    );
+    println!(
+        "{}",
+        table.render(&format!(
+            "persist: {} lines of {} bytes, durability sync, baseline = raw RocksDB, same options",
+            args.lines, args.line_bytes
+        ))
+    );
+    Ok(())
+}
+
+fn config(dir: &std::path::Path) -> Config {
+    let mut config = Config {
+        data_dir: dir.join("data"),
+        ..Default::default()
+    };
+    config.ipc.socket = dir.join("persist.sock");
+    config.retention.logs = Retention(None);
+    config.metrics.listen = None;
+    config
+}
+
+fn timestamp(args: &Args, sequence: u64) -> i64 {
+    T0 + sequence as i64 * args.line_interval_ns
+}
+
+/// Printable, varied lines so that compression sees something like real output.
+fn line_contents(len: usize) -> Vec<bytes::Bytes> {
+    let mut rng = rand::rng();
+    (0..1024)
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.random_range(b' '..=b'~'))
+                .collect::<Vec<u8>>()
+                .into()
+        })
+        .collect()
+}
+
+fn percentile(samples: &[Duration], p: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+async fn real(
+    args: &Args,
+    contents: &[bytes::Bytes],
+    dir: &std::path::Path,
+) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
+    let config = config(dir);
+    let shutdown = CancellationToken::new();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = grpc.local_addr()?;
+    let persist = Persist::open(config.clone()).await?;
+    let server = tokio::spawn(persist.serve(grpc, shutdown.clone()));
+
+    let (sender, sender_task) =
+        IpcSender::start(SenderConfig::new(&config.ipc.socket), shutdown.clone());
+    let mut connections = sender.connections();
+    tokio::time::timeout(Duration::from_secs(10), connections.wait_for(|g| *g >= 1))
+        .await
+        .context("sender did not connect")??;
+    let started = Instant::now();
+    for sequence in 1..=args.lines {
+        let content = contents[sequence as usize % contents.len()].clone();
+        let message = log_message(JOB, sequence, timestamp(args, sequence), Stream::Stdout, content);
+        sender.send(message).await.ok().context("sender closed")?;
+    }
+    while sender.acknowledged(JOB, MessageType::Log) < args.lines {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let ingest_rate = args.lines as f64 / started.elapsed().as_secs_f64();
+
+    let mut client = PersistServiceClient::connect(format!("http://{address}")).await?;
+    let mut first_line = Vec::with_capacity(args.window_queries);
+    let span = args.lines as i64 * args.line_interval_ns;
+    for _ in 0..args.window_queries {
+        let start = T0 + rand::rng().random_range(0..span.max(1));
+        let began = Instant::now();
+        let mut stream = client
+            .query_logs(QueryLogsRequest {
+                job_id: JOB.to_owned(),
+                start_time: start,
+                end_time: start + 60_000_000_000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        stream.message().await?.context("window query found nothing")?;
+        first_line.push(began.elapsed());
+        drop(stream);
+    }
+
+    let started = Instant::now();
+    let mut stream = client
+        .query_logs(QueryLogsRequest {
+            job_id: JOB.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut scanned = 0u64;
+    while stream.message().await?.is_some() {
+        scanned += 1;
+    }
+    anyhow::ensure!(scanned == args.lines, "full scan returned {scanned} lines");
+    let scan_rate = scanned as f64 / started.elapsed().as_secs_f64();
+
+    shutdown.cancel();
+    sender_task.await?;
+    server.await??;
+    Ok((ingest_rate, first_line, scan_rate))
+}
+

@@ -1,0 +1,241 @@
+//! joblet-core's configuration file (YAML). The structs are the file format: every key has a
+//! default (`deploy/config/joblet-config.yml` lists them), unknown keys are refused, and
+//! [`Config::validate`] rejects nonsense naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub grpc: GrpcConfig,
+    pub metrics: MetricsConfig,
+    /// Per-job spool files (the ADR's "local files") and other state.
+    pub state_dir: PathBuf,
+    /// Node name reported to clients.
+    pub node_id: String,
+    pub persist: PersistConfig,
+    pub cgroup: CgroupConfig,
+    pub jobs: JobsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc: GrpcConfig::default(),
+            metrics: MetricsConfig::default(),
+            state_dir: PathBuf::from("/var/lib/joblet"),
+            node_id: String::new(),
+            persist: PersistConfig::default(),
+            cgroup: CgroupConfig::default(),
+            jobs: JobsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus exporter address; null disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
+        }
+    }
+}
+
+/// The ADR's `persist:` block, plus where persist answers queries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersistConfig {
+    pub enabled: bool,
+    pub socket: PathBuf,
+    /// Replication queue capacity in messages; when full, lines are dropped, counted, and
+    /// replayed from the spool later.
+    pub buffer_size: usize,
+    /// Upper bound of the reconnect backoff.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_delay: Duration,
+    pub max_frame_size: ByteSize,
+    /// persist's gRPC address, used to read history of jobs core no longer holds and to delete
+    /// a job's history with the job; null = not used.
+    pub query_address: Option<String>,
+}
+
+impl Default for PersistConfig {
+    fn default() -> Self {
+        PersistConfig {
+            enabled: true,
+            socket: PathBuf::from("/tmp/joblet-persist.sock"),
+            buffer_size: 10_000,
+            reconnect_delay: Duration::from_secs(5),
+            max_frame_size: ByteSize::mib(8),
+            query_address: Some("127.0.0.1:50052".to_owned()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// Parent of the job cgroups, relative to core's own cgroup (so a unit with Delegate=yes
+    /// keeps jobs inside its subtree).
+    pub parent: String,
+    /// pids.max of every job.
+    pub pids_limit: u32,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            parent: "joblet".to_owned(),
+            pids_limit: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Limits applied when a job asks for none (0 = unlimited).
+    pub default_max_cpu: u32,
+    pub default_max_memory_mb: u32,
+    pub default_max_io_bps: u64,
+    /// Largest limits a job may ask for (0 = no ceiling).
+    pub max_cpu: u32,
+    pub max_memory_mb: u32,
+    /// How often each job's cgroup is sampled for metrics.
+    #[serde(with = "humantime_serde")]
+    pub metrics_interval: Duration,
+    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace_period: Duration,
+    /// Longer output lines are split into several records of at most this many bytes.
+    pub max_line_length: ByteSize,
+    /// Work directory root; each job gets `<work_root>/<job id>` unless it names its own.
+    pub work_root: PathBuf,
+    /// Largest total size of a job's uploads.
+    pub max_upload_size: ByteSize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            default_max_cpu: 0,
+            default_max_memory_mb: 0,
+            default_max_io_bps: 0,
+            max_cpu: 0,
+            max_memory_mb: 0,
+            metrics_interval: Duration::from_secs(1),
+            stop_grace_period: Duration::from_secs(10),
+            max_line_length: ByteSize::kib(64),
+            work_root: PathBuf::from("/var/lib/joblet/work"),
+            max_upload_size: ByteSize::mib(64),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_norway::from_str(text)?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.state_dir.as_os_str().is_empty() {
+            bail!("state_dir: must not be empty");
+        }
+        if self.persist.buffer_size == 0 {
+            bail!("persist.buffer_size: must be greater than zero");
+        }
+        if self.persist.reconnect_delay.is_zero() {
+            bail!("persist.reconnect_delay: must be greater than zero");
+        }
+        if self.persist.socket.as_os_str().len() > 107 {
+            bail!("persist.socket: path is longer than the 107 bytes a Unix socket allows");
+        }
+        let parent = &self.cgroup.parent;
+        if parent.is_empty() || parent.starts_with('/') || parent.split('/').any(|p| p == "..") {
+            bail!("cgroup.parent: must be a relative path without '..', got {parent:?}");
+        }
+        if self.cgroup.pids_limit == 0 {
+            bail!("cgroup.pids_limit: must be greater than zero");
+        }
+        if self.jobs.metrics_interval < Duration::from_millis(100) {
+            bail!("jobs.metrics_interval: must be at least 100ms");
+        }
+        if self.jobs.max_line_length.as_u64() < 128 {
+            bail!("jobs.max_line_length: must be at least 128 bytes");
+        }
+        if self.jobs.max_line_length.as_u64() >= self.persist.max_frame_size.as_u64() {
+            bail!("jobs.max_line_length: must be smaller than persist.max_frame_size");
+        }
+        if self.jobs.max_cpu > 0 && self.jobs.default_max_cpu > self.jobs.max_cpu {
+            bail!("jobs.default_max_cpu: exceeds jobs.max_cpu");
+        }
+        if self.jobs.max_memory_mb > 0 && self.jobs.default_max_memory_mb > self.jobs.max_memory_mb
+        {
+            bail!("jobs.default_max_memory_mb: exceeds jobs.max_memory_mb");
+        }
+        if !self.jobs.work_root.is_absolute() {
+            bail!("jobs.work_root: must be an absolute path");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_config_parses_and_matches_the_defaults() {
+        let text = include_str!("../../deploy/config/joblet-config.yml");
+        let parsed = Config::parse(text).expect("reference config parses");
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn nonsense_is_refused_naming_the_key() {
+        let error = |text: &str| format!("{:#}", Config::parse(text).unwrap_err());
+        assert!(error("persist:\n  buffer_size: 0\n").contains("persist.buffer_size"));
+        assert!(error("persist:\n  reconnect_delay: soon\n").contains("reconnect_delay"));
+        assert!(error("cgroup:\n  parent: /abs\n").contains("cgroup.parent"));
+        assert!(error("jobs:\n  metrics_interval: 1ms\n").contains("jobs.metrics_interval"));
+        assert!(error("nope: 1\n").contains("unknown field `nope`"));
+    }
+}

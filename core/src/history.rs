@@ -1,0 +1,45 @@
+//! Reaching joblet-persist's query API from core: deleting a job's history with the job, and
+//! reading the history of a job core no longer holds (its spool is gone).
+
+use std::time::Duration;
+
+use joblet_proto::persist::persist_service_client::PersistServiceClient;
+use joblet_proto::persist::{DeleteJobRequest, LogLine, Metric, QueryLogsRequest, QueryMetricsRequest};
+use tonic::transport::{Channel, Endpoint};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn client(address: &str) -> Result<PersistServiceClient<Channel>, tonic::Status> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| tonic::Status::internal(format!("persist.query_address: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("joblet-persist at {address}: {e}")))?;
+    Ok(PersistServiceClient::new(channel))
+}
+
+pub async fn delete(address: &str, job_id: &str) -> Result<(), tonic::Status> {
+    client(address)
+        .await?
+        .delete_job(DeleteJobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await?;
+    Ok(())
+}
+
+pub async fn logs(
+    address: &str,
+    request: QueryLogsRequest,
+) -> Result<tonic::Streaming<LogLine>, tonic::Status> {
+    Ok(client(address).await?.query_logs(request).await?.into_inner())
+}
+
+pub async fn metrics(
+    address: &str,
+    request: QueryMetricsRequest,
+) -> Result<tonic::Streaming<Metric>, tonic::Status> {
+    Ok(client(address).await?.query_metrics(request).await?.into_inner())
+}

@@ -1,0 +1,111 @@
+//! joblet-core: the command side of ADR-0001.
+//!
+//! It runs jobs ([`manager`]) as processes in their own cgroups ([`cgroup`]) and namespaces
+//! ([`spawn`]), captures their output into sequenced, timestamped lines kept in a spool file
+//! ([`output`]) and samples their resource use ([`metrics_log`]); it streams both live over
+//! gRPC ([`service`]) and replicates them to joblet-persist through `joblet-ipc`, replaying
+//! from the spool what persist missed ([`replicate`]). Persist being disabled, absent or down
+//! never stops a job from running.
+
+pub mod cgroup;
+pub mod config;
+pub mod error;
+pub mod history;
+pub mod job;
+pub mod manager;
+pub mod metrics;
+pub mod metrics_log;
+pub mod output;
+pub mod replicate;
+pub mod service;
+pub mod spawn;
+pub mod spec;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use joblet_ipc::{IpcSender, SenderConfig};
+use joblet_proto::joblet::job_service_server::JobServiceServer;
+use joblet_proto::joblet::monitoring_service_server::MonitoringServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cgroup::CgroupRoot;
+use crate::config::Config;
+use crate::manager::JobManager;
+
+pub struct Core {
+    manager: Arc<JobManager>,
+    sender: Option<(IpcSender, tokio::task::JoinHandle<()>, CancellationToken)>,
+}
+
+impl Core {
+    /// Everything that can fail at start: cgroups, state directories, the replication sender.
+    pub async fn open(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<Core> {
+        if config.node_id.is_empty() {
+            config.node_id = sysinfo::System::host_name().unwrap_or_else(|| "joblet".to_owned());
+        }
+        let parent = config.cgroup.parent.clone();
+        let cgroups = tokio::task::spawn_blocking(move || CgroupRoot::detect(&parent))
+            .await?
+            .context("cgroup")?;
+        let sender = if config.persist.enabled {
+            let sender_shutdown = CancellationToken::new();
+            let mut sender_config = SenderConfig::new(&config.persist.socket);
+            sender_config.buffer_size = config.persist.buffer_size;
+            sender_config.reconnect_delay = config.persist.reconnect_delay;
+            sender_config.max_frame_bytes = config.persist.max_frame_size.as_u64() as usize;
+            let (sender, task) = IpcSender::start(sender_config, sender_shutdown.clone());
+            Some((sender, task, sender_shutdown))
+        } else {
+            tracing::warn!("persist.enabled is false: job output is not replicated");
+            None
+        };
+        let manager = JobManager::new(
+            config,
+            cgroups,
+            sender.as_ref().map(|(s, _, _)| s.clone()),
+            shutdown,
+        )
+        .context("state_dir")?;
+        Ok(Core { manager, sender })
+    }
+
+    pub fn manager(&self) -> Arc<JobManager> {
+        self.manager.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then ends every job, flushes replication and
+    /// returns.
+    pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Core { manager, sender } = self;
+        let replay = sender.as_ref().map(|(sender, _, _)| {
+            tokio::spawn(replicate::run(manager.clone(), sender.clone(), shutdown.clone()))
+        });
+        ::metrics::gauge!(metrics::UP).set(1.0);
+        let served = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+            .add_service(JobServiceServer::new(service::JobApi::new(manager.clone())))
+            .add_service(MonitoringServiceServer::new(service::MonitoringApi::new(
+                manager.clone(),
+            )))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                shutdown.cancelled(),
+            )
+            .await;
+        shutdown.cancel();
+        manager.shutdown().await;
+        if let Some(replay) = replay {
+            let _ = replay.await;
+        }
+        if let Some((_, task, sender_shutdown)) = sender {
+            sender_shutdown.cancel();
+            let _ = task.await;
+        }
+        ::metrics::gauge!(metrics::UP).set(0.0);
+        served.context("gRPC server")?;
+        tracing::info!("joblet-core stopped");
+        Ok(())
+    }
+}

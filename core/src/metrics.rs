@@ -1,0 +1,20 @@
+//! Prometheus metric names of joblet-core, with help text. The replication sender's names
+//! (`joblet_ipc_*`) live in `joblet_ipc::metrics`.
+
+use metrics::{describe_counter, describe_gauge};
+
+pub const JOBS: &str = "joblet_core_jobs";
+pub const JOBS_STARTED: &str = "joblet_core_jobs_started_total";
+pub const JOB_FAILURES: &str = "joblet_core_job_failures_total";
+pub const UP: &str = "joblet_core_up";
+
+pub fn describe() {
+    joblet_ipc::metrics::describe_sender();
+    describe_gauge!(JOBS, "Jobs known to core, by state.");
+    describe_counter!(JOBS_STARTED, "Jobs whose process was started.");
+    describe_counter!(
+        JOB_FAILURES,
+        "Jobs that ended FAILED (non-zero exit, out of memory, timeout, start error)."
+    );
+    describe_gauge!(UP, "1 while joblet-core is serving.");
+}

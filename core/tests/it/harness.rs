@@ -1,0 +1,239 @@
+//! Starting the daemons and talking to them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use joblet_proto::joblet::job_service_client::JobServiceClient;
+use joblet_proto::joblet::{
+    GetJobLogsRequest, GetJobStatusRequest, GetJobStatusResponse, LogRecord, RunJobRequest,
+    StreamLogsRequest,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub struct Daemon {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub log: PathBuf,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_binary(binary: &Path, config: &Path, log: PathBuf) -> (Child, String) {
+    let mut child = Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("daemon did not become ready")
+        .unwrap()
+        .unwrap_or_else(|| {
+            panic!(
+                "{} exited before ready: {}",
+                binary.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+    (child, ready)
+}
+
+fn field(ready: &str, name: &str) -> Option<String> {
+    ready
+        .split_whitespace()
+        .find_map(|part| part.strip_prefix(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+/// Starts joblet-core with state in `dir`, persist socket `dir/persist.sock`, and `extra` YAML.
+pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
+    let config = format!(
+        "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: 127.0.0.1:{port}\nstate_dir: {state}\n{extra}",
+        port = free_port(),
+        state = dir.join("state").display(),
+    );
+    let config = if config.contains("\njobs:") {
+        config
+    } else {
+        format!("{config}\njobs:\n  work_root: {}\n", dir.join("work").display())
+    };
+    let config = if config.contains("\npersist:") {
+        config
+    } else {
+        format!(
+            "{config}\npersist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\n",
+            dir.join("persist.sock").display()
+        )
+    };
+    let path = dir.join("joblet-config.yml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.join("core.log");
+    let (child, ready) = start_binary(Path::new(env!("CARGO_BIN_EXE_joblet-core")), &path, log.clone()).await;
+    Daemon {
+        child,
+        grpc: field(&ready, "grpc").unwrap().parse().unwrap(),
+        metrics: field(&ready, "metrics").and_then(|m| m.parse().ok()),
+        log,
+    }
+}
+
+/// The joblet-persist binary built beside joblet-core (`cargo build --workspace --bins`).
+pub fn persist_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_joblet-core")).with_file_name("joblet-persist");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Starts joblet-persist with data in `dir/persist-data` and socket `dir/persist.sock`.
+pub async fn start_persist(dir: &Path) -> Daemon {
+    let path = dir.join("persist-config.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
+            dir.join("persist-data").display(),
+            dir.join("persist.sock").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("persist.log");
+    let (child, ready) = start_binary(&persist_binary(), &path, log.clone()).await;
+    Daemon {
+        child,
+        grpc: field(&ready, "grpc").unwrap().parse().unwrap(),
+        metrics: None,
+        log,
+    }
+}
+
+impl Daemon {
+    pub async fn client(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("daemon did not stop on SIGTERM")
+            .unwrap()
+    }
+
+    pub async fn kill_hard(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    pub async fn scrape(&self) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.metrics.unwrap()).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        body
+    }
+}
+
+pub fn shell(script: &str) -> RunJobRequest {
+    RunJobRequest {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+pub async fn run(client: &mut JobServiceClient<Channel>, request: RunJobRequest) -> String {
+    client.run_job(request).await.unwrap().into_inner().job_uuid
+}
+
+pub async fn status(client: &mut JobServiceClient<Channel>, id: &str) -> GetJobStatusResponse {
+    client
+        .get_job_status(GetJobStatusRequest { uuid: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The whole output through the compat GetJobLogs stream, which ends with the job.
+pub async fn logs(client: &mut JobServiceClient<Channel>, id: &str) -> String {
+    let mut stream = client
+        .get_job_logs(GetJobLogsRequest { uuid: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(chunk) = stream.message().await.unwrap() {
+            text.extend_from_slice(&chunk.payload);
+        }
+    })
+    .await
+    .expect("log stream did not end with the job");
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// Every record after `after`, following until the job ends.
+pub async fn records(client: &mut JobServiceClient<Channel>, id: &str, after: u64) -> Vec<LogRecord> {
+    let mut stream = client
+        .stream_logs(StreamLogsRequest {
+            job_uuid: id.into(),
+            after_sequence: after,
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut records = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(record) = stream.message().await.unwrap() {
+            records.push(record);
+        }
+    })
+    .await
+    .expect("record stream did not end with the job");
+    records
+}
+
+/// Waits for the job to end and returns its final status.
+pub async fn finished(client: &mut JobServiceClient<Channel>, id: &str) -> GetJobStatusResponse {
+    let _ = logs(client, id).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let status = status(client, id).await;
+            if ["COMPLETED", "FAILED", "STOPPED", "CANCELED"].contains(&status.status.as_str()) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("job did not end")
+}

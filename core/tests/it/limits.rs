@@ -1,0 +1,97 @@
+//! Limits enforced by real cgroups on real processes.
+
+use joblet_proto::joblet::{GetJobMetricsRequest, StopJobRequest};
+
+use crate::harness::{self, finished, logs, run, shell};
+
+#[tokio::test]
+async fn a_job_over_its_memory_limit_is_oom_killed_and_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "").await;
+    let mut client = core.client().await;
+    // tail keeps a whole "line" in memory: 300 MB of zeros without a newline.
+    let mut request = shell("head -c 300000000 /dev/zero | tail > /dev/null");
+    request.max_memory = 64;
+    let id = run(&mut client, request).await;
+    let done = finished(&mut client, &id).await;
+    assert_eq!(done.status, "FAILED", "{done:?}");
+    assert!(done.status_reason.contains("out of memory"), "{}", done.status_reason);
+    assert_ne!(done.exit_code, 0);
+    core.terminate().await;
+}
+
+#[tokio::test]
+async fn max_cpu_50_holds_a_busy_loop_to_half_a_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "jobs:\n  metrics_interval: 500ms\n  work_root: /tmp/joblet-test-work\n").await;
+    let mut client = core.client().await;
+    let mut request = shell("while :; do :; done");
+    request.max_cpu = 50;
+    let id = run(&mut client, request).await;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let mut samples = client
+        .get_job_metrics(GetJobMetricsRequest { job_uuid: id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut cpu = Vec::new();
+    while let Some(event) = samples.message().await.unwrap() {
+        cpu.push(event.cpu_percent);
+    }
+    client
+        .stop_job(StopJobRequest { uuid: id, grace_period: "1s".into() })
+        .await
+        .unwrap();
+    // Skip the first samples (the first has no previous reading).
+    let steady = &cpu[2..];
+    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+    assert!((40.0..=60.0).contains(&mean), "mean cpu {mean:.1}% from {cpu:?}");
+    core.terminate().await;
+}
+
+#[tokio::test]
+async fn the_pids_limit_stops_a_fork_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(
+        dir.path(),
+        "cgroup:\n  pids_limit: 16\n",
+    )
+    .await;
+    let mut client = core.client().await;
+    let id = run(&mut client, shell("for i in $(seq 64); do sleep 2 & done 2>/dev/null; echo started $(ls /proc | grep -c '^[0-9]')")).await;
+    let output = logs(&mut client, &id).await;
+    let started: u32 = output
+        .trim()
+        .strip_prefix("started ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{output}"));
+    assert!(started <= 16, "pids.max 16, yet {started} processes: {output}");
+    finished(&mut client, &id).await;
+    core.terminate().await;
+}
+
+#[tokio::test]
+async fn metrics_are_sampled_from_the_jobs_cgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "jobs:\n  metrics_interval: 200ms\n  work_root: /tmp/joblet-test-work\n").await;
+    let mut client = core.client().await;
+    let mut request = shell("head -c 50000000 /dev/zero | tail > /dev/null; sleep 1");
+    request.max_memory = 256;
+    let id = run(&mut client, request).await;
+    finished(&mut client, &id).await;
+    let mut samples = client
+        .get_job_metrics(GetJobMetricsRequest { job_uuid: id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = samples.message().await.unwrap() {
+        events.push(event);
+    }
+    assert!(events.len() >= 3, "{events:?}");
+    assert!(events.iter().all(|e| e.memory_limit == 256 * 1024 * 1024), "{events:?}");
+    assert!(events.iter().any(|e| e.memory_bytes > 10_000_000), "{events:?}");
+    assert!(events.iter().any(|e| e.pids >= 1), "{events:?}");
+    assert!(events.windows(2).all(|w| w[0].sequence + 1 == w[1].sequence));
+    core.terminate().await;
+}

@@ -1,0 +1,105 @@
+//! Output capture and replication to a real joblet-persist.
+
+use std::collections::HashMap;
+
+use joblet_proto::joblet::LogStream;
+use joblet_proto::persist::persist_service_client::PersistServiceClient;
+use joblet_proto::persist::QueryLogsRequest;
+
+use crate::harness::{self, finished, records, run, shell};
+
+#[tokio::test]
+async fn a_million_lines_arrive_complete_in_order_and_separated() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "persist:\n  enabled: false\n").await;
+    let mut client = core.client().await;
+    let id = run(
+        &mut client,
+        shell("seq 1 1000000; seq 1 1000 >&2; printf 'no newline'"),
+    )
+    .await;
+    let records = records(&mut client, &id, 0).await;
+    let stdout: Vec<&[u8]> = records
+        .iter()
+        .filter(|r| r.stream == LogStream::Stdout as i32)
+        .map(|r| r.content.as_ref())
+        .collect();
+    let stderr: Vec<&[u8]> = records
+        .iter()
+        .filter(|r| r.stream == LogStream::Stderr as i32)
+        .map(|r| r.content.as_ref())
+        .collect();
+    assert_eq!(stdout.len(), 1_000_001);
+    for (i, line) in stdout[..1_000_000].iter().enumerate() {
+        assert_eq!(*line, (i + 1).to_string().as_bytes());
+    }
+    assert_eq!(stdout[1_000_000], b"no newline", "a last partial line is kept");
+    assert_eq!(stderr.len(), 1000);
+    let sequences: Vec<u64> = records.iter().map(|r| r.sequence).collect();
+    assert_eq!(sequences, (1..=records.len() as u64).collect::<Vec<_>>());
+    assert!(records.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
+
+    // A cursor continues exactly after the given sequence.
+    let tail = crate::harness::records(&mut client, &id, 999_990).await;
+    assert_eq!(tail.first().map(|r| r.sequence), Some(999_991));
+    assert_eq!(tail.len(), records.len() - 999_990);
+    finished(&mut client, &id).await;
+    core.terminate().await;
+}
+
+async fn persisted_lines(persist: &harness::Daemon, id: &str) -> Vec<(u64, Vec<u8>)> {
+    let mut client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
+        .await
+        .unwrap();
+    let mut stream = client
+        .query_logs(QueryLogsRequest { job_id: id.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(line) = stream.message().await.unwrap() {
+        lines.push((line.sequence, line.content.to_vec()));
+    }
+    lines
+}
+
+#[tokio::test]
+async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = harness::start_persist(dir.path()).await;
+    let core = harness::start_core(dir.path(), "").await;
+    let mut client = core.client().await;
+    // ~6 s of output, 1000 lines every 10 ms.
+    let id = run(
+        &mut client,
+        shell("i=0; while [ $i -lt 600 ]; do seq $((i*1000+1)) $((i*1000+1000)); i=$((i+1)); sleep 0.01; done"),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    persist.kill_hard().await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let persist = harness::start_persist(dir.path()).await;
+    let done = finished(&mut client, &id).await;
+    assert_eq!(done.status, "COMPLETED");
+
+    // Replication catches up after the job ended.
+    let expected = 600_000;
+    let mut lines = Vec::new();
+    for _ in 0..300 {
+        lines = persisted_lines(&persist, &id).await;
+        if lines.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(lines.len(), expected, "persist holds every line exactly once");
+    let mut by_sequence: HashMap<u64, Vec<u8>> = HashMap::new();
+    for (sequence, content) in lines {
+        assert!(by_sequence.insert(sequence, content).is_none(), "duplicate {sequence}");
+    }
+    for n in 1..=expected as u64 {
+        assert_eq!(by_sequence[&n], n.to_string().into_bytes());
+    }
+    core.terminate().await;
+    persist.terminate().await;
+}
