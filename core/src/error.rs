@@ -24,7 +24,9 @@ impl CoreError {
             CoreError::Ambiguous { .. } | CoreError::InvalidArgument { .. } => {
                 tonic::Status::invalid_argument(self.to_string())
             }
-            CoreError::FailedPrecondition(_) => tonic::Status::failed_precondition(self.to_string()),
+            CoreError::FailedPrecondition(_) => {
+                tonic::Status::failed_precondition(self.to_string())
+            }
             CoreError::Internal(_) => {
                 tracing::error!(error = %self, "internal error");
                 tonic::Status::internal(self.to_string())

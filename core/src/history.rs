@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
-use joblet_proto::persist::{DeleteJobRequest, LogLine, Metric, QueryLogsRequest, QueryMetricsRequest};
+use joblet_proto::persist::{
+    DeleteJobRequest, LogLine, Metric, QueryLogsRequest, QueryMetricsRequest,
+};
 use tonic::transport::{Channel, Endpoint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -34,12 +36,20 @@ pub async fn logs(
     address: &str,
     request: QueryLogsRequest,
 ) -> Result<tonic::Streaming<LogLine>, tonic::Status> {
-    Ok(client(address).await?.query_logs(request).await?.into_inner())
+    Ok(client(address)
+        .await?
+        .query_logs(request)
+        .await?
+        .into_inner())
 }
 
 pub async fn metrics(
     address: &str,
     request: QueryMetricsRequest,
 ) -> Result<tonic::Streaming<Metric>, tonic::Status> {
-    Ok(client(address).await?.query_metrics(request).await?.into_inner())
+    Ok(client(address)
+        .await?
+        .query_metrics(request)
+        .await?
+        .into_inner())
 }

@@ -168,7 +168,10 @@ impl Job {
     }
 
     pub fn cgroup(&self) -> Option<Arc<JobCgroup>> {
-        self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.cgroup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Waits until the job reaches a terminal state.

@@ -80,7 +80,11 @@ impl Core {
     pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Core { manager, sender } = self;
         let replay = sender.as_ref().map(|(sender, _, _)| {
-            tokio::spawn(replicate::run(manager.clone(), sender.clone(), shutdown.clone()))
+            tokio::spawn(replicate::run(
+                manager.clone(),
+                sender.clone(),
+                shutdown.clone(),
+            ))
         });
         ::metrics::gauge!(metrics::UP).set(1.0);
         let served = tonic::transport::Server::builder()

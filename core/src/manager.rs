@@ -120,7 +120,9 @@ impl JobManager {
     /// Validates and registers a job, and starts it now or at its scheduled time.
     pub fn run(self: &Arc<Self>, request: RunJobRequest) -> Result<Arc<Job>, CoreError> {
         if self.shutdown.is_cancelled() {
-            return Err(CoreError::FailedPrecondition("joblet-core is shutting down".into()));
+            return Err(CoreError::FailedPrecondition(
+                "joblet-core is shutting down".into(),
+            ));
         }
         let spec = JobSpec::from_request(request, &self.config.jobs)?;
         let id = uuid::Uuid::new_v4().to_string();
@@ -140,7 +142,8 @@ impl JobManager {
         self.publish_job_gauges();
         let manager = self.clone();
         let supervised = job.clone();
-        self.tasks.spawn(async move { manager.supervise(supervised).await });
+        self.tasks
+            .spawn(async move { manager.supervise(supervised).await });
         Ok(job)
     }
 
@@ -168,7 +171,11 @@ impl JobManager {
                 return self.finish_unstarted(&job, Status::Failed, &error.to_string());
             }
             Err(error) => {
-                return self.finish_unstarted(&job, Status::Failed, &format!("start task failed: {error}"));
+                return self.finish_unstarted(
+                    &job,
+                    Status::Failed,
+                    &format!("start task failed: {error}"),
+                );
             }
         };
         metrics::counter!(m::JOBS_STARTED).increment(1);
@@ -178,7 +185,8 @@ impl JobManager {
     /// Work dir, uploads, cgroup, process. Blocking: runs on the blocking pool.
     fn start_process(&self, job: &Job) -> Result<std::process::Child, CoreError> {
         let spec = &job.spec;
-        let failed = |what: &str, e: &dyn std::fmt::Display| CoreError::Internal(format!("{what}: {e}"));
+        let failed =
+            |what: &str, e: &dyn std::fmt::Display| CoreError::Internal(format!("{what}: {e}"));
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
@@ -188,7 +196,8 @@ impl JobManager {
 
         let limits = Limits {
             cpu_percent: (spec.max_cpu > 0).then_some(spec.max_cpu),
-            memory_bytes: (spec.max_memory_mb > 0).then(|| i64::from(spec.max_memory_mb) * 1024 * 1024),
+            memory_bytes: (spec.max_memory_mb > 0)
+                .then(|| i64::from(spec.max_memory_mb) * 1024 * 1024),
             io_bytes_per_second: (spec.max_io_bps > 0).then_some(spec.max_io_bps),
             cpuset: (!spec.cpu_cores.is_empty()).then(|| spec.cpu_cores.clone()),
             pids: self.config.cgroup.pids_limit,
@@ -230,8 +239,14 @@ impl JobManager {
 
         let max_line = self.config.jobs.max_line_length.as_u64() as usize;
         for (stream, pipe) in [
-            (LogStream::Stdout, child.stdout.take().map(PipeReader::Stdout)),
-            (LogStream::Stderr, child.stderr.take().map(PipeReader::Stderr)),
+            (
+                LogStream::Stdout,
+                child.stdout.take().map(PipeReader::Stdout),
+            ),
+            (
+                LogStream::Stderr,
+                child.stderr.take().map(PipeReader::Stderr),
+            ),
         ] {
             let Some(pipe) = pipe else { continue };
             let output = job.output.clone();
@@ -268,7 +283,8 @@ impl JobManager {
         };
         let exit = ended.await;
         // Output is complete only when both pipes are closed.
-        let pumps: Vec<_> = std::mem::take(&mut *job.pumps.lock().unwrap_or_else(|e| e.into_inner()));
+        let pumps: Vec<_> =
+            std::mem::take(&mut *job.pumps.lock().unwrap_or_else(|e| e.into_inner()));
         let _ = tokio::task::spawn_blocking(move || {
             for pump in pumps {
                 let _ = pump.join();
@@ -353,7 +369,10 @@ impl JobManager {
             signalled.signal_all(nix::sys::signal::Signal::SIGTERM);
         })
         .await;
-        if tokio::time::timeout(grace, job.wait_terminal()).await.is_err() {
+        if tokio::time::timeout(grace, job.wait_terminal())
+            .await
+            .is_err()
+        {
             let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
         }
     }
@@ -443,7 +462,10 @@ impl JobManager {
             }
         }
         self.tasks.close();
-        if tokio::time::timeout(SHUTDOWN_WAIT, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some jobs did not finish within the shutdown wait");
         }
         self.cgroups.remove_parent();
@@ -498,7 +520,9 @@ fn write_uploads(work_dir: &Path, uploads: &[crate::spec::Upload]) -> Result<(),
                 });
             }
         }
-        let io = |e: std::io::Error| CoreError::Internal(format!("upload {}: {e}", upload.path.display()));
+        let io = |e: std::io::Error| {
+            CoreError::Internal(format!("upload {}: {e}", upload.path.display()))
+        };
         if upload.is_directory {
             std::fs::create_dir_all(&target).map_err(io)?;
             continue;
@@ -552,4 +576,3 @@ async fn sample_metrics(job: Arc<Job>, interval: Duration) {
         );
     }
 }
-

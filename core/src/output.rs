@@ -138,7 +138,8 @@ impl Output {
                     record.content,
                 );
                 if sender.try_send(message).is_err() {
-                    state.replay_from = Some(state.replay_from.map_or(sequence, |s| s.min(sequence)));
+                    state.replay_from =
+                        Some(state.replay_from.map_or(sequence, |s| s.min(sequence)));
                 }
             }
         }
@@ -191,9 +192,7 @@ impl Output {
             let position = state
                 .index
                 .partition_point(|(sequence, _)| *sequence <= after_sequence + 1);
-            position
-                .checked_sub(1)
-                .map_or(0, |i| state.index[i].1)
+            position.checked_sub(1).map_or(0, |i| state.index[i].1)
         };
         Ok(SpoolReader {
             file: Arc::new(File::open(&self.path)?),
@@ -389,7 +388,11 @@ mod tests {
             while let Some(batch) = reader.next_batch(true).await.unwrap() {
                 seen.extend(batch.into_iter().map(|r| r.sequence));
             }
-            assert_eq!(seen, ((after + 1)..=5000).collect::<Vec<_>>(), "after {after}");
+            assert_eq!(
+                seen,
+                ((after + 1)..=5000).collect::<Vec<_>>(),
+                "after {after}"
+            );
         }
     }
 }

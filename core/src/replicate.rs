@@ -63,7 +63,12 @@ async fn replay_job(sender: &IpcSender, job: &Arc<Job>, reconnected: bool) {
     );
     if let Some(from) = metrics_from {
         for sample in job.metrics.after(from - 1) {
-            let message = joblet_ipc::metric_message(&job.id, sample.sequence, sample.timestamp, &sample.data);
+            let message = joblet_ipc::metric_message(
+                &job.id,
+                sample.sequence,
+                sample.timestamp,
+                &sample.data,
+            );
             if sender.send(message).await.is_err() {
                 job.metrics.mark_replay_from(sample.sequence);
                 break;

@@ -4,7 +4,6 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-
 use futures::Stream;
 use joblet_ipc::MetricData;
 use joblet_proto::joblet::job_service_server::JobService;
@@ -56,7 +55,9 @@ impl JobApi {
     }
 }
 
-fn masked(map: &std::collections::BTreeMap<String, String>) -> std::collections::HashMap<String, String> {
+fn masked(
+    map: &std::collections::BTreeMap<String, String>,
+) -> std::collections::HashMap<String, String> {
     map.keys().map(|k| (k.clone(), MASK.to_owned())).collect()
 }
 
@@ -80,7 +81,11 @@ fn status_response(job: &Job, node_id: &str) -> GetJobStatusResponse {
         secret_environment: masked(&spec.secret_environment),
         network: spec.network_name.clone(),
         work_dir: job.work_dir.display().to_string(),
-        uploads: spec.uploads.iter().map(|u| u.path.display().to_string()).collect(),
+        uploads: spec
+            .uploads
+            .iter()
+            .map(|u| u.path.display().to_string())
+            .collect(),
         node_id: node_id.to_owned(),
         timeout: spec.timeout_text.clone(),
         status_reason: state.reason,
@@ -112,7 +117,12 @@ fn job_message(job: &Job, node_id: &str) -> JobMessage {
     }
 }
 
-pub fn metric_event(job_id: &str, timestamp: i64, sequence: u64, data: &MetricData) -> JobMetricsEvent {
+pub fn metric_event(
+    job_id: &str,
+    timestamp: i64,
+    sequence: u64,
+    data: &MetricData,
+) -> JobMetricsEvent {
     JobMetricsEvent {
         timestamp,
         job_uuid: job_id.to_owned(),
@@ -175,8 +185,14 @@ fn log_records(
 
 #[tonic::async_trait]
 impl JobService for JobApi {
-    async fn run_job(&self, request: Request<RunJobRequest>) -> Result<Response<RunJobResponse>, Status> {
-        let job = self.manager.run(request.into_inner()).map_err(CoreError::into_status)?;
+    async fn run_job(
+        &self,
+        request: Request<RunJobRequest>,
+    ) -> Result<Response<RunJobResponse>, Status> {
+        let job = self
+            .manager
+            .run(request.into_inner())
+            .map_err(CoreError::into_status)?;
         Ok(Response::new(RunJobResponse {
             job_uuid: job.id.clone(),
             status: job.status().as_str().to_owned(),
@@ -188,19 +204,29 @@ impl JobService for JobApi {
         request: Request<GetJobStatusRequest>,
     ) -> Result<Response<GetJobStatusResponse>, Status> {
         let job = self.find(&request.into_inner().uuid)?;
-        Ok(Response::new(status_response(&job, &self.manager.config().node_id)))
+        Ok(Response::new(status_response(
+            &job,
+            &self.manager.config().node_id,
+        )))
     }
 
-    async fn stop_job(&self, request: Request<StopJobRequest>) -> Result<Response<StopJobResponse>, Status> {
+    async fn stop_job(
+        &self,
+        request: Request<StopJobRequest>,
+    ) -> Result<Response<StopJobResponse>, Status> {
         let request = request.into_inner();
-        let grace = match request.grace_period.trim() {
-            "" => None,
-            text => Some(humantime::parse_duration(text).map_err(|e| {
-                Status::invalid_argument(format!("grace_period: {text:?}: {e}"))
-            })?),
-        };
+        let grace =
+            match request.grace_period.trim() {
+                "" => None,
+                text => Some(humantime::parse_duration(text).map_err(|e| {
+                    Status::invalid_argument(format!("grace_period: {text:?}: {e}"))
+                })?),
+            };
         let job = self.find(&request.uuid)?;
-        self.manager.stop(&job, grace).await.map_err(CoreError::into_status)?;
+        self.manager
+            .stop(&job, grace)
+            .await
+            .map_err(CoreError::into_status)?;
         let state = job.state();
         Ok(Response::new(StopJobResponse {
             uuid: job.id.clone(),
@@ -210,18 +236,31 @@ impl JobService for JobApi {
         }))
     }
 
-    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<CancelJobResponse>, Status> {
         let job = self.find(&request.into_inner().uuid)?;
-        let status = self.manager.cancel(&job).await.map_err(CoreError::into_status)?;
+        let status = self
+            .manager
+            .cancel(&job)
+            .await
+            .map_err(CoreError::into_status)?;
         Ok(Response::new(CancelJobResponse {
             uuid: job.id.clone(),
             status: status.as_str().to_owned(),
         }))
     }
 
-    async fn delete_job(&self, request: Request<DeleteJobRequest>) -> Result<Response<DeleteJobResponse>, Status> {
+    async fn delete_job(
+        &self,
+        request: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
         let job = self.find(&request.into_inner().uuid)?;
-        self.manager.delete(&job).await.map_err(CoreError::into_status)?;
+        self.manager
+            .delete(&job)
+            .await
+            .map_err(CoreError::into_status)?;
         Ok(Response::new(DeleteJobResponse {
             uuid: job.id.clone(),
             success: true,
@@ -259,10 +298,13 @@ impl JobService for JobApi {
             Ok(job) => job,
             Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
                 let address = self.history_address().unwrap_or_default();
-                let mut lines = crate::history::logs(&address, QueryLogsRequest {
-                    job_id: id.clone(),
-                    ..Default::default()
-                })
+                let mut lines = crate::history::logs(
+                    &address,
+                    QueryLogsRequest {
+                        job_id: id.clone(),
+                        ..Default::default()
+                    },
+                )
                 .await
                 .map_err(|status| match status.code() {
                     tonic::Code::NotFound | tonic::Code::Unavailable => {
@@ -273,7 +315,9 @@ impl JobService for JobApi {
                 return Ok(Response::new(channel_stream(|sender| async move {
                     loop {
                         let item = match lines.message().await {
-                            Ok(Some(line)) => Ok(DataChunk { payload: with_newline(&line.content) }),
+                            Ok(Some(line)) => Ok(DataChunk {
+                                payload: with_newline(&line.content),
+                            }),
                             Ok(None) => return,
                             Err(status) => Err(status),
                         };
@@ -291,7 +335,11 @@ impl JobService for JobApi {
                 let items: Vec<Result<DataChunk, Status>> = match batch {
                     Ok(records) => records
                         .into_iter()
-                        .map(|r| Ok(DataChunk { payload: with_newline(&r.content) }))
+                        .map(|r| {
+                            Ok(DataChunk {
+                                payload: with_newline(&r.content),
+                            })
+                        })
                         .collect(),
                     Err(status) => vec![Err(status)],
                 };
@@ -307,7 +355,12 @@ impl JobService for JobApi {
     async fn list_jobs(&self, _: Request<EmptyRequest>) -> Result<Response<Jobs>, Status> {
         let node_id = &self.manager.config().node_id;
         Ok(Response::new(Jobs {
-            jobs: self.manager.jobs().iter().map(|job| job_message(job, node_id)).collect(),
+            jobs: self
+                .manager
+                .jobs()
+                .iter()
+                .map(|job| job_message(job, node_id))
+                .collect(),
         }))
     }
 
@@ -319,9 +372,12 @@ impl JobService for JobApi {
     ) -> Result<Response<Self::StreamJobMetricsStream>, Status> {
         let job = self.find(&request.into_inner().job_uuid)?;
         let after = job.metrics.last_sequence();
-        Ok(Response::new(follow_metrics(job, after, true, |job, sample| {
-            sample_event(&job.id, sample)
-        })))
+        Ok(Response::new(follow_metrics(
+            job,
+            after,
+            true,
+            |job, sample| sample_event(&job.id, sample),
+        )))
     }
 
     type GetJobMetricsStream = ResponseStream<JobMetricsEvent>;
@@ -340,13 +396,16 @@ impl JobService for JobApi {
             Ok(job) => job,
             Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
                 let address = self.history_address().unwrap_or_default();
-                let mut metrics = crate::history::metrics(&address, QueryMetricsRequest {
-                    job_id: request.job_uuid.clone(),
-                    start_time: request.start_time,
-                    end_time: request.end_time,
-                    limit: request.limit,
-                    ..Default::default()
-                })
+                let mut metrics = crate::history::metrics(
+                    &address,
+                    QueryMetricsRequest {
+                        job_id: request.job_uuid.clone(),
+                        start_time: request.start_time,
+                        end_time: request.end_time,
+                        limit: request.limit,
+                        ..Default::default()
+                    },
+                )
                 .await
                 .map_err(|_| Status::not_found(format!("job {:?} not found", request.job_uuid)))?;
                 return Ok(Response::new(channel_stream(|sender| async move {
@@ -360,7 +419,11 @@ impl JobService for JobApi {
             }
             Err(error) => return Err(error.into_status()),
         };
-        let limit = if request.limit > 0 { request.limit as usize } else { usize::MAX };
+        let limit = if request.limit > 0 {
+            request.limit as usize
+        } else {
+            usize::MAX
+        };
         let events: Vec<Result<JobMetricsEvent, Status>> = job
             .metrics
             .after(0)
@@ -385,7 +448,11 @@ impl JobService for JobApi {
         for stream in &request.streams {
             match LogStream::try_from(*stream) {
                 Ok(LogStream::Stdout) | Ok(LogStream::Stderr) => wanted.push(*stream),
-                _ => return Err(Status::invalid_argument("streams: use STDOUT and/or STDERR")),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "streams: use STDOUT and/or STDERR",
+                    ));
+                }
             }
         }
         let mut batches = log_records(job, request.after_sequence, request.follow)?;
@@ -475,7 +542,10 @@ impl MonitoringApi {
 
 #[tonic::async_trait]
 impl MonitoringService for MonitoringApi {
-    async fn get_system_status(&self, _: Request<EmptyRequest>) -> Result<Response<SystemStatusResponse>, Status> {
+    async fn get_system_status(
+        &self,
+        _: Request<EmptyRequest>,
+    ) -> Result<Response<SystemStatusResponse>, Status> {
         let (cpu, memory) = {
             let mut system = self.system.lock().unwrap_or_else(|e| e.into_inner());
             system.refresh_cpu_usage();
@@ -531,4 +601,3 @@ impl MonitoringService for MonitoringApi {
         }))
     }
 }
-

@@ -136,7 +136,12 @@ fn wait_and_exit(child: nix::unistd::Pid) -> ! {
     // not when the job ends.
     // SAFETY: close_range only closes descriptors of this process.
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    for terminating in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+    for terminating in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         // SAFETY: setting a signal to be ignored installs no handler code.
         unsafe {
             let _ = signal(terminating, SigHandler::SigIgn);

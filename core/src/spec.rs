@@ -73,7 +73,9 @@ fn environment(
         if !valid_name {
             return Err(invalid(
                 field,
-                format!("{name:?} is not a valid variable name (letters, digits, _; not starting with a digit)"),
+                format!(
+                    "{name:?} is not a valid variable name (letters, digits, _; not starting with a digit)"
+                ),
             ));
         }
         no_nul(field, value)?;
@@ -87,7 +89,10 @@ fn limit(field: &'static str, value: i32, ceiling: u32) -> Result<u32, CoreError
     }
     let value = value as u32;
     if ceiling > 0 && value > ceiling {
-        return Err(invalid(field, format!("{value} exceeds the node's maximum of {ceiling}")));
+        return Err(invalid(
+            field,
+            format!("{value} exceeds the node's maximum of {ceiling}"),
+        ));
     }
     Ok(value)
 }
@@ -107,11 +112,17 @@ fn upload_path(path: &str) -> Result<PathBuf, CoreError> {
     no_nul("uploads", path)?;
     let candidate = Path::new(path);
     if path.is_empty() || candidate.is_absolute() {
-        return Err(invalid("uploads", format!("path {path:?} must be relative to the work dir")));
+        return Err(invalid(
+            "uploads",
+            format!("path {path:?} must be relative to the work dir"),
+        ));
     }
     for component in candidate.components() {
         if !matches!(component, Component::Normal(_) | Component::CurDir) {
-            return Err(invalid("uploads", format!("path {path:?} must not leave the work dir")));
+            return Err(invalid(
+                "uploads",
+                format!("path {path:?} must not leave the work dir"),
+            ));
         }
     }
     Ok(candidate.to_owned())
@@ -123,14 +134,20 @@ impl JobSpec {
             return Err(invalid("command", "must not be empty"));
         }
         if request.command.len() > MAX_COMMAND_BYTES {
-            return Err(invalid("command", format!("longer than {MAX_COMMAND_BYTES} bytes")));
+            return Err(invalid(
+                "command",
+                format!("longer than {MAX_COMMAND_BYTES} bytes"),
+            ));
         }
         no_nul("command", &request.command)?;
         if request.args.len() > MAX_ARGS {
             return Err(invalid("args", format!("at most {MAX_ARGS} arguments")));
         }
         if request.args.iter().map(String::len).sum::<usize>() > MAX_ARGS_BYTES {
-            return Err(invalid("args", format!("longer than {MAX_ARGS_BYTES} bytes in all")));
+            return Err(invalid(
+                "args",
+                format!("longer than {MAX_ARGS_BYTES} bytes in all"),
+            ));
         }
         for arg in &request.args {
             no_nul("args", arg)?;
@@ -153,17 +170,24 @@ impl JobSpec {
             0 => limits.default_max_io_bps,
             v => v,
         };
-        if !request.cpu_cores.is_empty() && crate::cgroup::parse_cpus(&request.cpu_cores).is_none() {
+        if !request.cpu_cores.is_empty() && crate::cgroup::parse_cpus(&request.cpu_cores).is_none()
+        {
             return Err(invalid(
                 "cpu_cores",
-                format!("{:?} is not a CPU list like \"0-1\" or \"0,2\"", request.cpu_cores),
+                format!(
+                    "{:?} is not a CPU list like \"0-1\" or \"0,2\"",
+                    request.cpu_cores
+                ),
             ));
         }
         let network = match request.network.as_str() {
             "" | "host" => Network::Host,
             "none" | "isolated" => Network::None,
             other => {
-                return Err(invalid("network", format!("{other:?}: use \"host\" or \"none\"")));
+                return Err(invalid(
+                    "network",
+                    format!("{other:?}: use \"host\" or \"none\""),
+                ));
             }
         };
         let schedule = parse_schedule(&request.schedule)?;
@@ -189,7 +213,10 @@ impl JobSpec {
             return Err(invalid("volumes", "volumes are not supported by this node"));
         }
         if !request.runtime.is_empty() {
-            return Err(invalid("runtime", "runtimes are not supported by this node"));
+            return Err(invalid(
+                "runtime",
+                "runtimes are not supported by this node",
+            ));
         }
         if request.gpu_count != 0 || request.gpu_memory_mb != 0 {
             return Err(invalid("gpu_count", "GPUs are not supported by this node"));
@@ -201,11 +228,17 @@ impl JobSpec {
             if total > limits.max_upload_size.as_u64() {
                 return Err(invalid(
                     "uploads",
-                    format!("larger than {} in all (jobs.max_upload_size)", limits.max_upload_size),
+                    format!(
+                        "larger than {} in all (jobs.max_upload_size)",
+                        limits.max_upload_size
+                    ),
                 ));
             }
             if upload.mode > 0o7777 {
-                return Err(invalid("uploads", format!("mode {:o} is not a file mode", upload.mode)));
+                return Err(invalid(
+                    "uploads",
+                    format!("mode {:o} is not a file mode", upload.mode),
+                ));
             }
             uploads.push(Upload {
                 path: upload_path(&upload.path)?,
@@ -226,7 +259,12 @@ impl JobSpec {
             max_io_bps,
             cpu_cores: request.cpu_cores,
             network,
-            network_name: if network == Network::None { "none" } else { "host" }.to_owned(),
+            network_name: if network == Network::None {
+                "none"
+            } else {
+                "host"
+            }
+            .to_owned(),
             schedule,
             timeout,
             timeout_text: request.timeout,

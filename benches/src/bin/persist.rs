@@ -201,7 +201,13 @@ async fn real(
     let started = Instant::now();
     for sequence in 1..=args.lines {
         let content = contents[sequence as usize % contents.len()].clone();
-        let message = log_message(JOB, sequence, timestamp(args, sequence), Stream::Stdout, content);
+        let message = log_message(
+            JOB,
+            sequence,
+            timestamp(args, sequence),
+            Stream::Stdout,
+            content,
+        );
         sender.send(message).await.ok().context("sender closed")?;
     }
     while sender.acknowledged(JOB, MessageType::Log) < args.lines {
@@ -224,7 +230,10 @@ async fn real(
             })
             .await?
             .into_inner();
-        stream.message().await?.context("window query found nothing")?;
+        stream
+            .message()
+            .await?
+            .context("window query found nothing")?;
         first_line.push(began.elapsed());
         drop(stream);
     }
@@ -249,4 +258,3 @@ async fn real(
     server.await??;
     Ok((ingest_rate, first_line, scan_rate))
 }
-

@@ -72,7 +72,10 @@ pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
     let config = if config.contains("\njobs:") {
         config
     } else {
-        format!("{config}\njobs:\n  work_root: {}\n", dir.join("work").display())
+        format!(
+            "{config}\njobs:\n  work_root: {}\n",
+            dir.join("work").display()
+        )
     };
     let config = if config.contains("\npersist:") {
         config
@@ -85,7 +88,12 @@ pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
     let path = dir.join("joblet-config.yml");
     std::fs::write(&path, config).unwrap();
     let log = dir.join("core.log");
-    let (child, ready) = start_binary(Path::new(env!("CARGO_BIN_EXE_joblet-core")), &path, log.clone()).await;
+    let (child, ready) = start_binary(
+        Path::new(env!("CARGO_BIN_EXE_joblet-core")),
+        &path,
+        log.clone(),
+    )
+    .await;
     Daemon {
         child,
         grpc: field(&ready, "grpc").unwrap().parse().unwrap(),
@@ -150,7 +158,9 @@ impl Daemon {
     }
 
     pub async fn scrape(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics.unwrap()).await.unwrap();
+        let mut stream = tokio::net::TcpStream::connect(self.metrics.unwrap())
+            .await
+            .unwrap();
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
             .await
@@ -200,7 +210,11 @@ pub async fn logs(client: &mut JobServiceClient<Channel>, id: &str) -> String {
 }
 
 /// Every record after `after`, following until the job ends.
-pub async fn records(client: &mut JobServiceClient<Channel>, id: &str, after: u64) -> Vec<LogRecord> {
+pub async fn records(
+    client: &mut JobServiceClient<Channel>,
+    id: &str,
+    after: u64,
+) -> Vec<LogRecord> {
     let mut stream = client
         .stream_logs(StreamLogsRequest {
             job_uuid: id.into(),
@@ -236,4 +250,15 @@ pub async fn finished(client: &mut JobServiceClient<Channel>, id: &str) -> GetJo
     })
     .await
     .expect("job did not end")
+}
+
+/// Waits until the job reports `wanted`.
+pub async fn wait_status(client: &mut JobServiceClient<Channel>, id: &str, wanted: &str) {
+    tokio::time::timeout(WAIT, async {
+        while status(client, id).await.status != wanted {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("job never reached {wanted}"));
 }

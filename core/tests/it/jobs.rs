@@ -15,11 +15,14 @@ async fn a_job_runs_and_its_output_and_exit_code_are_reported() {
     let core = harness::start_core(dir.path(), "").await;
     let mut client = core.client().await;
 
-    let id = run(&mut client, RunJobRequest {
-        command: "echo".into(),
-        args: vec!["hi".into()],
-        ..Default::default()
-    })
+    let id = run(
+        &mut client,
+        RunJobRequest {
+            command: "echo".into(),
+            args: vec!["hi".into()],
+            ..Default::default()
+        },
+    )
     .await;
     assert_eq!(logs(&mut client, &id).await, "hi\n");
     let done = finished(&mut client, &id).await;
@@ -30,12 +33,18 @@ async fn a_job_runs_and_its_output_and_exit_code_are_reported() {
     let id = run(&mut client, shell("echo out; echo err >&2; exit 3")).await;
     let done = finished(&mut client, &id).await;
     assert_eq!((done.status.as_str(), done.exit_code), ("FAILED", 3));
-    assert!(done.status_reason.contains("code 3"), "{}", done.status_reason);
+    assert!(
+        done.status_reason.contains("code 3"),
+        "{}",
+        done.status_reason
+    );
 
     // A unique prefix names the job; unknown ids are NOT_FOUND.
     assert_eq!(status(&mut client, &id[..8]).await.uuid, id);
     let missing = client
-        .get_job_status(GetJobStatusRequest { uuid: "ffffffff-no".into() })
+        .get_job_status(GetJobStatusRequest {
+            uuid: "ffffffff-no".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
@@ -47,7 +56,9 @@ async fn the_job_is_pid_1_in_its_own_namespaces() {
     let dir = tempfile::tempdir().unwrap();
     let core = harness::start_core(dir.path(), "").await;
     let mut client = core.client().await;
-    let mut request = shell("echo pid=$$; hostname; ls /proc | grep -c '^[0-9]'; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '");
+    let mut request = shell(
+        "echo pid=$$; hostname; ls /proc | grep -c '^[0-9]'; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
+    );
     request.network = "none".into();
     let id = run(&mut client, request).await;
     let output = logs(&mut client, &id).await;
@@ -55,8 +66,15 @@ async fn the_job_is_pid_1_in_its_own_namespaces() {
     assert_eq!(lines[0], "pid=1", "{output}");
     assert!(lines[1].starts_with("job-"), "{output}");
     let processes: u32 = lines[2].parse().unwrap();
-    assert!(processes <= 4, "fresh /proc shows only the job's processes: {output}");
-    assert_eq!(&lines[3..], ["lo"], "network none has loopback only: {output}");
+    assert!(
+        processes <= 4,
+        "fresh /proc shows only the job's processes: {output}"
+    );
+    assert_eq!(
+        &lines[3..],
+        ["lo"],
+        "network none has loopback only: {output}"
+    );
     core.terminate().await;
 }
 
@@ -66,8 +84,12 @@ async fn environment_uploads_and_secrets() {
     let core = harness::start_core(dir.path(), "").await;
     let mut client = core.client().await;
     let mut request = shell("echo $GREETING $TOKEN; cat data/in.txt; pwd");
-    request.environment.insert("GREETING".into(), "hello".into());
-    request.secret_environment.insert("TOKEN".into(), "s3cret".into());
+    request
+        .environment
+        .insert("GREETING".into(), "hello".into());
+    request
+        .secret_environment
+        .insert("TOKEN".into(), "s3cret".into());
     request.uploads.push(FileUpload {
         path: "data/in.txt".into(),
         content: "uploaded\n".into(),
@@ -84,7 +106,11 @@ async fn environment_uploads_and_secrets() {
     assert_eq!(done.secret_environment["TOKEN"], "***");
     assert_eq!(done.environment["GREETING"], "hello");
     assert!(!format!("{done:?}").contains("s3cret"));
-    let listed = client.list_jobs(EmptyRequest {}).await.unwrap().into_inner();
+    let listed = client
+        .list_jobs(EmptyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!format!("{listed:?}").contains("s3cret"));
 
     let mut escaping = shell("true");
@@ -94,7 +120,11 @@ async fn environment_uploads_and_secrets() {
     });
     let refused = client.run_job(escaping).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-    assert!(refused.message().contains("uploads"), "{}", refused.message());
+    assert!(
+        refused.message().contains("uploads"),
+        "{}",
+        refused.message()
+    );
     core.terminate().await;
 }
 
@@ -105,7 +135,11 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     let mut client = core.client().await;
 
     // A job that handles SIGTERM ends by itself.
-    let id = run(&mut client, shell("trap 'echo bye; exit 0' TERM; echo ready; while :; do sleep 0.05; done")).await;
+    let id = run(
+        &mut client,
+        shell("trap 'echo bye; exit 0' TERM; echo ready; while :; do sleep 0.05; done"),
+    )
+    .await;
     let mut stream = client
         .get_job_logs(joblet_proto::joblet::GetJobLogsRequest { uuid: id.clone() })
         .await
@@ -113,7 +147,10 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
         .into_inner();
     assert_eq!(stream.message().await.unwrap().unwrap().payload, "ready\n");
     let stopped = client
-        .stop_job(StopJobRequest { uuid: id.clone(), grace_period: "10s".into() })
+        .stop_job(StopJobRequest {
+            uuid: id.clone(),
+            grace_period: "10s".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -121,21 +158,37 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     assert!(logs(&mut client, &id).await.contains("bye"));
 
     // One that ignores it is killed after the grace period.
-    let id = run(&mut client, shell("trap '' TERM; while :; do sleep 0.05; done")).await;
+    let id = run(
+        &mut client,
+        shell("trap '' TERM; while :; do sleep 0.05; done"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     let stopped = client
-        .stop_job(StopJobRequest { uuid: id.clone(), grace_period: "1s".into() })
+        .stop_job(StopJobRequest {
+            uuid: id.clone(),
+            grace_period: "1s".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     let took = started.elapsed();
-    assert_eq!((stopped.status.as_str(), stopped.exit_code), ("STOPPED", 137));
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(
+        (stopped.status.as_str(), stopped.exit_code),
+        ("STOPPED", 137)
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
 
     // Stopping an ended job is refused.
     let again = client
-        .stop_job(StopJobRequest { uuid: id, grace_period: String::new() })
+        .stop_job(StopJobRequest {
+            uuid: id,
+            grace_period: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition);
@@ -180,8 +233,11 @@ async fn delete_removes_ended_jobs_and_skips_running_ones() {
     let ended = run(&mut client, shell("true")).await;
     finished(&mut client, &ended).await;
     let running = run(&mut client, shell("sleep 30")).await;
+    crate::harness::wait_status(&mut client, &running, "RUNNING").await;
     let refused = client
-        .delete_job(DeleteJobRequest { uuid: running.clone() })
+        .delete_job(DeleteJobRequest {
+            uuid: running.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
@@ -212,7 +268,9 @@ pub fn job_cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 if entry.file_name() == id {
@@ -233,17 +291,49 @@ async fn bad_requests_are_refused_with_the_field_named() {
     let mut client = core.client().await;
     for (request, field) in [
         (RunJobRequest::default(), "command"),
-        (RunJobRequest { command: "x".into(), max_memory: -5, ..Default::default() }, "max_memory"),
-        (RunJobRequest { command: "x".into(), schedule: "soon".into(), ..Default::default() }, "schedule"),
-        (RunJobRequest { command: "x".into(), timeout: "forever".into(), ..Default::default() }, "timeout"),
+        (
+            RunJobRequest {
+                command: "x".into(),
+                max_memory: -5,
+                ..Default::default()
+            },
+            "max_memory",
+        ),
+        (
+            RunJobRequest {
+                command: "x".into(),
+                schedule: "soon".into(),
+                ..Default::default()
+            },
+            "schedule",
+        ),
+        (
+            RunJobRequest {
+                command: "x".into(),
+                timeout: "forever".into(),
+                ..Default::default()
+            },
+            "timeout",
+        ),
     ] {
         let status = client.run_job(request).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains(field), "{}", status.message());
     }
-    let missing = run(&mut client, RunJobRequest { command: "/no/such/binary".into(), ..Default::default() }).await;
+    let missing = run(
+        &mut client,
+        RunJobRequest {
+            command: "/no/such/binary".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let done = finished(&mut client, &missing).await;
     assert_eq!(done.status, "FAILED");
-    assert!(done.status_reason.contains("/no/such/binary"), "{}", done.status_reason);
+    assert!(
+        done.status_reason.contains("/no/such/binary"),
+        "{}",
+        done.status_reason
+    );
     core.terminate().await;
 }

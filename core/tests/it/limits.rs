@@ -15,7 +15,11 @@ async fn a_job_over_its_memory_limit_is_oom_killed_and_failed() {
     let id = run(&mut client, request).await;
     let done = finished(&mut client, &id).await;
     assert_eq!(done.status, "FAILED", "{done:?}");
-    assert!(done.status_reason.contains("out of memory"), "{}", done.status_reason);
+    assert!(
+        done.status_reason.contains("out of memory"),
+        "{}",
+        done.status_reason
+    );
     assert_ne!(done.exit_code, 0);
     core.terminate().await;
 }
@@ -23,14 +27,21 @@ async fn a_job_over_its_memory_limit_is_oom_killed_and_failed() {
 #[tokio::test]
 async fn max_cpu_50_holds_a_busy_loop_to_half_a_core() {
     let dir = tempfile::tempdir().unwrap();
-    let core = harness::start_core(dir.path(), "jobs:\n  metrics_interval: 500ms\n  work_root: /tmp/joblet-test-work\n").await;
+    let core = harness::start_core(
+        dir.path(),
+        "jobs:\n  metrics_interval: 500ms\n  work_root: /tmp/joblet-test-work\n",
+    )
+    .await;
     let mut client = core.client().await;
     let mut request = shell("while :; do :; done");
     request.max_cpu = 50;
     let id = run(&mut client, request).await;
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     let mut samples = client
-        .get_job_metrics(GetJobMetricsRequest { job_uuid: id.clone(), ..Default::default() })
+        .get_job_metrics(GetJobMetricsRequest {
+            job_uuid: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -39,13 +50,19 @@ async fn max_cpu_50_holds_a_busy_loop_to_half_a_core() {
         cpu.push(event.cpu_percent);
     }
     client
-        .stop_job(StopJobRequest { uuid: id, grace_period: "1s".into() })
+        .stop_job(StopJobRequest {
+            uuid: id,
+            grace_period: "1s".into(),
+        })
         .await
         .unwrap();
     // Skip the first samples (the first has no previous reading).
     let steady = &cpu[2..];
     let mean = steady.iter().sum::<f64>() / steady.len() as f64;
-    assert!((40.0..=60.0).contains(&mean), "mean cpu {mean:.1}% from {cpu:?}");
+    assert!(
+        (40.0..=60.0).contains(&mean),
+        "mean cpu {mean:.1}% from {cpu:?}"
+    );
     core.terminate().await;
 }
 
@@ -54,33 +71,60 @@ async fn the_pids_limit_stops_a_fork_loop() {
     let dir = tempfile::tempdir().unwrap();
     let core = harness::start_core(
         dir.path(),
-        "cgroup:\n  pids_limit: 16\n",
+        "cgroup:\n  pids_limit: 16\njobs:\n  metrics_interval: 100ms\n  work_root: /tmp/joblet-test-work\n",
     )
     .await;
     let mut client = core.client().await;
-    let id = run(&mut client, shell("for i in $(seq 64); do sleep 2 & done 2>/dev/null; echo started $(ls /proc | grep -c '^[0-9]')")).await;
+    let id = run(
+        &mut client,
+        shell("for i in $(seq 64); do sleep 3 & done; wait"),
+    )
+    .await;
     let output = logs(&mut client, &id).await;
-    let started: u32 = output
-        .trim()
-        .strip_prefix("started ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{output}"));
-    assert!(started <= 16, "pids.max 16, yet {started} processes: {output}");
-    finished(&mut client, &id).await;
+    assert!(
+        output.contains("fork"),
+        "forks beyond pids.max fail: {output}"
+    );
+    let done = finished(&mut client, &id).await;
+    assert_eq!(done.status, "FAILED");
+    let mut samples = client
+        .get_job_metrics(GetJobMetricsRequest {
+            job_uuid: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut highest = 0;
+    while let Some(event) = samples.message().await.unwrap() {
+        highest = highest.max(event.pids);
+    }
+    assert!(
+        (1..=16).contains(&highest),
+        "pids.max 16, sampled {highest}"
+    );
     core.terminate().await;
 }
 
 #[tokio::test]
 async fn metrics_are_sampled_from_the_jobs_cgroup() {
     let dir = tempfile::tempdir().unwrap();
-    let core = harness::start_core(dir.path(), "jobs:\n  metrics_interval: 200ms\n  work_root: /tmp/joblet-test-work\n").await;
+    let core = harness::start_core(
+        dir.path(),
+        "jobs:\n  metrics_interval: 200ms\n  work_root: /tmp/joblet-test-work\n",
+    )
+    .await;
     let mut client = core.client().await;
-    let mut request = shell("head -c 50000000 /dev/zero | tail > /dev/null; sleep 1");
+    let mut request =
+        shell("exec /usr/bin/python3 -c 'import time; a = bytearray(50_000_000); time.sleep(1.5)'");
     request.max_memory = 256;
     let id = run(&mut client, request).await;
     finished(&mut client, &id).await;
     let mut samples = client
-        .get_job_metrics(GetJobMetricsRequest { job_uuid: id.clone(), ..Default::default() })
+        .get_job_metrics(GetJobMetricsRequest {
+            job_uuid: id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -89,9 +133,19 @@ async fn metrics_are_sampled_from_the_jobs_cgroup() {
         events.push(event);
     }
     assert!(events.len() >= 3, "{events:?}");
-    assert!(events.iter().all(|e| e.memory_limit == 256 * 1024 * 1024), "{events:?}");
-    assert!(events.iter().any(|e| e.memory_bytes > 10_000_000), "{events:?}");
+    assert!(
+        events.iter().all(|e| e.memory_limit == 256 * 1024 * 1024),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.memory_bytes > 10_000_000),
+        "{events:?}"
+    );
     assert!(events.iter().any(|e| e.pids >= 1), "{events:?}");
-    assert!(events.windows(2).all(|w| w[0].sequence + 1 == w[1].sequence));
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[0].sequence + 1 == w[1].sequence)
+    );
     core.terminate().await;
 }

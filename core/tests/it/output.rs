@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use joblet_proto::joblet::LogStream;
-use joblet_proto::persist::persist_service_client::PersistServiceClient;
 use joblet_proto::persist::QueryLogsRequest;
+use joblet_proto::persist::persist_service_client::PersistServiceClient;
 
 use crate::harness::{self, finished, records, run, shell};
 
@@ -33,7 +33,10 @@ async fn a_million_lines_arrive_complete_in_order_and_separated() {
     for (i, line) in stdout[..1_000_000].iter().enumerate() {
         assert_eq!(*line, (i + 1).to_string().as_bytes());
     }
-    assert_eq!(stdout[1_000_000], b"no newline", "a last partial line is kept");
+    assert_eq!(
+        stdout[1_000_000], b"no newline",
+        "a last partial line is kept"
+    );
     assert_eq!(stderr.len(), 1000);
     let sequences: Vec<u64> = records.iter().map(|r| r.sequence).collect();
     assert_eq!(sequences, (1..=records.len() as u64).collect::<Vec<_>>());
@@ -52,7 +55,10 @@ async fn persisted_lines(persist: &harness::Daemon, id: &str) -> Vec<(u64, Vec<u
         .await
         .unwrap();
     let mut stream = client
-        .query_logs(QueryLogsRequest { job_id: id.into(), ..Default::default() })
+        .query_logs(QueryLogsRequest {
+            job_id: id.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -92,14 +98,52 @@ async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(lines.len(), expected, "persist holds every line exactly once");
+    assert_eq!(
+        lines.len(),
+        expected,
+        "persist holds every line exactly once"
+    );
     let mut by_sequence: HashMap<u64, Vec<u8>> = HashMap::new();
     for (sequence, content) in lines {
-        assert!(by_sequence.insert(sequence, content).is_none(), "duplicate {sequence}");
+        assert!(
+            by_sequence.insert(sequence, content).is_none(),
+            "duplicate {sequence}"
+        );
     }
     for n in 1..=expected as u64 {
         assert_eq!(by_sequence[&n], n.to_string().into_bytes());
     }
     core.terminate().await;
     persist.terminate().await;
+}
+
+#[tokio::test]
+async fn core_exports_job_and_replication_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "").await;
+    let mut client = core.client().await;
+    let id = run(&mut client, shell("echo one; exit 4")).await;
+    finished(&mut client, &id).await;
+    let scrape = core.scrape().await;
+    for expected in [
+        "joblet_core_jobs{state=\"FAILED\"} 1",
+        "joblet_core_jobs_started_total 1",
+        "joblet_core_job_failures_total 1",
+        "joblet_ipc_connected 0",
+        "joblet_ipc_queue_capacity 10000",
+        "joblet_ipc_queue_depth",
+        "joblet_core_up 1",
+    ] {
+        assert!(
+            scrape.contains(expected),
+            "missing {expected} in:\n{scrape}"
+        );
+    }
+    let log = core.log.clone();
+    let status = core.terminate().await;
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(log).unwrap()
+    );
 }
