@@ -1,8 +1,95 @@
-//! rnx: not built yet (see the rnx issue). This binary only reports that.
+//! rnx: the joblet command-line client.
+//!
+//! Exit codes are decided in one place ([`Failure::exit_code`]): 0 success; for `job run
+//! --follow` the job's own exit code (128+N for a signal); 1 a request the server refused;
+//! 2 bad usage or configuration; 69 a daemon that cannot be reached.
+
+mod cli;
+mod config;
+mod connect;
+mod jobs;
+mod logs;
+mod metrics;
+mod output;
+mod timespec;
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
+/// Why rnx stops early.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{}", describe_status(.0))]
+    Remote(tonic::Status),
+    /// The command succeeded and wants this exit code (job run --follow).
+    #[error("exit {0}")]
+    Exit(u8),
+}
+
+fn describe_status(status: &tonic::Status) -> String {
+    let code = match status.code() {
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    };
+    format!("{code}: {}", status.message())
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        if status.code() == tonic::Code::Unavailable {
+            Failure::Unavailable(describe_status(&status))
+        } else {
+            Failure::Remote(status)
+        }
+    }
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 2,
+            Failure::Unavailable(_) => 69,
+            Failure::Remote(_) => 1,
+            Failure::Exit(code) => *code,
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    eprintln!("rnx {}: not implemented yet", env!("CARGO_PKG_VERSION"));
-    ExitCode::FAILURE
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("rnx: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Exit(code)) => ExitCode::from(code),
+        Err(failure) => {
+            if !output::is_broken_pipe(&failure) {
+                eprintln!("rnx: {failure}");
+            }
+            ExitCode::from(if output::is_broken_pipe(&failure) {
+                0
+            } else {
+                failure.exit_code()
+            })
+        }
+    }
 }

@@ -1,0 +1,49 @@
+//! Connections to the node's joblet-core and joblet-persist.
+
+use std::time::Duration;
+
+use joblet_proto::joblet::job_service_client::JobServiceClient;
+use joblet_proto::joblet::monitoring_service_client::MonitoringServiceClient;
+use joblet_proto::persist::persist_service_client::PersistServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Failure;
+use crate::config::Node;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn channel(address: &str, what: &str) -> Result<Channel, Failure> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Failure::Usage(format!("{what} address {address:?}: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Unavailable(format!("cannot reach {what} at {address}: {e}")))
+}
+
+pub async fn core(node: &Node) -> Result<JobServiceClient<Channel>, Failure> {
+    Ok(
+        JobServiceClient::new(channel(&node.address, "joblet-core").await?)
+            .max_decoding_message_size(64 << 20),
+    )
+}
+
+pub async fn monitoring(node: &Node) -> Result<MonitoringServiceClient<Channel>, Failure> {
+    Ok(MonitoringServiceClient::new(
+        channel(&node.address, "joblet-core").await?,
+    ))
+}
+
+/// persist, if the node names one and it answers.
+pub async fn persist(node: &Node) -> Result<Option<PersistServiceClient<Channel>>, Failure> {
+    match &node.persist_address {
+        None => Ok(None),
+        Some(address) => Ok(Some(
+            PersistServiceClient::new(channel(address, "joblet-persist").await?)
+                .max_decoding_message_size(64 << 20),
+        )),
+    }
+}

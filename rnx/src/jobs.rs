@@ -1,0 +1,422 @@
+//! Job commands other than log and metrics.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use joblet_proto::joblet::{
+    CancelJobRequest, DeleteAllJobsRequest, DeleteJobRequest, EmptyRequest, FileUpload,
+    GetJobStatusRequest, GetJobStatusResponse, RunJobRequest, StopJobRequest, StreamLogsRequest,
+};
+use joblet_proto::persist::PingRequest;
+use serde_json::json;
+
+use crate::cli::RunArgs;
+use crate::config::Node;
+use crate::output::{flush, json_line, write};
+use crate::{Failure, connect, timespec};
+
+fn key_values(
+    flag: &str,
+    pairs: &[String],
+) -> Result<std::collections::HashMap<String, String>, Failure> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Failure::Usage(format!("{flag} {pair:?}: expected K=V")))
+        })
+        .collect()
+}
+
+fn uploads(paths: &[std::path::PathBuf]) -> Result<Vec<FileUpload>, Failure> {
+    let mut uploads = Vec::new();
+    for path in paths {
+        let name = path
+            .file_name()
+            .ok_or_else(|| Failure::Usage(format!("--upload {}: no file name", path.display())))?;
+        collect_upload(path, Path::new(name), &mut uploads)?;
+    }
+    Ok(uploads)
+}
+
+fn collect_upload(
+    source: &Path,
+    target: &Path,
+    uploads: &mut Vec<FileUpload>,
+) -> Result<(), Failure> {
+    let failed = |e: std::io::Error| Failure::Usage(format!("--upload {}: {e}", source.display()));
+    let metadata = std::fs::metadata(source).map_err(failed)?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    if metadata.is_dir() {
+        uploads.push(FileUpload {
+            path: target.display().to_string(),
+            content: Default::default(),
+            mode,
+            is_directory: true,
+        });
+        let mut entries: Vec<_> = std::fs::read_dir(source)
+            .map_err(failed)?
+            .collect::<Result<_, _>>()
+            .map_err(failed)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            collect_upload(&entry.path(), &target.join(entry.file_name()), uploads)?;
+        }
+    } else {
+        uploads.push(FileUpload {
+            path: target.display().to_string(),
+            content: std::fs::read(source).map_err(failed)?.into(),
+            mode,
+            is_directory: false,
+        });
+    }
+    Ok(())
+}
+
+pub async fn run(node: &Node, args: RunArgs, json: bool) -> Result<(), Failure> {
+    let mut command = args.command.into_iter();
+    let request = RunJobRequest {
+        command: command.next().unwrap_or_default(),
+        args: command.collect(),
+        max_cpu: args.max_cpu.unwrap_or(0),
+        max_memory: args.max_memory.unwrap_or(0),
+        max_io_bps: args.max_iobps.unwrap_or(0),
+        cpu_cores: args.cpu_cores.unwrap_or_default(),
+        environment: key_values("--env", &args.env)?,
+        secret_environment: key_values("--secret-env", &args.secret_env)?,
+        uploads: uploads(&args.upload)?,
+        work_dir: args.workdir.unwrap_or_default(),
+        schedule: match args.schedule {
+            Some(when) => timespec::parse_future(&when)
+                .map_err(|e| Failure::Usage(format!("--schedule: {e}")))?,
+            None => String::new(),
+        },
+        network: args.network.unwrap_or_default(),
+        timeout: args.timeout.unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut core = connect::core(node).await?;
+    let response = core.run_job(request).await?.into_inner();
+    let mut out = std::io::stdout().lock();
+    if !args.follow {
+        if json {
+            json_line(
+                &mut out,
+                &json!({"uuid": response.job_uuid, "status": response.status}),
+            )?;
+        } else {
+            write(&mut out, format!("{}\n", response.job_uuid).as_bytes())?;
+        }
+        return Ok(());
+    }
+    eprintln!("job {}", response.job_uuid);
+    let mut stream = core
+        .stream_logs(StreamLogsRequest {
+            job_uuid: response.job_uuid.clone(),
+            after_sequence: 0,
+            follow: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while let Some(record) = stream.message().await? {
+        write(&mut out, &record.content)?;
+        write(&mut out, b"\n")?;
+    }
+    flush(&mut out)?;
+    drop(out);
+    let status = core
+        .get_job_status(GetJobStatusRequest {
+            uuid: response.job_uuid,
+        })
+        .await?
+        .into_inner();
+    if status.status != "COMPLETED" {
+        eprintln!(
+            "rnx: job {} {}{}",
+            status.uuid,
+            status.status,
+            reason(&status)
+        );
+    }
+    let code = match status.status.as_str() {
+        "COMPLETED" => 0,
+        _ => u8::try_from(status.exit_code)
+            .ok()
+            .filter(|c| *c != 0)
+            .unwrap_or(1),
+    };
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Failure::Exit(code))
+    }
+}
+
+fn reason(status: &GetJobStatusResponse) -> String {
+    if status.status_reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", status.status_reason)
+    }
+}
+
+fn status_json(s: &GetJobStatusResponse) -> serde_json::Value {
+    json!({
+        "uuid": s.uuid, "status": s.status, "exit_code": s.exit_code, "reason": s.status_reason,
+        "command": s.command, "args": s.args, "start_time": s.start_time, "end_time": s.end_time,
+        "scheduled_time": s.scheduled_time, "max_cpu": s.max_cpu, "max_memory": s.max_memory,
+        "max_io_bps": s.max_io_bps, "cpu_cores": s.cpu_cores, "network": s.network,
+        "work_dir": s.work_dir, "environment": s.environment,
+        "secret_environment": s.secret_environment, "node_id": s.node_id, "timeout": s.timeout,
+    })
+}
+
+pub async fn list(node: &Node, state: Option<String>, json: bool) -> Result<(), Failure> {
+    let mut core = connect::core(node).await?;
+    let jobs = core.list_jobs(EmptyRequest {}).await?.into_inner().jobs;
+    let wanted = state.map(|s| s.to_uppercase());
+    let mut out = std::io::stdout().lock();
+    let jobs: Vec<_> = jobs
+        .into_iter()
+        .filter(|j| wanted.as_ref().is_none_or(|w| &j.status == w))
+        .collect();
+    if json {
+        for job in &jobs {
+            json_line(
+                &mut out,
+                &json!({
+                    "uuid": job.uuid, "status": job.status, "exit_code": job.exit_code,
+                    "command": job.command, "args": job.args, "start_time": job.start_time,
+                    "end_time": job.end_time, "reason": job.status_reason,
+                }),
+            )?;
+        }
+        return Ok(());
+    }
+    write(
+        &mut out,
+        format!(
+            "{:<36}  {:<12}  {:>4}  {:<20}  COMMAND\n",
+            "ID", "STATUS", "EXIT", "STARTED"
+        )
+        .as_bytes(),
+    )?;
+    for job in jobs {
+        let command = std::iter::once(job.command.as_str())
+            .chain(job.args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let line = format!(
+            "{:<36}  {:<12}  {:>4}  {:<20}  {}\n",
+            job.uuid, job.status, job.exit_code, job.start_time, command
+        );
+        write(&mut out, line.as_bytes())?;
+    }
+    Ok(())
+}
+
+pub async fn status(node: &Node, id: &str, json: bool) -> Result<(), Failure> {
+    let mut core = connect::core(node).await?;
+    let s = core
+        .get_job_status(GetJobStatusRequest { uuid: id.into() })
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if json {
+        return json_line(&mut out, &status_json(&s));
+    }
+    let mut text = String::new();
+    let mut row = |k: &str, v: &str| {
+        if !v.is_empty() {
+            text.push_str(&format!("{k:<12} {v}\n"));
+        }
+    };
+    row("ID", &s.uuid);
+    row("Status", &format!("{}{}", s.status, reason(&s)));
+    row("Exit code", &s.exit_code.to_string());
+    row(
+        "Command",
+        &std::iter::once(s.command.clone())
+            .chain(s.args.clone())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    row("Scheduled", &s.scheduled_time);
+    row("Started", &s.start_time);
+    row("Ended", &s.end_time);
+    row("Max CPU", &nonzero(s.max_cpu, "%"));
+    row("Max memory", &nonzero(s.max_memory, " MiB"));
+    row("Max IO", &nonzero(s.max_io_bps, " B/s"));
+    row("CPU cores", &s.cpu_cores);
+    row("Network", &s.network);
+    row("Work dir", &s.work_dir);
+    row("Timeout", &s.timeout);
+    row("Node", &s.node_id);
+    let mut environment: Vec<_> = s
+        .environment
+        .iter()
+        .chain(s.secret_environment.iter())
+        .collect();
+    environment.sort();
+    for (k, v) in environment {
+        row("Env", &format!("{k}={v}"));
+    }
+    write(&mut out, text.as_bytes())
+}
+
+fn nonzero(value: i32, unit: &str) -> String {
+    if value == 0 {
+        String::new()
+    } else {
+        format!("{value}{unit}")
+    }
+}
+
+pub async fn stop(node: &Node, id: &str, grace: Option<String>, json: bool) -> Result<(), Failure> {
+    let mut core = connect::core(node).await?;
+    let r = core
+        .stop_job(StopJobRequest {
+            uuid: id.into(),
+            grace_period: grace.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if json {
+        return json_line(
+            &mut out,
+            &json!({"uuid": r.uuid, "status": r.status, "exit_code": r.exit_code, "end_time": r.end_time}),
+        );
+    }
+    write(
+        &mut out,
+        format!("{} {} (exit code {})\n", r.uuid, r.status, r.exit_code).as_bytes(),
+    )
+}
+
+pub async fn cancel(node: &Node, id: &str, json: bool) -> Result<(), Failure> {
+    let mut core = connect::core(node).await?;
+    let r = core
+        .cancel_job(CancelJobRequest { uuid: id.into() })
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if json {
+        return json_line(&mut out, &json!({"uuid": r.uuid, "status": r.status}));
+    }
+    write(&mut out, format!("{} {}\n", r.uuid, r.status).as_bytes())
+}
+
+pub async fn delete(node: &Node, id: &str, json: bool) -> Result<(), Failure> {
+    let mut core = connect::core(node).await?;
+    let r = core
+        .delete_job(DeleteJobRequest { uuid: id.into() })
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if json {
+        return json_line(&mut out, &json!({"uuid": r.uuid, "deleted": r.success}));
+    }
+    write(&mut out, format!("{} deleted\n", r.uuid).as_bytes())
+}
+
+pub async fn delete_all(node: &Node, json: bool) -> Result<(), Failure> {
+    let mut core = connect::core(node).await?;
+    let r = core
+        .delete_all_jobs(DeleteAllJobsRequest {})
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    if json {
+        return json_line(
+            &mut out,
+            &json!({"deleted": r.deleted_count, "skipped": r.skipped_count}),
+        );
+    }
+    write(&mut out, format!("{}\n", r.message).as_bytes())
+}
+
+pub async fn node_status(node: &Node, json: bool) -> Result<(), Failure> {
+    let core = match connect::monitoring(node).await {
+        Ok(mut client) => client
+            .get_system_status(EmptyRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| e.message().to_owned()),
+        Err(failure) => Err(failure.to_string()),
+    };
+    let persist = match connect::persist(node).await {
+        Ok(Some(mut client)) => Some(
+            client
+                .ping(PingRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| e.message().to_owned()),
+        ),
+        Ok(None) => None,
+        Err(failure) => Some(Err(failure.to_string())),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        json_line(
+            &mut out,
+            &json!({
+                "node_id": node.node_id,
+                "core": match &core {
+                    Ok(s) => json!({"available": s.available, "host": s.host.as_ref().map(|h| h.hostname.clone()),
+                        "version": s.server_version.as_ref().map(|v| v.version.clone()),
+                        "cpu_cores": s.cpu.as_ref().map(|c| c.cores), "cpu_percent": s.cpu.as_ref().map(|c| c.usage_percent),
+                        "memory_percent": s.memory.as_ref().map(|m| m.usage_percent),
+                        "persist_connected": s.persist_connected}),
+                    Err(e) => json!({"available": false, "error": e}),
+                },
+                "persist": match &persist {
+                    None => json!(null),
+                    Some(Ok(p)) => json!({"available": true, "version": p.version, "uptime_seconds": p.uptime_seconds}),
+                    Some(Err(e)) => json!({"available": false, "error": e}),
+                },
+            }),
+        )?;
+    } else {
+        let mut text = String::new();
+        match &core {
+            Ok(s) => {
+                let host = s.host.clone().unwrap_or_default();
+                let cpu = s.cpu.clone().unwrap_or_default();
+                let memory = s.memory.unwrap_or_default();
+                text.push_str(&format!(
+                    "joblet-core     {}  up, version {}, host {} ({}), {} cores at {:.0}%, memory {:.0}% of {}, replication {}\n",
+                    node.address,
+                    s.server_version.as_ref().map(|v| v.version.as_str()).unwrap_or("?"),
+                    host.hostname,
+                    host.kernel_version,
+                    cpu.cores,
+                    cpu.usage_percent,
+                    memory.usage_percent,
+                    crate::output::human_bytes(memory.total_bytes),
+                    if s.persist_connected { "connected" } else { "not connected" },
+                ));
+            }
+            Err(e) => text.push_str(&format!("joblet-core     {}  DOWN: {e}\n", node.address)),
+        }
+        match (&persist, &node.persist_address) {
+            (Some(Ok(p)), Some(address)) => text.push_str(&format!(
+                "joblet-persist  {address}  up, version {}, uptime {}s\n",
+                p.version, p.uptime_seconds
+            )),
+            (Some(Err(e)), Some(address)) => {
+                text.push_str(&format!("joblet-persist  {address}  DOWN: {e}\n"))
+            }
+            _ => text.push_str("joblet-persist  not configured (no persistAddress)\n"),
+        }
+        write(&mut out, text.as_bytes())?;
+    }
+    out.flush().ok();
+    match core {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Failure::Unavailable(e)),
+    }
+}

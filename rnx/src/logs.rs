@@ -1,0 +1,314 @@
+//! `rnx job log`: history from joblet-persist, then live from joblet-core, with no line missing
+//! and none twice (ADR-0001 "client-side hybrid fetching").
+//!
+//! persist's summary of the job tells the highest sequence it holds (`through`) and whether it
+//! holds every line up to it (`log_lines == last_log_sequence`; sequences start at 1). If so,
+//! history lines up to `through` come from persist and core continues with `through + 1` —
+//! core's spool holds every line, so the switch is exact however fast the job writes. If
+//! persist is unreachable, has nothing, or has a gap still being replayed, everything comes
+//! from core, with one warning on stderr. If core no longer has the job (or is down), history
+//! alone is shown.
+
+use std::collections::VecDeque;
+use std::io::{BufWriter, Write};
+
+use bytes::Bytes;
+use joblet_proto::joblet::{GetJobStatusRequest, LogStream, StreamLogsRequest};
+use joblet_proto::persist::{ListJobsRequest, QueryLogsRequest, StreamType};
+use serde_json::json;
+
+use crate::cli::LogArgs;
+use crate::config::Node;
+use crate::output::{flush, json_line, write};
+use crate::{Failure, connect, timespec};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Both,
+    Stdout,
+    Stderr,
+}
+
+struct Line {
+    stderr: bool,
+    timestamp: i64,
+    sequence: u64,
+    content: Bytes,
+}
+
+struct Filters {
+    which: Which,
+    since: Option<i64>,
+    until: Option<i64>,
+    grep: Option<Vec<u8>>,
+}
+
+impl Filters {
+    fn keep(&self, line: &Line) -> bool {
+        let stream_ok = match self.which {
+            Which::Both => true,
+            Which::Stdout => !line.stderr,
+            Which::Stderr => line.stderr,
+        };
+        stream_ok
+            && self.since.is_none_or(|s| line.timestamp >= s)
+            && self.until.is_none_or(|u| line.timestamp < u)
+            && self
+                .grep
+                .as_ref()
+                .is_none_or(|g| contains(&line.content, g))
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+struct Printer<W: Write> {
+    out: W,
+    json: bool,
+    timestamps: bool,
+    follow: bool,
+    tail: Option<VecDeque<Line>>,
+    tail_size: usize,
+}
+
+impl<W: Write> Printer<W> {
+    fn emit(&mut self, line: Line) -> Result<(), Failure> {
+        if let Some(buffer) = &mut self.tail {
+            if buffer.len() == self.tail_size {
+                buffer.pop_front();
+            }
+            buffer.push_back(line);
+            return Ok(());
+        }
+        self.print(&line)?;
+        if self.follow {
+            flush(&mut self.out)?;
+        }
+        Ok(())
+    }
+
+    fn print(&mut self, line: &Line) -> Result<(), Failure> {
+        if self.json {
+            return json_line(
+                &mut self.out,
+                &json!({
+                    "stream": if line.stderr { "stderr" } else { "stdout" },
+                    "timestamp": line.timestamp,
+                    "sequence": line.sequence,
+                    "content": String::from_utf8_lossy(&line.content),
+                }),
+            );
+        }
+        if self.timestamps {
+            write(
+                &mut self.out,
+                timespec::format_ns(line.timestamp).as_bytes(),
+            )?;
+            write(&mut self.out, b" ")?;
+        }
+        write(&mut self.out, &line.content)?;
+        write(&mut self.out, b"\n")
+    }
+
+    /// Prints what the tail buffer holds and switches to printing directly.
+    fn release_tail(&mut self) -> Result<(), Failure> {
+        if let Some(buffer) = self.tail.take() {
+            for line in buffer {
+                self.print(&line)?;
+            }
+        }
+        flush(&mut self.out)
+    }
+}
+
+pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure> {
+    let parse = |flag: &str, value: &Option<String>| -> Result<Option<i64>, Failure> {
+        value
+            .as_deref()
+            .map(|v| timespec::parse_past(v).map_err(|e| Failure::Usage(format!("{flag}: {e}"))))
+            .transpose()
+    };
+    let filters = Filters {
+        which: if args.stdout {
+            Which::Stdout
+        } else if args.stderr {
+            Which::Stderr
+        } else {
+            Which::Both
+        },
+        since: parse("--since", &args.since)?,
+        until: parse("--until", &args.until)?,
+        grep: args.grep.clone().map(String::into_bytes),
+    };
+    if let (Some(since), Some(until)) = (filters.since, filters.until)
+        && until <= since
+    {
+        return Err(Failure::Usage("--until must be after --since".into()));
+    }
+
+    let core = connect::core(node).await;
+    let persist = connect::persist(node).await;
+    let (mut core, core_error) = match core {
+        Ok(client) => (Some(client), None),
+        Err(failure) => (None, Some(failure)),
+    };
+    let mut persist = match persist {
+        Ok(client) => client,
+        Err(failure) => {
+            eprintln!("rnx: warning: {failure}; reading everything from joblet-core");
+            None
+        }
+    };
+    if core.is_none() && persist.is_none() {
+        return Err(
+            core_error.unwrap_or_else(|| Failure::Unavailable("no daemon reachable".into()))
+        );
+    }
+
+    // Resolve the job on core (it accepts prefixes); fall back to persist's job list.
+    let mut job_id = args.id.clone();
+    let mut core_has_job = false;
+    if let Some(client) = core.as_mut() {
+        match client
+            .get_job_status(GetJobStatusRequest {
+                uuid: args.id.clone(),
+            })
+            .await
+        {
+            Ok(status) => {
+                job_id = status.into_inner().uuid;
+                core_has_job = true;
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => return Err(status.into()),
+        }
+    }
+
+    let mut printer = Printer {
+        out: BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()),
+        json,
+        timestamps: args.timestamps,
+        follow: args.follow,
+        tail: args
+            .tail
+            .map(|n| VecDeque::with_capacity((n as usize).min(65_536))),
+        tail_size: args.tail.unwrap_or(0) as usize,
+    };
+
+    // History.
+    let mut through = 0u64;
+    let mut history_used = false;
+    if let Some(client) = persist.as_mut() {
+        let summaries = client
+            .list_jobs(ListJobsRequest {
+                job_id_prefix: job_id.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().jobs)
+            .unwrap_or_default();
+        let summary = summaries
+            .iter()
+            .find(|s| s.job_id == job_id)
+            .or_else(|| (summaries.len() == 1 && !core_has_job).then(|| &summaries[0]));
+        match summary {
+            Some(summary) if summary.log_lines == summary.last_log_sequence || !core_has_job => {
+                job_id = summary.job_id.clone();
+                through = summary.last_log_sequence;
+                history_used = true;
+                let mut stream = client
+                    .query_logs(QueryLogsRequest {
+                        job_id: job_id.clone(),
+                        stream: match filters.which {
+                            Which::Both => StreamType::Unspecified,
+                            Which::Stdout => StreamType::Stdout,
+                            Which::Stderr => StreamType::Stderr,
+                        } as i32,
+                        start_time: filters.since.unwrap_or(0).max(0),
+                        end_time: filters.until.unwrap_or(0).max(0),
+                        contains: args.grep.clone().unwrap_or_default(),
+                        tail: args.tail.unwrap_or(0),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(line) = stream.message().await? {
+                    if line.sequence > through {
+                        continue; // core serves what persist stored after the summary
+                    }
+                    printer.emit(Line {
+                        stderr: line.stream == StreamType::Stderr as i32,
+                        timestamp: line.timestamp,
+                        sequence: line.sequence,
+                        content: line.content,
+                    })?;
+                }
+            }
+            Some(_) => eprintln!(
+                "rnx: warning: joblet-persist is still catching up on this job; reading everything from joblet-core"
+            ),
+            None if core_has_job => eprintln!(
+                "rnx: warning: joblet-persist has no history of this job yet; reading everything from joblet-core"
+            ),
+            None => {}
+        }
+    }
+
+    // Live.
+    match core.as_mut() {
+        Some(client) if core_has_job => {
+            // With --tail, first take what exists now, print the tail, then follow.
+            let passes: &[bool] = match (args.tail.is_some(), args.follow) {
+                (true, true) => &[false, true],
+                (_, follow) => {
+                    if follow {
+                        &[true]
+                    } else {
+                        &[false]
+                    }
+                }
+            };
+            let mut after = through;
+            for &follow in passes {
+                let mut stream = client
+                    .stream_logs(StreamLogsRequest {
+                        job_uuid: job_id.clone(),
+                        after_sequence: after,
+                        follow,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(record) = stream.message().await? {
+                    after = record.sequence;
+                    if filters.until.is_some_and(|u| record.timestamp >= u) {
+                        break; // timestamps only grow
+                    }
+                    let line = Line {
+                        stderr: record.stream == LogStream::Stderr as i32,
+                        timestamp: record.timestamp,
+                        sequence: record.sequence,
+                        content: record.content,
+                    };
+                    if filters.keep(&line) {
+                        printer.emit(line)?;
+                    }
+                }
+                printer.release_tail()?;
+            }
+        }
+        _ if history_used => {
+            if let Some(error) = core_error {
+                eprintln!("rnx: warning: {error}; showing history only");
+            }
+        }
+        _ => {
+            return Err(Failure::Remote(tonic::Status::not_found(format!(
+                "job {:?} not found",
+                args.id
+            ))));
+        }
+    }
+    printer.release_tail()
+}

@@ -1,0 +1,284 @@
+//! `rnx job metrics`: samples from joblet-persist, then joblet-core from the next sequence on
+//! (the same hybrid as logs), shown as a table, JSON Lines, or a chart.
+
+use std::io::BufWriter;
+
+use joblet_proto::joblet::{GetJobStatusRequest, JobMetricsEvent, StreamMetricsRequest};
+use joblet_proto::persist::{ListJobsRequest, QueryMetricsRequest};
+use serde_json::json;
+
+use crate::cli::MetricsArgs;
+use crate::config::Node;
+use crate::output::{flush, human_bytes, json_line, write};
+use crate::{Failure, connect, timespec};
+
+pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Failure> {
+    let parse = |flag: &str, value: &Option<String>| -> Result<Option<i64>, Failure> {
+        value
+            .as_deref()
+            .map(|v| timespec::parse_past(v).map_err(|e| Failure::Usage(format!("{flag}: {e}"))))
+            .transpose()
+    };
+    let since = parse("--since", &args.since)?;
+    let until = parse("--until", &args.until)?;
+    let in_range = |e: &JobMetricsEvent| {
+        since.is_none_or(|s| e.timestamp >= s) && until.is_none_or(|u| e.timestamp < u)
+    };
+
+    let (mut core, core_error) = match connect::core(node).await {
+        Ok(client) => (Some(client), None),
+        Err(failure) => (None, Some(failure)),
+    };
+    let mut persist = connect::persist(node).await.unwrap_or_else(|failure| {
+        eprintln!("rnx: warning: {failure}; reading everything from joblet-core");
+        None
+    });
+    if core.is_none() && persist.is_none() {
+        return Err(
+            core_error.unwrap_or_else(|| Failure::Unavailable("no daemon reachable".into()))
+        );
+    }
+    let mut job_id = args.id.clone();
+    let mut core_has_job = false;
+    if let Some(client) = core.as_mut() {
+        match client
+            .get_job_status(GetJobStatusRequest {
+                uuid: args.id.clone(),
+            })
+            .await
+        {
+            Ok(status) => {
+                job_id = status.into_inner().uuid;
+                core_has_job = true;
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => return Err(status.into()),
+        }
+    }
+
+    let mut view = View::new(json, args.chart, args.follow);
+    let mut through = 0;
+    let mut history_used = false;
+    if let Some(client) = persist.as_mut() {
+        let summaries = client
+            .list_jobs(ListJobsRequest {
+                job_id_prefix: job_id.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().jobs)
+            .unwrap_or_default();
+        let summary = summaries
+            .iter()
+            .find(|s| s.job_id == job_id)
+            .or_else(|| (summaries.len() == 1 && !core_has_job).then(|| &summaries[0]));
+        if let Some(summary) = summary
+            && (summary.metric_samples == summary.last_metric_sequence || !core_has_job)
+        {
+            job_id = summary.job_id.clone();
+            through = summary.last_metric_sequence;
+            history_used = true;
+            let mut stream = client
+                .query_metrics(QueryMetricsRequest {
+                    job_id: job_id.clone(),
+                    start_time: since.unwrap_or(0).max(0),
+                    end_time: until.unwrap_or(0).max(0),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            while let Some(metric) = stream.message().await? {
+                if metric.sequence <= through
+                    && let Some(sample) = metric.sample
+                {
+                    view.add(sample)?;
+                }
+            }
+        } else if core_has_job {
+            eprintln!(
+                "rnx: warning: joblet-persist has no complete history of this job; reading everything from joblet-core"
+            );
+        }
+    }
+    match core.as_mut() {
+        Some(client) if core_has_job => {
+            let mut stream = client
+                .stream_metrics(StreamMetricsRequest {
+                    job_uuid: job_id.clone(),
+                    after_sequence: through,
+                    follow: args.follow,
+                })
+                .await?
+                .into_inner();
+            while let Some(record) = stream.message().await? {
+                let Some(sample) = record.sample else {
+                    continue;
+                };
+                if until.is_some_and(|u| sample.timestamp >= u) {
+                    break;
+                }
+                if in_range(&sample) {
+                    view.add(sample)?;
+                }
+            }
+        }
+        _ if history_used => {}
+        _ => {
+            return Err(Failure::Remote(tonic::Status::not_found(format!(
+                "job {:?} not found",
+                args.id
+            ))));
+        }
+    }
+    view.finish()
+}
+
+struct View {
+    out: BufWriter<std::io::StdoutLock<'static>>,
+    json: bool,
+    chart: bool,
+    follow: bool,
+    header_printed: bool,
+    samples: Vec<JobMetricsEvent>,
+}
+
+impl View {
+    fn new(json: bool, chart: bool, follow: bool) -> Self {
+        View {
+            out: BufWriter::new(std::io::stdout().lock()),
+            json,
+            chart,
+            follow,
+            header_printed: false,
+            samples: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, sample: JobMetricsEvent) -> Result<(), Failure> {
+        if self.chart {
+            self.samples.push(sample);
+            if self.follow {
+                self.draw()?;
+            }
+            return Ok(());
+        }
+        if self.json {
+            json_line(
+                &mut self.out,
+                &json!({
+                    "timestamp": sample.timestamp, "sequence": sample.sequence,
+                    "cpu_percent": sample.cpu_percent, "memory_bytes": sample.memory_bytes,
+                    "memory_limit": sample.memory_limit, "io_read_bytes": sample.disk_read_bytes,
+                    "io_write_bytes": sample.disk_write_bytes, "pids": sample.pids,
+                }),
+            )?;
+        } else {
+            if !self.header_printed {
+                write(
+                    &mut self.out,
+                    format!(
+                        "{:<30}  {:>7}  {:>11}  {:>11}  {:>11}  {:>11}  {:>5}\n",
+                        "TIME", "CPU%", "MEMORY", "LIMIT", "IO READ", "IO WRITE", "PIDS"
+                    )
+                    .as_bytes(),
+                )?;
+                self.header_printed = true;
+            }
+            let limit = if sample.memory_limit > 0 {
+                human_bytes(sample.memory_limit)
+            } else {
+                "-".into()
+            };
+            write(
+                &mut self.out,
+                format!(
+                    "{:<30}  {:>7.1}  {:>11}  {:>11}  {:>11}  {:>11}  {:>5}\n",
+                    timespec::format_ns(sample.timestamp),
+                    sample.cpu_percent,
+                    human_bytes(sample.memory_bytes),
+                    limit,
+                    human_bytes(sample.disk_read_bytes),
+                    human_bytes(sample.disk_write_bytes),
+                    sample.pids
+                )
+                .as_bytes(),
+            )?;
+        }
+        if self.follow {
+            flush(&mut self.out)?;
+        }
+        Ok(())
+    }
+
+    fn draw(&mut self) -> Result<(), Failure> {
+        let text = chart(&self.samples, 60);
+        if self.follow {
+            // Redraw in place: clear the screen, home the cursor.
+            write(&mut self.out, b"\x1b[2J\x1b[H")?;
+        }
+        write(&mut self.out, text.as_bytes())?;
+        flush(&mut self.out)
+    }
+
+    fn finish(mut self) -> Result<(), Failure> {
+        if self.chart && !self.follow {
+            self.draw()?;
+        }
+        flush(&mut self.out)
+    }
+}
+
+const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// CPU and memory over time as sparklines, each point the mean of a slice of samples.
+pub fn chart(samples: &[JobMetricsEvent], width: usize) -> String {
+    if samples.is_empty() {
+        return "no samples\n".into();
+    }
+    let cpu: Vec<f64> = samples.iter().map(|s| s.cpu_percent).collect();
+    let memory: Vec<f64> = samples.iter().map(|s| s.memory_bytes as f64).collect();
+    let first = timespec::format_ns(samples[0].timestamp);
+    let last = timespec::format_ns(samples[samples.len() - 1].timestamp);
+    let cpu_max = cpu.iter().cloned().fold(0.0, f64::max);
+    let memory_max = memory.iter().cloned().fold(0.0, f64::max);
+    format!(
+        "{} samples, {first} .. {last}\nCPU %   {} max {cpu_max:.1}%\nMemory  {} max {}\n",
+        samples.len(),
+        sparkline(&cpu, width),
+        sparkline(&memory, width),
+        human_bytes(memory_max as i64)
+    )
+}
+
+fn sparkline(values: &[f64], width: usize) -> String {
+    let buckets = width.min(values.len()).max(1);
+    let means: Vec<f64> = (0..buckets)
+        .map(|b| {
+            let start = b * values.len() / buckets;
+            let end = ((b + 1) * values.len() / buckets).max(start + 1);
+            values[start..end].iter().sum::<f64>() / (end - start) as f64
+        })
+        .collect();
+    let max = means.iter().cloned().fold(0.0, f64::max);
+    means
+        .iter()
+        .map(|v| {
+            if max <= 0.0 {
+                BARS[0]
+            } else {
+                BARS[((v / max) * (BARS.len() - 1) as f64).round() as usize]
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparkline_scales_to_the_maximum() {
+        assert_eq!(sparkline(&[0.0, 50.0, 100.0], 10), "▁▅█");
+        assert_eq!(sparkline(&[0.0, 0.0], 10), "▁▁");
+        assert_eq!(sparkline(&[1.0; 100], 4).chars().count(), 4);
+    }
+}

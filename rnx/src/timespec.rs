@@ -1,0 +1,45 @@
+//! Times and durations on the command line: RFC 3339 (nanoseconds allowed) or a duration
+//! (`10m`, `1h30m`) counted back from now (for --since/--until) or ahead (for --schedule).
+
+use chrono::{DateTime, Utc};
+
+fn duration(text: &str) -> Option<chrono::Duration> {
+    let std = humantime::parse_duration(text).ok()?;
+    chrono::Duration::from_std(std).ok()
+}
+
+/// A point in the past, as Unix nanoseconds.
+pub fn parse_past(text: &str) -> Result<i64, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return time
+            .timestamp_nanos_opt()
+            .ok_or_else(|| format!("{text:?} is out of range"));
+    }
+    let ago = duration(text).ok_or_else(|| {
+        format!("{text:?} is neither an RFC 3339 time (2026-01-02T03:04:05.123456789Z) nor a duration (10m, 1h30m)")
+    })?;
+    (Utc::now() - ago)
+        .timestamp_nanos_opt()
+        .ok_or_else(|| format!("{text:?} is out of range"))
+}
+
+/// A point in the future, as RFC 3339 for the RunJob `schedule` field.
+pub fn parse_future(text: &str) -> Result<String, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc).to_rfc3339());
+    }
+    let ahead = duration(text).ok_or_else(|| {
+        format!("{text:?} is neither an RFC 3339 time nor a duration like 30s or 1h30m")
+    })?;
+    Ok((Utc::now() + ahead).to_rfc3339())
+}
+
+/// Unix nanoseconds as RFC 3339 with nanoseconds.
+pub fn format_ns(ns: i64) -> String {
+    DateTime::<Utc>::from_timestamp(
+        ns.div_euclid(1_000_000_000),
+        ns.rem_euclid(1_000_000_000) as u32,
+    )
+    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+    .unwrap_or_else(|| ns.to_string())
+}
