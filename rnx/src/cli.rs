@@ -53,7 +53,10 @@ pub enum JobCommand {
     },
     /// Show one job.
     #[command(after_help = "Example:\n  rnx job status 3f2a")]
-    Status { id: String },
+    Status {
+        /// Job id or a unique prefix of it.
+        id: String,
+    },
     /// Stop a running job: SIGTERM, then SIGKILL after the grace period.
     #[command(after_help = "Example:\n  rnx job stop 3f2a --grace 30s")]
     Stop {
@@ -128,6 +131,7 @@ pub struct RunArgs {
 
 #[derive(Args)]
 pub struct LogArgs {
+    /// Job id or a unique prefix of it.
     pub id: String,
     /// Keep following new output until the job ends.
     #[arg(long, short)]
@@ -157,6 +161,7 @@ pub struct LogArgs {
 
 #[derive(Args)]
 pub struct MetricsArgs {
+    /// Job id or a unique prefix of it.
     pub id: String,
     /// Keep following new samples until the job ends.
     #[arg(long, short)]

@@ -18,10 +18,24 @@ async fn channel(address: &str, what: &str) -> Result<Channel, Failure> {
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Unavailable(format!("cannot reach {what} at {address}: {e}")))
+    endpoint.connect().await.map_err(|e| {
+        Failure::Unavailable(format!("cannot reach {what} at {address}: {}", chain(&e)))
+    })
+}
+
+/// An error with its causes: "transport error: tcp connect error: Connection refused".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 pub async fn core(node: &Node) -> Result<JobServiceClient<Channel>, Failure> {

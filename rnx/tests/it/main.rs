@@ -1,0 +1,408 @@
+//! End-to-end tests: the real joblet-persist, joblet-core and rnx binaries on temp dirs and
+//! free ports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn sibling(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_rnx")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+struct Daemon {
+    child: Child,
+    address: String,
+}
+
+impl Daemon {
+    async fn start(binary: &str, config: &Path) -> Daemon {
+        let mut child = Command::new(sibling(binary))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{binary} exited before ready"));
+        let address = ready
+            .split_whitespace()
+            .find_map(|p| p.strip_prefix("grpc="))
+            .unwrap()
+            .to_owned();
+        Daemon { child, address }
+    }
+
+    async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
+    }
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+    persist: Option<Daemon>,
+    core: Option<Daemon>,
+}
+
+impl Node {
+    /// persist (unless `with_persist` is false) and core, and an rnx-config.yml naming both
+    /// (a dead port for persist when it is not started).
+    async fn start(with_persist: bool) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("persist.sock");
+        let persist = if with_persist {
+            let config = dir.path().join("persist.yml");
+            std::fs::write(&config, format!(
+                "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
+                dir.path().join("persist-data").display(), socket.display()
+            )).unwrap();
+            Some(Daemon::start("joblet-persist", &config).await)
+        } else {
+            None
+        };
+        let config = dir.path().join("core.yml");
+        std::fs::write(&config, format!(
+            "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n",
+            dir.path().join("state").display(), socket.display(), dir.path().join("work").display()
+        )).unwrap();
+        let core = Daemon::start("joblet-core", &config).await;
+        let persist_address = persist
+            .as_ref()
+            .map_or("127.0.0.1:1".to_owned(), |p| p.address.clone());
+        std::fs::write(
+            dir.path().join("rnx-config.yml"),
+            format!("nodes:\n  default:\n    address: \"{}\"\n    persistAddress: \"{persist_address}\"\n", core.address),
+        )
+        .unwrap();
+        Node {
+            dir,
+            persist,
+            core: Some(core),
+        }
+    }
+
+    fn rnx(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rnx"));
+        command
+            .arg("--config")
+            .arg(self.dir.path().join("rnx-config.yml"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn output(&self, args: &[&str]) -> Output {
+        tokio::time::timeout(WAIT, self.rnx(args).output())
+            .await
+            .expect("rnx did not finish")
+            .unwrap()
+    }
+
+    async fn stdout(&self, args: &[&str]) -> String {
+        let output = self.output(args).await;
+        assert!(
+            output.status.success(),
+            "rnx {args:?}: {:?}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    async fn run(&self, script: &str) -> String {
+        self.stdout(&["job", "run", "--", "sh", "-c", script])
+            .await
+            .trim()
+            .to_owned()
+    }
+
+    async fn wait_ended(&self, id: &str) {
+        for _ in 0..600 {
+            let status = self.stdout(&["job", "status", "--json", id]).await;
+            if ["COMPLETED", "FAILED", "STOPPED"]
+                .iter()
+                .any(|s| status.contains(&format!("\"status\":\"{s}\"")))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("job {id} did not end");
+    }
+
+    async fn stop(mut self) {
+        if let Some(core) = self.core.take() {
+            core.stop().await;
+        }
+        if let Some(persist) = self.persist.take() {
+            persist.stop().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn follow_switches_from_history_to_live_without_gap_or_duplicate() {
+    let node = Node::start(true).await;
+    let id = node
+        .run("i=0; while [ $i -lt 200 ]; do seq $((i*1000+1)) $((i*1000+1000)); i=$((i+1)); sleep 0.02; done")
+        .await;
+    // Let persist hold a good part of the history, then follow while the job still writes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let output = node.output(&["job", "log", "-f", &id]).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("warning"), "persist was up: {stderr}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let numbers: Vec<u64> = text.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(numbers.len(), 200_000, "every line exactly once");
+    assert!(
+        numbers.iter().enumerate().all(|(i, n)| *n == i as u64 + 1),
+        "in order"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn time_tail_stream_and_grep_filters_apply_across_both_sources() {
+    let node = Node::start(true).await;
+    let id = node
+        .run("echo one; echo err-one >&2; sleep 0.4; echo two; sleep 0.4; echo three ERROR; echo err-two >&2")
+        .await;
+    node.wait_ended(&id).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // replication
+    let json = node.stdout(&["job", "log", "--json", &id]).await;
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let time_of = |content: &str| {
+        lines.iter().find(|l| l["content"] == content).unwrap()["timestamp"]
+            .as_i64()
+            .unwrap()
+    };
+    assert_eq!(lines.len(), 5);
+    assert!(lines.iter().all(|l| l["sequence"].as_u64().is_some()));
+
+    let ns = |t: i64| {
+        let s = chrono::DateTime::from_timestamp(t / 1_000_000_000, (t % 1_000_000_000) as u32)
+            .unwrap();
+        s.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    };
+    // --since inclusive, --until exclusive.
+    let window = node
+        .stdout(&[
+            "job",
+            "log",
+            "--since",
+            &ns(time_of("two")),
+            "--until",
+            &ns(time_of("three ERROR")),
+            &id,
+        ])
+        .await;
+    assert_eq!(window, "two\n");
+    assert_eq!(
+        node.stdout(&["job", "log", "--tail", "2", &id]).await,
+        "three ERROR\nerr-two\n"
+    );
+    assert_eq!(
+        node.stdout(&["job", "log", "--stderr", &id]).await,
+        "err-one\nerr-two\n"
+    );
+    assert_eq!(
+        node.stdout(&["job", "log", "--grep", "ERROR", &id]).await,
+        "three ERROR\n"
+    );
+    let stamped = node
+        .stdout(&["job", "log", "--timestamps", "--stdout", &id])
+        .await;
+    assert!(
+        stamped.starts_with(&format!("{} one\n", ns(time_of("one")))),
+        "{stamped}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn without_persist_logs_come_from_core_with_one_warning() {
+    let node = Node::start(false).await;
+    let id = node.run("seq 1 5").await;
+    node.wait_ended(&id).await;
+    let output = node.output(&["job", "log", &id]).await;
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "1\n2\n3\n4\n5\n");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.matches("warning").count(), 1, "{stderr}");
+    assert!(stderr.contains("joblet-persist"), "{stderr}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn run_follow_exits_with_the_jobs_exit_code() {
+    let node = Node::start(true).await;
+    let ok = node
+        .output(&["job", "run", "--follow", "--", "echo", "fine"])
+        .await;
+    assert_eq!(ok.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "fine\n");
+    let three = node
+        .output(&[
+            "job",
+            "run",
+            "--follow",
+            "--",
+            "sh",
+            "-c",
+            "echo bye; exit 3",
+        ])
+        .await;
+    assert_eq!(three.status.code(), Some(3));
+    let killed = node
+        .output(&[
+            "job",
+            "run",
+            "--follow",
+            "--max-memory",
+            "32",
+            "--",
+            "sh",
+            "-c",
+            "head -c 200000000 /dev/zero | tail",
+        ])
+        .await;
+    assert_eq!(
+        killed.status.code(),
+        Some(137),
+        "{}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&killed.stderr).contains("out of memory"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_show_as_table_json_and_chart() {
+    let node = Node::start(true).await;
+    let id = node
+        .run("exec /usr/bin/python3 -c 'import time; a = bytearray(30_000_000); time.sleep(1)'")
+        .await;
+    node.wait_ended(&id).await;
+    let table = node.stdout(&["job", "metrics", &id]).await;
+    assert!(table.starts_with("TIME"), "{table}");
+    assert!(table.lines().count() >= 4, "{table}");
+    let json = node.stdout(&["job", "metrics", "--json", &id]).await;
+    let samples: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        samples
+            .iter()
+            .any(|s| s["memory_bytes"].as_i64().unwrap() > 20_000_000),
+        "{json}"
+    );
+    let chart = node.stdout(&["job", "metrics", "--chart", &id]).await;
+    assert!(
+        chart.contains("CPU %") && chart.contains("Memory") && chart.contains('█'),
+        "{chart}"
+    );
+    node.stop().await;
+}
+
+fn snapshot(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(name);
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "missing snapshot {} (run with UPDATE_SNAPSHOTS=1)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual, expected,
+        "snapshot {name} differs (UPDATE_SNAPSHOTS=1 to accept)"
+    );
+}
+
+fn rnx_plain(args: &[&str]) -> (String, i32) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rnx"))
+        .args(args)
+        .env_remove("RNX_CONFIG")
+        .env("HOME", "/nonexistent")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}exit: {}\n",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        output.status.code().unwrap_or(-1)
+    );
+    (text, output.status.code().unwrap_or(-1))
+}
+
+#[test]
+fn help_and_errors_match_their_snapshots() {
+    snapshot("help.txt", &rnx_plain(&["--help"]).0);
+    snapshot("job-help.txt", &rnx_plain(&["job", "--help"]).0);
+    snapshot("job-run-help.txt", &rnx_plain(&["job", "run", "--help"]).0);
+    snapshot("job-log-help.txt", &rnx_plain(&["job", "log", "--help"]).0);
+    snapshot(
+        "job-metrics-help.txt",
+        &rnx_plain(&["job", "metrics", "--help"]).0,
+    );
+    let (missing, code) = rnx_plain(&["job", "list"]);
+    assert_eq!(code, 2);
+    snapshot("error-no-config.txt", &missing);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rnx-config.yml");
+    std::fs::write(
+        &config,
+        "nodes:\n  default:\n    address: \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let (unreachable, code) = rnx_plain(&["--config", &config, "job", "list"]);
+    assert_eq!(code, 69);
+    snapshot(
+        "error-unreachable.txt",
+        &unreachable.replace(&config, "CONFIG"),
+    );
+    std::fs::write(dir.path().join("rnx-config.yml"), "nodes: [broken\n").unwrap();
+    let (broken, code) = rnx_plain(&["--config", &config, "job", "list"]);
+    assert_eq!(code, 2);
+    snapshot(
+        "error-broken-config.txt",
+        &broken.replace(&config, "CONFIG"),
+    );
+}
