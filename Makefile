@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 JOBLET_DIR := $(CURDIR)/.joblet
 
-.PHONY: all build deps test fmt clippy run bench clean-run
+.PHONY: all build deps promtool rules test fmt clippy run bench clean-run
 
 all: build
 
@@ -16,6 +16,17 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang1-14 libclang-common-14-dev >/dev/null; \
 	fi
 
+# promtool (Debian package prometheus) checks and unit-tests the alert rules.
+promtool:
+	@if ! command -v promtool >/dev/null; then \
+		echo "make: installing promtool (Debian package prometheus) for the alert rule tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	fi
+
+rules: promtool
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts.test.yml
+
 build: deps
 	$(CARGO) build --workspace --bins
 
@@ -25,7 +36,7 @@ fmt:
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: deps fmt
+test: deps fmt rules
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory clippy
 

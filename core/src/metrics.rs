@@ -17,4 +17,6 @@ pub fn describe() {
         "Jobs that ended FAILED (non-zero exit, out of memory, timeout, start error)."
     );
     describe_gauge!(UP, "1 while joblet-core is serving.");
+    metrics::counter!(JOBS_STARTED).absolute(0);
+    metrics::counter!(JOB_FAILURES).absolute(0);
 }

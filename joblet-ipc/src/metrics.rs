@@ -17,8 +17,34 @@ pub const PERSIST_IPC_MESSAGES_RECEIVED: &str = "joblet_persist_ipc_messages_rec
 pub const PERSIST_IPC_FRAMES_REJECTED: &str = "joblet_persist_ipc_frames_rejected_total";
 pub const PERSIST_IPC_CONNECTIONS: &str = "joblet_persist_ipc_connections";
 
-/// Registers help text for the sender's metrics (call once, from joblet-core).
+/// Reasons a sender drops a message (`joblet_ipc_messages_dropped_total{reason}`).
+pub const DROP_REASONS: [&str; 4] = ["queue_full", "disconnected", "oversized", "shutdown"];
+/// Reasons a receiver rejects a frame (`joblet_persist_ipc_frames_rejected_total{reason}`).
+pub const REJECT_REASONS: [&str; 7] = [
+    "oversized",
+    "truncated",
+    "decode",
+    "version",
+    "empty_job_id",
+    "type",
+    "payload",
+];
+
+/// Histogram buckets for every `_seconds` histogram of both daemons, from 100 µs to 30 s, so
+/// that alert rules can take quantiles with `histogram_quantile`.
+pub const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+/// Registers help text for the sender's metrics (call once, from joblet-core), and creates
+/// its counters at zero so that rates and alerts see them before the first event.
 pub fn describe_sender() {
+    metrics::counter!(IPC_MESSAGES_SENT).absolute(0);
+    metrics::counter!(IPC_RECONNECTS).absolute(0);
+    for reason in DROP_REASONS {
+        metrics::counter!(IPC_MESSAGES_DROPPED, "reason" => reason).absolute(0);
+    }
     describe_counter!(IPC_MESSAGES_SENT, "Messages written to the persist socket.");
     describe_counter!(
         IPC_MESSAGES_DROPPED,
@@ -44,8 +70,14 @@ pub fn describe_sender() {
     );
 }
 
-/// Registers help text for the receiver's metrics (call once, from joblet-persist).
+/// Registers help text for the receiver's metrics (call once, from joblet-persist), and
+/// creates its counters at zero.
 pub fn describe_receiver() {
+    metrics::counter!(PERSIST_IPC_MESSAGES_RECEIVED).absolute(0);
+    metrics::gauge!(PERSIST_IPC_CONNECTIONS).set(0.0);
+    for reason in REJECT_REASONS {
+        metrics::counter!(PERSIST_IPC_FRAMES_REJECTED, "reason" => reason).absolute(0);
+    }
     describe_counter!(
         PERSIST_IPC_MESSAGES_RECEIVED,
         "Valid messages received from joblet-core."

@@ -76,6 +76,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(address) = config.metrics.listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(address)
+            .set_buckets(&joblet_ipc::metrics::SECONDS_BUCKETS)
+            .context("metrics buckets")?
             .install()
             .with_context(|| format!("metrics.listen: start Prometheus exporter on {address}"))?;
     }

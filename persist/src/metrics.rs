@@ -57,4 +57,11 @@ pub fn describe() {
         "Query RPCs that ended with an error, by rpc and code."
     );
     describe_gauge!(UP, "1 while joblet-persist is serving.");
+    metrics::counter!(DUPLICATES_SKIPPED).absolute(0);
+    metrics::counter!(LINES_STORED).absolute(0);
+    metrics::counter!(METRICS_STORED).absolute(0);
+    for rpc in ["QueryLogs", "QueryMetrics"] {
+        // Registered empty so that latency rules and dashboards have series from the start.
+        let _ = metrics::histogram!(QUERY_DURATION, "rpc" => rpc);
+    }
 }

@@ -69,6 +69,20 @@ pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
         port = free_port(),
         state = dir.join("state").display(),
     );
+    // Each daemon gets its own cgroup parent: a test's core removes its parent at shutdown
+    // while other tests' cores keep running.
+    let parent = format!(
+        "joblet-test-{}",
+        dir.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches('.')
+    );
+    let config = if config.contains("\ncgroup:\n") {
+        config.replace("\ncgroup:\n", &format!("\ncgroup:\n  parent: {parent}\n"))
+    } else {
+        format!("{config}\ncgroup:\n  parent: {parent}\n")
+    };
     let config = if config.contains("\njobs:") {
         config
     } else {
@@ -115,11 +129,16 @@ pub fn persist_binary() -> PathBuf {
 
 /// Starts joblet-persist with data in `dir/persist-data` and socket `dir/persist.sock`.
 pub async fn start_persist(dir: &Path) -> Daemon {
+    start_persist_with_metrics(dir, None).await
+}
+
+pub async fn start_persist_with_metrics(dir: &Path, metrics_port: Option<u16>) -> Daemon {
     let path = dir.join("persist-config.yml");
+    let metrics = metrics_port.map_or("null".to_owned(), |port| format!("127.0.0.1:{port}"));
     std::fs::write(
         &path,
         format!(
-            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
+            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: {metrics}\nretention:\n  logs: 0\n  metrics: 0\n",
             dir.join("persist-data").display(),
             dir.join("persist.sock").display()
         ),
@@ -130,7 +149,7 @@ pub async fn start_persist(dir: &Path) -> Daemon {
     Daemon {
         child,
         grpc: field(&ready, "grpc").unwrap().parse().unwrap(),
-        metrics: None,
+        metrics: field(&ready, "metrics").and_then(|m| m.parse().ok()),
         log,
     }
 }

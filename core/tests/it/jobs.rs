@@ -26,13 +26,21 @@ async fn a_job_runs_and_its_output_and_exit_code_are_reported() {
     .await;
     assert_eq!(logs(&mut client, &id).await, "hi\n");
     let done = finished(&mut client, &id).await;
-    assert_eq!((done.status.as_str(), done.exit_code), ("COMPLETED", 0));
+    assert_eq!(
+        (done.status.as_str(), done.exit_code),
+        ("COMPLETED", 0),
+        "{done:?}"
+    );
     assert!(!done.start_time.is_empty() && !done.end_time.is_empty());
     chrono::DateTime::parse_from_rfc3339(&done.end_time).unwrap();
 
     let id = run(&mut client, shell("echo out; echo err >&2; exit 3")).await;
     let done = finished(&mut client, &id).await;
-    assert_eq!((done.status.as_str(), done.exit_code), ("FAILED", 3));
+    assert_eq!(
+        (done.status.as_str(), done.exit_code),
+        ("FAILED", 3),
+        "{done:?}"
+    );
     assert!(
         done.status_reason.contains("code 3"),
         "{}",

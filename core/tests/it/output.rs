@@ -147,3 +147,40 @@ async fn core_exports_job_and_replication_metrics() {
         std::fs::read_to_string(log).unwrap()
     );
 }
+
+/// Every `joblet_*` name the alert rules use, as it appears in the exposition format.
+fn names_in_alert_rules() -> Vec<String> {
+    let rules = include_str!("../../../deploy/prometheus/alerts.yml");
+    let mut names: Vec<String> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|token| token.starts_with("joblet_"))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+async fn every_metric_in_the_alert_rules_is_exported_by_a_real_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = harness::start_persist_with_metrics(dir.path(), Some(harness::free_port())).await;
+    let core = harness::start_core(dir.path(), "").await;
+    let mut client = core.client().await;
+    let id = run(&mut client, shell("echo hello")).await;
+    finished(&mut client, &id).await;
+    let exported = format!("{}\n{}", core.scrape().await, persist.scrape().await);
+    let names = names_in_alert_rules();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        let present = exported.lines().any(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        });
+        assert!(
+            present,
+            "alert rules use {name}, which neither daemon exports:\n{exported}"
+        );
+    }
+    core.terminate().await;
+    persist.terminate().await;
+}

@@ -80,7 +80,8 @@ impl Node {
         };
         let config = dir.path().join("core.yml");
         std::fs::write(&config, format!(
-            "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n",
+            "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n",
+            dir.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'),
             dir.path().join("state").display(), socket.display(), dir.path().join("work").display()
         )).unwrap();
         let core = Daemon::start("joblet-core", &config).await;
