@@ -79,9 +79,8 @@ pub fn encode_frame<M: prost::Message>(
     buf.reserve(LENGTH_PREFIX_BYTES + len);
     // `len` fits in u32: it is at most `max_frame_bytes`, which the builder limits to u32.
     buf.put_u32(len as u32);
-    message
-        .encode(buf)
-        .map_err(|e| io::Error::other(format!("encode: {e}")))?;
+    // Room was reserved above, so the unchecked encoding cannot run out of space.
+    message.encode_raw(buf);
     Ok(())
 }
 

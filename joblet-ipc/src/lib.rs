@@ -29,6 +29,7 @@
 pub mod codec;
 pub mod message;
 pub mod metrics;
+mod queue;
 pub mod receiver;
 pub mod sender;
 

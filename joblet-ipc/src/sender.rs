@@ -23,13 +23,14 @@ use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, encode_frame};
 use crate::metrics as m;
+use crate::queue::{PushError, Queue};
 
 /// Messages the writer takes from the queue per batch. Larger batches mean fewer syscalls; this
 /// size keeps one batch of 150-byte lines around 200 KiB.
@@ -129,7 +130,7 @@ struct Shared {
 /// Handle to the replication stream. Cheap to clone; all clones feed the same queue.
 #[derive(Clone)]
 pub struct IpcSender {
-    queue: mpsc::Sender<IpcMessage>,
+    queue: Arc<Queue<IpcMessage>>,
     shared: Arc<Shared>,
 }
 
@@ -137,7 +138,7 @@ impl IpcSender {
     /// Starts the writer task. It runs until `shutdown` is cancelled, then flushes what is
     /// queued (if connected, for at most a few seconds) and ends.
     pub fn start(config: SenderConfig, shutdown: CancellationToken) -> (IpcSender, JoinHandle<()>) {
-        let (queue, queue_rx) = mpsc::channel(config.buffer_size.max(1));
+        let queue = Arc::new(Queue::new(config.buffer_size.max(1)));
         metrics::gauge!(m::IPC_QUEUE_CAPACITY).set(config.buffer_size as f64);
         metrics::gauge!(m::IPC_CONNECTED).set(0.0);
         let shared = Arc::new(Shared {
@@ -149,7 +150,7 @@ impl IpcSender {
         });
         let writer = Writer {
             shared: shared.clone(),
-            queue: queue_rx,
+            queue: queue.clone(),
             pending: Vec::with_capacity(MAX_BATCH_MESSAGES),
             buffer: BytesMut::with_capacity(256 * 1024),
             shutdown,
@@ -161,10 +162,10 @@ impl IpcSender {
     /// Queues `message` without waiting. On error the message is dropped and counted.
     pub fn try_send(&self, message: IpcMessage) -> Result<(), SendError> {
         let result = self.check_size(&message).and_then(|()| {
-            self.queue.try_send(message).map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) if self.is_connected() => SendError::QueueFull,
-                mpsc::error::TrySendError::Full(_) => SendError::Disconnected,
-                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            self.queue.try_push(message).map_err(|error| match error {
+                PushError::Full(_) if self.is_connected() => SendError::QueueFull,
+                PushError::Full(_) => SendError::Disconnected,
+                PushError::Closed(_) => SendError::Closed,
             })
         });
         if let Err(error) = result {
@@ -179,7 +180,7 @@ impl IpcSender {
         let result = match self.check_size(&message) {
             Ok(()) => self
                 .queue
-                .send(message)
+                .push(message)
                 .await
                 .map_err(|_| SendError::Closed),
             Err(error) => Err(error),
@@ -191,9 +192,14 @@ impl IpcSender {
     }
 
     fn check_size(&self, message: &IpcMessage) -> Result<(), SendError> {
-        let len = prost::Message::encoded_len(message);
-        if len > self.shared.config.max_frame_bytes {
-            return Err(SendError::Oversized { len });
+        // The envelope's fixed fields take at most 40 bytes; only near the limit is it worth
+        // computing the exact size.
+        let rough = message.data.len() + message.job_id.len() + 40;
+        if rough > self.shared.config.max_frame_bytes {
+            let len = prost::Message::encoded_len(message);
+            if len > self.shared.config.max_frame_bytes {
+                return Err(SendError::Oversized { len });
+            }
         }
         Ok(())
     }
@@ -226,7 +232,7 @@ impl IpcSender {
 
     /// Messages waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.queue.max_capacity() - self.queue.capacity()
+        self.queue.len()
     }
 }
 
@@ -239,7 +245,7 @@ fn ack_slot(kind: MessageType) -> usize {
 
 struct Writer {
     shared: Arc<Shared>,
-    queue: mpsc::Receiver<IpcMessage>,
+    queue: Arc<Queue<IpcMessage>>,
     /// The batch being written; kept across a reconnect when its write failed.
     pending: Vec<IpcMessage>,
     buffer: BytesMut,
@@ -313,12 +319,12 @@ impl Writer {
         }
         // Shut down while disconnected: whatever is queued cannot be delivered.
         self.queue.close();
-        let mut lost = self.pending.len() as u64;
-        while self.queue.try_recv().is_ok() {
-            lost += 1;
-        }
-        if lost > 0 {
-            self.shared.stats.count_drop(SendError::Closed, lost);
+        let mut lost = std::mem::take(&mut self.pending);
+        self.queue.try_take(&mut lost, usize::MAX);
+        if !lost.is_empty() {
+            self.shared
+                .stats
+                .count_drop(SendError::Closed, lost.len() as u64);
         }
     }
 
@@ -331,7 +337,7 @@ impl Writer {
             if self.pending.is_empty() {
                 tokio::select! {
                     biased;
-                    received = self.queue.recv_many(&mut self.pending, MAX_BATCH_MESSAGES) => {
+                    received = self.queue.take(&mut self.pending, MAX_BATCH_MESSAGES) => {
                         if received == 0 {
                             return ConnectionEnd::Shutdown;
                         }
@@ -379,11 +385,7 @@ impl Writer {
         let flush = async {
             loop {
                 if self.pending.is_empty()
-                    && self
-                        .queue
-                        .recv_many(&mut self.pending, MAX_BATCH_MESSAGES)
-                        .await
-                        == 0
+                    && self.queue.take(&mut self.pending, MAX_BATCH_MESSAGES).await == 0
                 {
                     return Ok(());
                 }
@@ -396,12 +398,12 @@ impl Writer {
                 Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
             };
         if let Err(error) = result {
-            let mut lost = self.pending.len() as u64;
-            while self.queue.try_recv().is_ok() {
-                lost += 1;
-            }
-            tracing::warn!(%error, lost, "could not flush the replication queue at shutdown");
-            self.shared.stats.count_drop(SendError::Closed, lost);
+            let mut lost = std::mem::take(&mut self.pending);
+            self.queue.try_take(&mut lost, usize::MAX);
+            tracing::warn!(%error, lost = lost.len(), "could not flush the replication queue at shutdown");
+            self.shared
+                .stats
+                .count_drop(SendError::Closed, lost.len() as u64);
         }
         let _ = socket.shutdown().await;
     }
