@@ -14,7 +14,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 async fn client(address: &str) -> Result<PersistServiceClient<Channel>, tonic::Status> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| tonic::Status::internal(format!("persist.query_address: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20));
     let channel = endpoint
         .connect()
         .await

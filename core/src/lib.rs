@@ -30,6 +30,11 @@ use joblet_proto::joblet::monitoring_service_server::MonitoringServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// HTTP/2 flow-control windows: the 64 KiB default caps a long history stream at a fraction
+/// of what a scan produces.
+const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 8 << 20;
+
 use crate::cgroup::CgroupRoot;
 use crate::config::Config;
 use crate::manager::JobManager;
@@ -88,6 +93,8 @@ impl Core {
         });
         ::metrics::gauge!(metrics::UP).set(1.0);
         let served = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
             .add_service(JobServiceServer::new(service::JobApi::new(manager.clone())))
             .add_service(MonitoringServiceServer::new(service::MonitoringApi::new(

@@ -24,6 +24,11 @@ use joblet_proto::persist::persist_service_server::PersistServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// HTTP/2 flow-control windows: the 64 KiB default caps a long history stream at a fraction
+/// of what a scan produces.
+const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 8 << 20;
+
 use crate::config::{Config, Durability};
 use crate::store::Store;
 
@@ -87,6 +92,8 @@ impl Persist {
         ::metrics::gauge!(metrics::UP).set(1.0);
         let api = service::PersistApi::new(store.clone(), config.query.max_tail);
         let served = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .add_service(PersistServiceServer::new(api))
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),

@@ -231,13 +231,24 @@ impl Store {
                     continue;
                 }
             };
-            let known = changed
-                .get(message.job_id.as_str())
-                .or_else(|| summaries.get(&message.job_id));
-            let highest = known.map_or(0, |s| match kind {
-                MessageType::Metric => s.last_metric_sequence,
-                _ => s.last_log_sequence,
+            // One lookup per message: the job's summary as this batch will leave it. A job
+            // whose messages all turn out invalid keeps first_timestamp == i64::MAX and is not
+            // written.
+            let summary = changed.entry(message.job_id.as_str()).or_insert_with(|| {
+                summaries
+                    .get(&message.job_id)
+                    .cloned()
+                    .unwrap_or_else(|| JobSummary {
+                        job_id: message.job_id.clone(),
+                        first_timestamp: i64::MAX,
+                        last_timestamp: i64::MIN,
+                        ..Default::default()
+                    })
             });
+            let highest = match kind {
+                MessageType::Metric => summary.last_metric_sequence,
+                _ => summary.last_log_sequence,
+            };
             keys::encode_into(
                 &mut key,
                 &message.job_id,
@@ -270,17 +281,6 @@ impl Store {
                     None
                 }
             };
-            let summary = changed.entry(message.job_id.as_str()).or_insert_with(|| {
-                summaries
-                    .get(&message.job_id)
-                    .cloned()
-                    .unwrap_or_else(|| JobSummary {
-                        job_id: message.job_id.clone(),
-                        first_timestamp: i64::MAX,
-                        last_timestamp: i64::MIN,
-                        ..Default::default()
-                    })
-            });
             match content_bytes {
                 Some(bytes) => {
                     summary.log_lines += 1;
@@ -299,6 +299,7 @@ impl Store {
             summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
             write.put_cf(cf, &key, &value);
         }
+        changed.retain(|_, summary| summary.first_timestamp != i64::MAX);
         if !write.is_empty() {
             for (job_id, summary) in &changed {
                 write.put_cf(summaries_cf, job_id.as_bytes(), summary.encode_to_vec());

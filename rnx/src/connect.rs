@@ -16,6 +16,9 @@ async fn channel(address: &str, what: &str) -> Result<Channel, Failure> {
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| Failure::Usage(format!("{what} address {address:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
+        // Large windows: the 64 KiB default throttles long history streams.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     endpoint.connect().await.map_err(|e| {

@@ -215,7 +215,12 @@ async fn real(
     }
     let ingest_rate = args.lines as f64 / started.elapsed().as_secs_f64();
 
-    let mut client = PersistServiceClient::connect(format!("http://{address}")).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .connect()
+        .await?;
+    let mut client = PersistServiceClient::new(channel);
     let mut first_line = Vec::with_capacity(args.window_queries);
     let span = args.lines as i64 * args.line_interval_ns;
     for _ in 0..args.window_queries {

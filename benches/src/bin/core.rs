@@ -1,0 +1,238 @@
+//! Core benchmark (needs root; uses the release binaries beside this one):
+//! 1. a job writing N 150-byte lines under joblet-core with joblet-persist connected, against
+//!    the same command writing to a file directly, in the same run: wall time, its ratio, and
+//!    joblet-core's CPU seconds per million lines;
+//! 2. live latency: a job writes lines carrying their write time (CLOCK_REALTIME ns); a
+//!    StreamLogs subscriber notes when each arrives.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use joblet_benches::Table;
+use joblet_proto::joblet::job_service_client::JobServiceClient;
+use joblet_proto::joblet::{GetJobStatusRequest, RunJobRequest, StreamLogsRequest};
+use tokio::io::AsyncBufReadExt;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 10_000_000)]
+    lines: u64,
+    #[arg(long, default_value_t = 150)]
+    line_bytes: usize,
+    /// Lines of the latency job (one every 2 ms).
+    #[arg(long, default_value_t = 2000)]
+    latency_lines: u64,
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} missing: cargo build --release --workspace --bins",
+        path.display()
+    );
+    Ok(path)
+}
+
+struct Daemon {
+    child: tokio::process::Child,
+    grpc: String,
+}
+
+async fn start(binary: &Path, config: &Path) -> anyhow::Result<Daemon> {
+    let mut child = tokio::process::Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let ready = lines
+        .next_line()
+        .await?
+        .context("daemon exited before ready")?;
+    let grpc = ready
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("grpc="))
+        .context("no grpc= in ready line")?
+        .to_owned();
+    Ok(Daemon { child, grpc })
+}
+
+/// user+system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = &stat[stat.rfind(')').context("stat format")? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks / hz)
+}
+
+fn generator(args: &Args) -> String {
+    // yes repeats one 150-byte line (149 characters and the newline) as fast as a pipe takes it.
+    let line: String = "x".repeat(args.line_bytes - 1);
+    format!("yes {line} | head -n {}", args.lines)
+}
+
+async fn wait_ended(client: &mut JobServiceClient<Channel>, id: &str) -> anyhow::Result<String> {
+    loop {
+        let status = client
+            .get_job_status(GetJobStatusRequest {
+                uuid: id.to_owned(),
+            })
+            .await?
+            .into_inner();
+        if ["COMPLETED", "FAILED", "STOPPED"].contains(&status.status.as_str()) {
+            return Ok(status.status);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("persist.sock");
+
+    // Baseline: the same command writing to a file directly.
+    let file = dir.path().join("direct.out");
+    let started = Instant::now();
+    let status = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("{} > {}", generator(&args), file.display()))
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "baseline command failed");
+    let baseline_wall = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&file)?;
+
+    let persist_config = dir.path().join("persist.yml");
+    std::fs::write(
+        &persist_config,
+        format!(
+            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
+            dir.path().join("persist-data").display(),
+            socket.display()
+        ),
+    )?;
+    let core_config = dir.path().join("core.yml");
+    std::fs::write(
+        &core_config,
+        format!(
+            "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nstate_dir: {}\ncgroup:\n  parent: joblet-bench\npersist:\n  socket: {}\n  query_address: null\njobs:\n  work_root: {}\n",
+            dir.path().join("state").display(),
+            socket.display(),
+            dir.path().join("work").display()
+        ),
+    )?;
+    let persist = start(&sibling("joblet-persist")?, &persist_config).await?;
+    let core = start(&sibling("joblet-core")?, &core_config).await?;
+    let core_pid = core.child.id().context("core pid")?;
+    let mut client = JobServiceClient::connect(format!("http://{}", core.grpc)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await; // replication connected
+
+    let cpu_before = cpu_seconds(core_pid)?;
+    let started = Instant::now();
+    let id = client
+        .run_job(RunJobRequest {
+            command: "/bin/sh".into(),
+            args: vec!["-c".into(), generator(&args)],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .job_uuid;
+    let ended = wait_ended(&mut client, &id).await?;
+    anyhow::ensure!(ended == "COMPLETED", "bench job ended {ended}");
+    let core_wall = started.elapsed().as_secs_f64();
+    let core_cpu = cpu_seconds(core_pid)? - cpu_before;
+
+    // Live latency.
+    let script = format!(
+        "i=0; while [ $i -lt {} ]; do date +%s%N; sleep 0.002; i=$((i+1)); done",
+        args.latency_lines
+    );
+    let id = client
+        .run_job(RunJobRequest {
+            command: "/bin/sh".into(),
+            args: vec!["-c".into(), script],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .job_uuid;
+    let mut stream = client
+        .stream_logs(StreamLogsRequest {
+            job_uuid: id,
+            follow: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut latencies = Vec::new();
+    while let Some(record) = stream.message().await? {
+        let received = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as i64;
+        if let Ok(written) = std::str::from_utf8(&record.content)
+            .unwrap_or("")
+            .trim()
+            .parse::<i64>()
+        {
+            latencies.push(Duration::from_nanos((received - written).max(0) as u64));
+        }
+    }
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+
+    let mut table = Table::default();
+    table.add(
+        "job wall time under core (persist on)",
+        core_wall,
+        Some(baseline_wall),
+        "s",
+        "ratio <= 1.10",
+    );
+    table.add(
+        "core CPU seconds per million lines",
+        core_cpu / (args.lines as f64 / 1e6),
+        None,
+        "s",
+        "",
+    );
+    table.add(
+        "live latency write→subscriber p50",
+        percentile(0.5),
+        None,
+        "ms",
+        "",
+    );
+    table.add(
+        "live latency write→subscriber p99",
+        percentile(0.99),
+        None,
+        "ms",
+        "<= 5 ms",
+    );
+    println!(
+        "{}",
+        table.render(&format!(
+            "core: {} lines of {} bytes; baseline = the same command writing to a file",
+            args.lines, args.line_bytes
+        ))
+    );
+    drop(core);
+    drop(persist);
+    Ok(())
+}
