@@ -69,11 +69,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(address) = config.metrics.listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(address)
-            .set_buckets(&joblet_ipc::metrics::SECONDS_BUCKETS)
-            .context("metrics buckets")?
-            .install()
+        joblet_ipc::metrics::install_exporter(address)
             .with_context(|| format!("metrics.listen: start Prometheus exporter on {address}"))?;
     }
     joblet_core::metrics::describe();

@@ -2,6 +2,8 @@
 //!
 //! The sender's metrics are joblet-core's (`joblet_ipc_*`); the receiver's are joblet-persist's
 //! (`joblet_persist_ipc_*`). Alert rules in `deploy/prometheus/` refer to these names.
+//! [`install_exporter`] is the Prometheus endpoint both daemons share, with their process
+//! figures (`process_*`: resident memory, CPU seconds, open file descriptors).
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
@@ -90,4 +92,28 @@ pub fn describe_receiver() {
         PERSIST_IPC_CONNECTIONS,
         "Open IPC connections from joblet-core."
     );
+}
+
+/// How often process figures are refreshed.
+const PROCESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts the Prometheus endpoint on `address` (histograms with [`SECONDS_BUCKETS`]) and a task
+/// refreshing the process figures. Call inside a tokio runtime.
+pub fn install_exporter(
+    address: std::net::SocketAddr,
+) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(address)
+        .set_buckets(&SECONDS_BUCKETS)?
+        .install()?;
+    let collector = metrics_process::Collector::default();
+    collector.describe();
+    collector.collect();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PROCESS_REFRESH).await;
+            collector.collect();
+        }
+    });
+    Ok(())
 }

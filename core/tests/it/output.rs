@@ -133,6 +133,9 @@ async fn core_exports_job_and_replication_metrics() {
         "joblet_ipc_queue_capacity 10000",
         "joblet_ipc_queue_depth",
         "joblet_core_up 1",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
     ] {
         assert!(
             scrape.contains(expected),
@@ -148,9 +151,13 @@ async fn core_exports_job_and_replication_metrics() {
     );
 }
 
-/// Every `joblet_*` name the alert rules use, as it appears in the exposition format.
+/// Every `joblet_*` name the alert rules and the dashboard use, as it appears in the
+/// exposition format.
 fn names_in_alert_rules() -> Vec<String> {
-    let rules = include_str!("../../../deploy/prometheus/alerts.yml");
+    let rules = concat!(
+        include_str!("../../../deploy/prometheus/alerts.yml"),
+        include_str!("../../../deploy/grafana/joblet.json")
+    );
     let mut names: Vec<String> = rules
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|token| token.starts_with("joblet_"))
@@ -162,14 +169,23 @@ fn names_in_alert_rules() -> Vec<String> {
 }
 
 #[tokio::test]
-async fn every_metric_in_the_alert_rules_is_exported_by_a_real_daemon() {
+async fn every_metric_in_the_alert_rules_and_dashboard_is_exported_by_a_real_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let persist = harness::start_persist_with_metrics(dir.path(), Some(harness::free_port())).await;
     let core = harness::start_core(dir.path(), "").await;
     let mut client = core.client().await;
     let id = run(&mut client, shell("echo hello")).await;
     finished(&mut client, &id).await;
-    let exported = format!("{}\n{}", core.scrape().await, persist.scrape().await);
+    // Wait until persist has stored the replicated line (its write histogram exists then).
+    let mut persisted = String::new();
+    for _ in 0..200 {
+        persisted = persist.scrape().await;
+        if persisted.contains("joblet_persist_log_lines_stored_total 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let exported = format!("{}\n{persisted}", core.scrape().await);
     let names = names_in_alert_rules();
     assert!(names.len() >= 6, "{names:?}");
     for name in names {

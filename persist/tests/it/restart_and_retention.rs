@@ -143,6 +143,8 @@ async fn invalid_payloads_are_counted_and_skipped_and_metrics_are_exported() {
         "joblet_persist_storage_capacity_bytes",
         "joblet_persist_index_bytes",
         "joblet_persist_up 1",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ] {
         assert!(scrape.contains(name), "missing {name} in:\n{scrape}");
     }
