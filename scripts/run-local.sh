@@ -24,6 +24,13 @@ write_if_missing() {
     fi
 }
 
+# Mutual TLS from the start: a CA, server and client certificates, and the rnx configs.
+if [ ! -f "$dir/certs/ca.pem" ]; then
+    "$bin/rnx" certs init --out "$dir/certs" --host localhost
+    cp "$dir/certs/rnx-config.yml" "$dir/rnx-config.yml"
+    cp "$dir/certs/viewer-rnx-config.yml" "$dir/viewer-rnx-config.yml"
+fi
+
 write_if_missing "$dir/persist-config.yml" <<YAML
 # Written by make run; edit freely (reference: deploy/config/persist-config.yml).
 data_dir: $dir/persist-data
@@ -31,6 +38,10 @@ ipc:
   socket: $dir/persist.sock
 grpc:
   listen: 127.0.0.1:50052
+  tls:
+    cert: $dir/certs/server.pem
+    key: $dir/certs/server-key.pem
+    ca: $dir/certs/ca.pem
 metrics:
   listen: 127.0.0.1:9092
 retention:
@@ -42,6 +53,10 @@ write_if_missing "$dir/joblet-config.yml" <<YAML
 # Written by make run; edit freely (reference: deploy/config/joblet-config.yml).
 grpc:
   listen: 127.0.0.1:50051
+  tls:
+    cert: $dir/certs/server.pem
+    key: $dir/certs/server-key.pem
+    ca: $dir/certs/ca.pem
 metrics:
   listen: 127.0.0.1:9091
 state_dir: $dir/core-state
@@ -49,16 +64,12 @@ persist:
   enabled: true
   socket: $dir/persist.sock
   query_address: 127.0.0.1:50052
+  query_tls:
+    cert: $dir/certs/core-client.pem
+    key: $dir/certs/core-client-key.pem
+    ca: $dir/certs/ca.pem
 jobs:
   work_root: $dir/work
-YAML
-
-write_if_missing "$dir/rnx-config.yml" <<YAML
-# Written by make run. Use it with: rnx --config $dir/rnx-config.yml ...
-nodes:
-  default:
-    address: "127.0.0.1:50051"
-    persistAddress: "127.0.0.1:50052"
 YAML
 
 pids=()
@@ -123,6 +134,7 @@ run: both daemons are running. In another terminal try:
   rnx job log -f <id>               # history from persist, then live from core
   rnx job metrics --chart <id>
   rnx job run --max-cpu 50 --follow -- sh -c 'timeout 3 sh -c "while :; do :; done"'
+A read-only (viewer) client: $bin/rnx --config $dir/viewer-rnx-config.yml job list
 Metrics: http://127.0.0.1:9091/metrics (core), http://127.0.0.1:9092/metrics (persist)
 Press Ctrl-C to stop both.
 TEXT

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytesize::ByteSize;
+use joblet_ipc::tls::TlsFiles;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,12 +43,26 @@ impl Default for Config {
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
     pub listen: SocketAddr,
+    /// Server certificate, key and the CA client certificates must chain to (mutual TLS).
+    pub tls: Option<TlsFiles>,
+    /// Plaintext gRPC without client certificates: only on a loopback address, and only when
+    /// set explicitly.
+    pub insecure: bool,
+    /// Largest request message accepted (uploads travel inside RunJob).
+    pub max_request_size: ByteSize,
 }
 
 impl Default for GrpcConfig {
     fn default() -> Self {
         GrpcConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            tls: Some(TlsFiles {
+                cert: PathBuf::from("/etc/joblet/certs/server.pem"),
+                key: PathBuf::from("/etc/joblet/certs/server-key.pem"),
+                ca: PathBuf::from("/etc/joblet/certs/ca.pem"),
+            }),
+            insecure: false,
+            max_request_size: ByteSize::mib(80),
         }
     }
 }
@@ -83,6 +98,9 @@ pub struct PersistConfig {
     /// persist's gRPC address, used to read history of jobs core no longer holds and to delete
     /// a job's history with the job; null = not used.
     pub query_address: Option<String>,
+    /// Client certificate (OU admin), key and CA for calling persist over mutual TLS; null =
+    /// plaintext (persist with grpc.insecure).
+    pub query_tls: Option<TlsFiles>,
 }
 
 impl Default for PersistConfig {
@@ -94,6 +112,11 @@ impl Default for PersistConfig {
             reconnect_delay: Duration::from_secs(5),
             max_frame_size: ByteSize::mib(8),
             query_address: Some("127.0.0.1:50052".to_owned()),
+            query_tls: Some(TlsFiles {
+                cert: PathBuf::from("/etc/joblet/certs/core-client.pem"),
+                key: PathBuf::from("/etc/joblet/certs/core-client-key.pem"),
+                ca: PathBuf::from("/etc/joblet/certs/ca.pem"),
+            }),
         }
     }
 }
@@ -158,6 +181,17 @@ impl Default for JobsConfig {
     }
 }
 
+impl PersistConfig {
+    /// persist's query API, when core should use it.
+    pub fn query_target(&self) -> Option<crate::history::PersistAddress> {
+        let address = self.query_address.clone().filter(|_| self.enabled)?;
+        Some(crate::history::PersistAddress {
+            address,
+            tls: self.query_tls.clone(),
+        })
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -178,6 +212,17 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.state_dir.as_os_str().is_empty() {
             bail!("state_dir: must not be empty");
+        }
+        if self.grpc.insecure && !self.grpc.listen.ip().is_loopback() {
+            bail!(
+                "grpc.insecure: plaintext is refused on the non-loopback address {}",
+                self.grpc.listen
+            );
+        }
+        if !self.grpc.insecure && self.grpc.tls.is_none() {
+            bail!(
+                "grpc.tls: certificates are required (or grpc.insecure: true on a loopback address)"
+            );
         }
         if self.persist.buffer_size == 0 {
             bail!("persist.buffer_size: must be greater than zero");
@@ -237,5 +282,9 @@ mod tests {
         assert!(error("cgroup:\n  parent: /abs\n").contains("cgroup.parent"));
         assert!(error("jobs:\n  metrics_interval: 1ms\n").contains("jobs.metrics_interval"));
         assert!(error("nope: 1\n").contains("unknown field `nope`"));
+        assert!(
+            error("grpc:\n  listen: 10.1.2.3:50051\n  insecure: true\n").contains("grpc.insecure")
+        );
+        assert!(error("grpc:\n  tls: null\n").contains("grpc.tls"));
     }
 }

@@ -11,12 +11,33 @@ use tonic::transport::{Channel, Endpoint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn client(address: &str) -> Result<PersistServiceClient<Channel>, tonic::Status> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+/// Where and how core reaches persist's query API.
+#[derive(Clone)]
+pub struct PersistAddress {
+    pub address: String,
+    pub tls: Option<joblet_ipc::tls::TlsFiles>,
+}
+
+async fn client(target: &PersistAddress) -> Result<PersistServiceClient<Channel>, tonic::Status> {
+    let address = &target.address;
+    let scheme = if target.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
         .map_err(|e| tonic::Status::internal(format!("persist.query_address: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20));
+    if let Some(files) = &target.tls {
+        let tls = files
+            .client_config()
+            .map_err(|e| tonic::Status::internal(format!("persist.query_tls: {e}")))?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| tonic::Status::internal(format!("persist.query_tls: {e}")))?;
+    }
     let channel = endpoint
         .connect()
         .await
@@ -24,7 +45,7 @@ async fn client(address: &str) -> Result<PersistServiceClient<Channel>, tonic::S
     Ok(PersistServiceClient::new(channel))
 }
 
-pub async fn delete(address: &str, job_id: &str) -> Result<(), tonic::Status> {
+pub async fn delete(address: &PersistAddress, job_id: &str) -> Result<(), tonic::Status> {
     client(address)
         .await?
         .delete_job(DeleteJobRequest {
@@ -35,7 +56,7 @@ pub async fn delete(address: &str, job_id: &str) -> Result<(), tonic::Status> {
 }
 
 pub async fn logs(
-    address: &str,
+    address: &PersistAddress,
     request: QueryLogsRequest,
 ) -> Result<tonic::Streaming<LogLine>, tonic::Status> {
     Ok(client(address)
@@ -46,7 +67,7 @@ pub async fn logs(
 }
 
 pub async fn metrics(
-    address: &str,
+    address: &PersistAddress,
     request: QueryMetricsRequest,
 ) -> Result<tonic::Streaming<Metric>, tonic::Status> {
     Ok(client(address)

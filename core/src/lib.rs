@@ -92,19 +92,49 @@ impl Core {
             ))
         });
         ::metrics::gauge!(metrics::UP).set(1.0);
-        let served = tonic::transport::Server::builder()
+        let grpc_config = &manager.config().grpc;
+        let tls = match (&grpc_config.tls, grpc_config.insecure) {
+            (Some(files), false) => Some(files.server_config().context("grpc.tls")?),
+            _ => {
+                tracing::warn!(listen = %grpc_config.listen, "grpc.insecure: serving plaintext gRPC without client certificates");
+                None
+            }
+        };
+        let auth = match tls {
+            Some(_) => joblet_ipc::tls::AuthLayer::new(service::read_only),
+            None => joblet_ipc::tls::AuthLayer::disabled(),
+        };
+        let max_request = grpc_config.max_request_size.as_u64() as usize;
+        let router = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
-            .add_service(JobServiceServer::new(service::JobApi::new(manager.clone())))
+            .layer(auth)
+            .add_service(
+                JobServiceServer::new(service::JobApi::new(manager.clone()))
+                    .max_decoding_message_size(max_request),
+            )
             .add_service(MonitoringServiceServer::new(service::MonitoringApi::new(
                 manager.clone(),
-            )))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                shutdown.cancelled(),
-            )
-            .await;
+            )));
+        let served = match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        joblet_ipc::tls::incoming(grpc, tls, shutdown.clone()),
+                        shutdown.cancelled(),
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                        shutdown.cancelled(),
+                    )
+                    .await
+            }
+        };
         shutdown.cancel();
         manager.shutdown().await;
         if let Some(replay) = replay {

@@ -435,9 +435,8 @@ impl JobManager {
         if let Some(sender) = &self.replication {
             sender.forget_job(&job.id);
         }
-        if let Some(address) = &self.config.persist.query_address
-            && self.config.persist.enabled
-            && let Err(error) = crate::history::delete(address, &job.id).await
+        if let Some(target) = self.config.persist.query_target()
+            && let Err(error) = crate::history::delete(&target, &job.id).await
         {
             tracing::warn!(job_id = %job.id, %error, "could not delete the job's history in joblet-persist");
         }

@@ -10,6 +10,7 @@ pub const UP: &str = "joblet_core_up";
 
 pub fn describe() {
     joblet_ipc::metrics::describe_sender();
+    joblet_ipc::tls::describe();
     describe_gauge!(JOBS, "Jobs known to core, by state.");
     describe_counter!(JOBS_STARTED, "Jobs whose process was started.");
     describe_counter!(

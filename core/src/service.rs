@@ -45,14 +45,25 @@ impl JobApi {
         self.manager.find(id).map_err(CoreError::into_status)
     }
 
-    /// persist's query address when core should fall back to history for unknown jobs.
-    fn history_address(&self) -> Option<String> {
-        let persist = &self.manager.config().persist;
-        persist
-            .enabled
-            .then(|| persist.query_address.clone())
-            .flatten()
+    /// persist's query API when core should fall back to history for unknown jobs.
+    fn history_address(&self) -> Option<crate::history::PersistAddress> {
+        self.manager.config().persist.query_target()
     }
+}
+
+/// Calls a viewer certificate may make: status, lists, logs, metrics, system status.
+pub fn read_only(path: &str) -> bool {
+    matches!(
+        path,
+        "/joblet.JobService/GetJobStatus"
+            | "/joblet.JobService/ListJobs"
+            | "/joblet.JobService/GetJobLogs"
+            | "/joblet.JobService/StreamJobMetrics"
+            | "/joblet.JobService/GetJobMetrics"
+            | "/joblet.JobService/StreamLogs"
+            | "/joblet.JobService/StreamMetrics"
+            | "/joblet.MonitoringService/GetSystemStatus"
+    )
 }
 
 fn masked(
@@ -297,7 +308,9 @@ impl JobService for JobApi {
         let job = match self.manager.find(&id) {
             Ok(job) => job,
             Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
-                let address = self.history_address().unwrap_or_default();
+                let Some(address) = self.history_address() else {
+                    return Err(Status::not_found("job not found"));
+                };
                 let mut lines = crate::history::logs(
                     &address,
                     QueryLogsRequest {
@@ -395,7 +408,9 @@ impl JobService for JobApi {
         let job = match self.manager.find(&request.job_uuid) {
             Ok(job) => job,
             Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
-                let address = self.history_address().unwrap_or_default();
+                let Some(address) = self.history_address() else {
+                    return Err(Status::not_found("job not found"));
+                };
                 let mut metrics = crate::history::metrics(
                     &address,
                     QueryMetricsRequest {

@@ -32,6 +32,7 @@ pub mod metrics;
 mod queue;
 pub mod receiver;
 pub mod sender;
+pub mod tls;
 
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError};
 pub use joblet_proto::ipc::{IpcAck, IpcMessage, LogData, MessageType, MetricData, Stream};

@@ -67,6 +67,10 @@ pub enum BindError {
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error(
+        "directory {dir} of the socket is writable by others (mode {mode:o}); use a directory only joblet can write"
+    )]
+    UnsafeDirectory { dir: PathBuf, mode: u32 },
     #[error("cannot bind socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -89,6 +93,7 @@ pub struct IpcReceiver {
 impl IpcReceiver {
     pub async fn bind(config: ReceiverConfig) -> Result<IpcReceiver, BindError> {
         let path = &config.socket_path;
+        check_directory(path)?;
         remove_stale_socket(path).await?;
         let io_error = |source| BindError::Io {
             path: path.clone(),
@@ -140,6 +145,32 @@ impl IpcReceiver {
         connections.wait().await;
         let _ = std::fs::remove_file(&self.config.socket_path);
     }
+}
+
+/// Refuses a socket directory others may write to, unless it has the sticky bit (like /tmp,
+/// the ADR's default), where others can create entries but not remove or replace ours.
+fn check_directory(path: &Path) -> Result<(), BindError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let metadata = std::fs::metadata(dir).map_err(|source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    let others_write = mode & 0o002 != 0;
+    let sticky = mode & 0o1000 != 0;
+    if others_write && !sticky {
+        return Err(BindError::UnsafeDirectory {
+            dir: dir.to_owned(),
+            mode,
+        });
+    }
+    if others_write {
+        tracing::warn!(dir = %dir.display(), "the IPC socket's directory is world-writable (sticky); a private directory is safer");
+    }
+    Ok(())
 }
 
 async fn remove_stale_socket(path: &Path) -> Result<(), BindError> {

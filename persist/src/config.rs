@@ -61,12 +61,26 @@ impl Default for IpcConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
     pub listen: SocketAddr,
+    /// Server certificate, key and the CA client certificates must chain to (mutual TLS).
+    pub tls: Option<joblet_ipc::tls::TlsFiles>,
+    /// Plaintext gRPC without client certificates: only on a loopback address, and only when
+    /// set explicitly.
+    pub insecure: bool,
+    /// Largest request message accepted.
+    pub max_request_size: ByteSize,
 }
 
 impl Default for GrpcConfig {
     fn default() -> Self {
         GrpcConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            tls: Some(joblet_ipc::tls::TlsFiles {
+                cert: PathBuf::from("/etc/joblet/certs/server.pem"),
+                key: PathBuf::from("/etc/joblet/certs/server-key.pem"),
+                ca: PathBuf::from("/etc/joblet/certs/ca.pem"),
+            }),
+            insecure: false,
+            max_request_size: ByteSize::mib(4),
         }
     }
 }
@@ -264,6 +278,11 @@ impl Config {
         if !(1024..=u32::MAX as u64).contains(&frame) {
             bail!("ipc.max_frame_size: must be between 1 KiB and 4 GiB, got {frame} bytes");
         }
+        validate_grpc(
+            self.grpc.listen,
+            self.grpc.tls.is_some(),
+            self.grpc.insecure,
+        )?;
         if self.storage.background_sync_interval.is_zero() {
             bail!("storage.background_sync_interval: must be greater than zero");
         }
@@ -278,6 +297,17 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Either mutual TLS, or plaintext explicitly asked for on a loopback address.
+pub fn validate_grpc(listen: SocketAddr, tls: bool, insecure: bool) -> anyhow::Result<()> {
+    if insecure && !listen.ip().is_loopback() {
+        bail!("grpc.insecure: plaintext is refused on the non-loopback address {listen}");
+    }
+    if !insecure && !tls {
+        bail!("grpc.tls: certificates are required (or grpc.insecure: true on a loopback address)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -328,5 +358,10 @@ mod tests {
         assert!(error_of("storage:\n  durability: maybe\n").contains("durability"));
         assert!(error_of("ipc:\n  max_frame_size: 10\n").contains("ipc.max_frame_size"));
         assert!(error_of("rocksdb:\n  compression: brotli\n").contains("compression"));
+        assert!(
+            error_of("grpc:\n  listen: 0.0.0.0:50052\n  insecure: true\n")
+                .contains("grpc.insecure")
+        );
+        assert!(error_of("grpc:\n  tls: null\n").contains("grpc.tls"));
     }
 }

@@ -90,16 +90,45 @@ impl Persist {
             ));
         }
         ::metrics::gauge!(metrics::UP).set(1.0);
-        let api = service::PersistApi::new(store.clone(), config.query.max_tail);
-        let served = tonic::transport::Server::builder()
+        let api = PersistServiceServer::new(service::PersistApi::new(
+            store.clone(),
+            config.query.max_tail,
+        ))
+        .max_decoding_message_size(config.grpc.max_request_size.as_u64() as usize);
+        let tls = match (&config.grpc.tls, config.grpc.insecure) {
+            (Some(files), false) => Some(files.server_config().context("grpc.tls")?),
+            _ => {
+                tracing::warn!(listen = %config.grpc.listen, "grpc.insecure: serving plaintext gRPC without client certificates");
+                None
+            }
+        };
+        let auth = match tls {
+            Some(_) => joblet_ipc::tls::AuthLayer::new(service::read_only),
+            None => joblet_ipc::tls::AuthLayer::disabled(),
+        };
+        let router = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-            .add_service(PersistServiceServer::new(api))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                shutdown.cancelled(),
-            )
-            .await;
+            .layer(auth)
+            .add_service(api);
+        let served = match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        joblet_ipc::tls::incoming(grpc, tls, shutdown.clone()),
+                        shutdown.cancelled(),
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                        shutdown.cancelled(),
+                    )
+                    .await
+            }
+        };
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;

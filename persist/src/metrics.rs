@@ -17,6 +17,7 @@ pub const UP: &str = "joblet_persist_up";
 
 pub fn describe() {
     joblet_ipc::metrics::describe_receiver();
+    joblet_ipc::tls::describe();
     describe_histogram!(
         WRITE_DURATION,
         Unit::Seconds,

@@ -113,6 +113,17 @@ struct Window<'a> {
     tail: u32,
 }
 
+/// Calls a viewer certificate may make: every query; not DeleteJob.
+pub fn read_only(path: &str) -> bool {
+    matches!(
+        path,
+        "/joblet.persist.PersistService/QueryLogs"
+            | "/joblet.persist.PersistService/QueryMetrics"
+            | "/joblet.persist.PersistService/ListJobs"
+            | "/joblet.persist.PersistService/Ping"
+    )
+}
+
 fn invalid(field: &str, message: &str) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }

@@ -35,6 +35,35 @@ pub enum Command {
     /// Health of the node: joblet-core and joblet-persist.
     #[command(after_help = "Example:\n  rnx status")]
     Status,
+    /// Certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+pub enum CertsCommand {
+    /// Create a CA, a server certificate, admin/viewer/core client certificates and rnx configs.
+    #[command(
+        after_help = "Example:\n  rnx certs init --out /etc/joblet/certs --host joblet.example.com\n\nWrites ca.pem, server.pem, admin.pem, viewer.pem, core-client.pem (each with -key.pem),\nrnx-config.yml (admin) and viewer-rnx-config.yml. The server certificate covers the\ngiven hosts plus localhost and 127.0.0.1."
+    )]
+    Init {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host name or IP the daemons are reached by (repeatable; the first goes into the rnx configs).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        #[arg(long, default_value_t = 50051)]
+        core_port: u16,
+        #[arg(long, default_value_t = 50052)]
+        persist_port: u16,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -176,10 +205,29 @@ pub struct MetricsArgs {
 }
 
 pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    if let Command::Certs(CertsCommand::Init {
+        out,
+        hosts,
+        days,
+        core_port,
+        persist_port,
+        force,
+    }) = cli.command
+    {
+        return crate::certs::init(crate::certs::Options {
+            out,
+            hosts,
+            days,
+            core_port,
+            persist_port,
+            force,
+        });
+    }
     let node = config::load(cli.config.as_deref(), &cli.node).map_err(Failure::Usage)?;
     let json = cli.json;
     match cli.command {
         Command::Status => jobs::node_status(&node, json).await,
+        Command::Certs(_) => Ok(()),
         Command::Job(command) => match *command {
             JobCommand::Run(args) => jobs::run(&node, args, json).await,
             JobCommand::List { status } => jobs::list(&node, status, json).await,

@@ -57,15 +57,21 @@ pub fn load(explicit: Option<&Path>, node: &str) -> Result<Node, String> {
     let file: ConfigFile =
         serde_norway::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let names: Vec<&String> = file.nodes.keys().collect();
+    let name = node;
     let node = file
         .nodes
-        .get(node)
+        .get(name)
         .cloned()
-        .ok_or_else(|| format!("{}: no node {node:?} (nodes: {names:?})", path.display()))?;
-    if node.cert.is_some() || node.key.is_some() || node.ca.is_some() {
+        .ok_or_else(|| format!("{}: no node {name:?} (nodes: {names:?})", path.display()))?;
+    let present = [&node.cert, &node.key, &node.ca]
+        .iter()
+        .filter(|f| f.is_some())
+        .count();
+    if present != 0 && present != 3 {
         return Err(format!(
-            "{}: node has TLS certificates, but this rnx build speaks plaintext gRPC only (TLS comes with the security work)",
-            path.display()
+            "{}: node {node:?} needs all of cert, key and ca (PEM text) for mutual TLS, or none for plaintext",
+            path.display(),
+            node = name
         ));
     }
     Ok(node)

@@ -12,8 +12,17 @@ use crate::config::Node;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-async fn channel(address: &str, what: &str) -> Result<Channel, Failure> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+async fn channel(node: &Node, address: &str, what: &str) -> Result<Channel, Failure> {
+    let tls = match (&node.cert, &node.key, &node.ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .identity(tonic::transport::Identity::from_pem(cert, key)),
+        ),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
         .map_err(|e| Failure::Usage(format!("{what} address {address:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         // Large windows: the 64 KiB default throttles long history streams.
@@ -21,6 +30,11 @@ async fn channel(address: &str, what: &str) -> Result<Channel, Failure> {
         .initial_connection_window_size(Some(8 << 20))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Failure::Usage(format!("TLS settings for {what}: {e}")))?;
+    }
     endpoint.connect().await.map_err(|e| {
         Failure::Unavailable(format!("cannot reach {what} at {address}: {}", chain(&e)))
     })
@@ -43,14 +57,14 @@ fn chain(error: &dyn std::error::Error) -> String {
 
 pub async fn core(node: &Node) -> Result<JobServiceClient<Channel>, Failure> {
     Ok(
-        JobServiceClient::new(channel(&node.address, "joblet-core").await?)
+        JobServiceClient::new(channel(node, &node.address, "joblet-core").await?)
             .max_decoding_message_size(64 << 20),
     )
 }
 
 pub async fn monitoring(node: &Node) -> Result<MonitoringServiceClient<Channel>, Failure> {
     Ok(MonitoringServiceClient::new(
-        channel(&node.address, "joblet-core").await?,
+        channel(node, &node.address, "joblet-core").await?,
     ))
 }
 
@@ -59,7 +73,7 @@ pub async fn persist(node: &Node) -> Result<Option<PersistServiceClient<Channel>
     match &node.persist_address {
         None => Ok(None),
         Some(address) => Ok(Some(
-            PersistServiceClient::new(channel(address, "joblet-persist").await?)
+            PersistServiceClient::new(channel(node, address, "joblet-persist").await?)
                 .max_decoding_message_size(64 << 20),
         )),
     }

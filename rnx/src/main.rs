@@ -4,6 +4,7 @@
 //! --follow` the job's own exit code (128+N for a signal); 1 a request the server refused;
 //! 2 bad usage or configuration; 69 a daemon that cannot be reached.
 
+mod certs;
 mod cli;
 mod config;
 mod connect;

@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &persist_config,
         format!(
-            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
+            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
             dir.path().join("persist-data").display(),
             socket.display()
         ),
@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &core_config,
         format!(
-            "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nstate_dir: {}\ncgroup:\n  parent: joblet-bench\npersist:\n  socket: {}\n  query_address: null\njobs:\n  work_root: {}\n",
+            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nstate_dir: {}\ncgroup:\n  parent: joblet-bench\npersist:\n  socket: {}\n  query_address: null\njobs:\n  work_root: {}\n",
             dir.path().join("state").display(),
             socket.display(),
             dir.path().join("work").display()

@@ -153,6 +153,7 @@ fn config(dir: &std::path::Path) -> Config {
     config.ipc.socket = dir.join("persist.sock");
     config.retention.logs = Retention(None);
     config.metrics.listen = None;
+    config.grpc.insecure = true;
     config
 }
 

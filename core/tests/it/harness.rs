@@ -65,7 +65,7 @@ fn field(ready: &str, name: &str) -> Option<String> {
 /// Starts joblet-core with state in `dir`, persist socket `dir/persist.sock`, and `extra` YAML.
 pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
     let config = format!(
-        "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: 127.0.0.1:{port}\nstate_dir: {state}\n{extra}",
+        "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: 127.0.0.1:{port}\nstate_dir: {state}\n{extra}",
         port = free_port(),
         state = dir.join("state").display(),
     );
@@ -138,7 +138,7 @@ pub async fn start_persist_with_metrics(dir: &Path, metrics_port: Option<u16>) -
     std::fs::write(
         &path,
         format!(
-            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: {metrics}\nretention:\n  logs: 0\n  metrics: 0\n",
+            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: {metrics}\nretention:\n  logs: 0\n  metrics: 0\n",
             dir.join("persist-data").display(),
             dir.join("persist.sock").display()
         ),

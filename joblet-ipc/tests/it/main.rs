@@ -428,3 +428,24 @@ async fn socket_is_private_stale_files_are_replaced_and_live_sockets_are_not_sto
     assert!(matches!(refused, Err(BindError::NotASocket { .. })));
     assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
 }
+
+#[tokio::test]
+async fn a_socket_directory_writable_by_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = IpcReceiver::bind(ReceiverConfig::new(open_dir.join("p.sock"))).await;
+    match refused {
+        Err(error @ BindError::UnsafeDirectory { .. }) => {
+            assert!(error.to_string().contains("writable by others"), "{error}");
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("bound in a world-writable directory"),
+    }
+    assert!(!open_dir.join("p.sock").exists());
+    // Sticky world-writable (like /tmp) is accepted: others cannot replace the socket there.
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let receiver = RunningReceiver::start(&open_dir.join("p.sock"), CollectingSink::new()).await;
+    receiver.stop().await;
+}

@@ -28,7 +28,7 @@ pub struct Daemon {
 pub async fn start(dir: &Path, extra: &str) -> Daemon {
     let metrics_port = free_port();
     let config = format!(
-        "data_dir: {data}\nipc:\n  socket: {socket}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\n{extra}",
+        "data_dir: {data}\nipc:\n  socket: {socket}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\n{extra}",
         data = dir.join("data").display(),
         socket = dir.join("persist.sock").display(),
     );

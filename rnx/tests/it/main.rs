@@ -71,7 +71,7 @@ impl Node {
         let persist = if with_persist {
             let config = dir.path().join("persist.yml");
             std::fs::write(&config, format!(
-                "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
+                "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
                 dir.path().join("persist-data").display(), socket.display()
             )).unwrap();
             Some(Daemon::start("joblet-persist", &config).await)
@@ -80,7 +80,7 @@ impl Node {
         };
         let config = dir.path().join("core.yml");
         std::fs::write(&config, format!(
-            "grpc:\n  listen: 127.0.0.1:0\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n",
+            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n",
             dir.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'),
             dir.path().join("state").display(), socket.display(), dir.path().join("work").display()
         )).unwrap();
@@ -406,4 +406,205 @@ fn help_and_errors_match_their_snapshots() {
         "error-broken-config.txt",
         &broken.replace(&config, "CONFIG"),
     );
+}
+
+/// Starts persist and core with mutual TLS from `rnx certs init` in `dir/certs`.
+async fn start_tls_node(dir: &Path) -> (Daemon, Daemon, u16) {
+    let certs = dir.join("certs");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_rnx"))
+        .args(["certs", "init", "--out"])
+        .arg(&certs)
+        .args(["--host", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let tls = |cert: &str| {
+        format!(
+            "    cert: {}\n    key: {}\n    ca: {}\n",
+            certs.join(format!("{cert}.pem")).display(),
+            certs.join(format!("{cert}-key.pem")).display(),
+            certs.join("ca.pem").display()
+        )
+    };
+    let socket = dir.join("persist.sock");
+    let persist_config = dir.join("persist.yml");
+    std::fs::write(&persist_config, format!(
+        "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  tls:\n{}metrics:\n  listen: null\n",
+        dir.join("persist-data").display(), socket.display(), tls("server")
+    )).unwrap();
+    let persist = Daemon::start("joblet-persist", &persist_config).await;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let core_config = dir.join("core.yml");
+    std::fs::write(&core_config, format!(
+        "grpc:\n  listen: 127.0.0.1:0\n  tls:\n{}metrics:\n  listen: 127.0.0.1:{metrics_port}\ncgroup:\n  parent: joblet-rnx-tls-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {}\n  query_tls:\n{}jobs:\n  work_root: {}\n",
+        tls("server"),
+        dir.file_name().unwrap().to_string_lossy().trim_start_matches('.'),
+        dir.join("state").display(), socket.display(), persist.address, tls("core-client"), dir.join("work").display()
+    )).unwrap();
+    let core = Daemon::start("joblet-core", &core_config).await;
+    let port = |address: &str| address.rsplit(':').next().unwrap().to_owned();
+    for (file, name) in [
+        ("rnx-config.yml", "admin"),
+        ("viewer-rnx-config.yml", "viewer"),
+    ] {
+        // Point the generated configs at this test's ports.
+        let text = std::fs::read_to_string(certs.join(file))
+            .unwrap()
+            .replace(
+                "localhost:50051",
+                &format!("localhost:{}", port(&core.address)),
+            )
+            .replace(
+                "localhost:50052",
+                &format!("localhost:{}", port(&persist.address)),
+            );
+        std::fs::write(dir.join(format!("{name}.yml")), text).unwrap();
+    }
+    (persist, core, metrics_port)
+}
+
+fn rnx_as(dir: &Path, role: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rnx"))
+        .arg("--config")
+        .arg(dir.join(format!("{role}.yml")))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (persist, core, metrics_port) = start_tls_node(dir.path()).await;
+
+    let run = rnx_as(
+        dir.path(),
+        "admin",
+        &["job", "run", "--follow", "--", "echo", "over tls"],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "over tls\n");
+
+    let refused = rnx_as(dir.path(), "viewer", &["job", "run", "--", "echo", "no"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("RunJob"),
+        "{stderr}"
+    );
+    let listed = rnx_as(dir.path(), "viewer", &["job", "list", "--json"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("COMPLETED"));
+    let id = String::from_utf8_lossy(&listed.stdout)
+        .split("\"uuid\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logs = rnx_as(dir.path(), "viewer", &["job", "log", &id]);
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "over tls\n");
+    assert!(
+        !String::from_utf8_lossy(&logs.stderr).contains("warning"),
+        "history came from persist over TLS"
+    );
+    let delete = rnx_as(dir.path(), "viewer", &["job", "delete", &id]);
+    assert_eq!(delete.status.code(), Some(1));
+
+    // Without a client certificate: UNAUTHENTICATED.
+    let admin = std::fs::read_to_string(dir.path().join("admin.yml")).unwrap();
+    let ca_only: String = {
+        let start = admin.find("    cert: |").unwrap();
+        let end = admin.find("    ca: |").unwrap();
+        format!("{}{}", &admin[..start], &admin[end..])
+    };
+    std::fs::write(dir.path().join("nocert.yml"), &ca_only).unwrap();
+    let anonymous = rnx_as(dir.path(), "nocert", &["job", "list"]);
+    assert_eq!(
+        anonymous.status.code(),
+        Some(2),
+        "a config with only ca is refused by rnx itself"
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "https://{}",
+        core.address.replace("127.0.0.1", "localhost")
+    ))
+    .unwrap()
+    .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(
+            std::fs::read(dir.path().join("certs/ca.pem")).unwrap(),
+        ),
+    ))
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let status = joblet_proto::joblet::job_service_client::JobServiceClient::new(channel)
+        .list_jobs(joblet_proto::joblet::EmptyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    // A certificate from another CA fails the handshake.
+    let other = dir.path().join("other");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_rnx"))
+        .args(["certs", "init", "--out"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let stranger = std::fs::read_to_string(other.join("rnx-config.yml"))
+        .unwrap()
+        .replace(
+            "localhost:50051",
+            &core.address.replace("127.0.0.1", "localhost"),
+        );
+    std::fs::write(dir.path().join("stranger.yml"), stranger).unwrap();
+    let handshake = rnx_as(dir.path(), "stranger", &["job", "list"]);
+    assert_ne!(handshake.status.code(), Some(0));
+
+    // Every denial is counted.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut scrape = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut scrape)
+        .await
+        .unwrap();
+    assert!(
+        scrape.contains("joblet_auth_denied_total{reason=\"forbidden\"} 2"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("joblet_auth_denied_total{reason=\"no_certificate\"} 1"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("joblet_auth_denied_total{reason=\"handshake\"} 1"),
+        "{scrape}"
+    );
+    core.stop().await;
+    persist.stop().await;
 }

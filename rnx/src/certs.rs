@@ -1,0 +1,147 @@
+//! `rnx certs init`: a CA, a server certificate, admin and viewer client certificates, core's
+//! client certificate for persist, and rnx configs with the client certificates embedded.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+
+use crate::Failure;
+
+pub struct Options {
+    pub out: PathBuf,
+    pub hosts: Vec<String>,
+    pub days: u32,
+    pub core_port: u16,
+    pub persist_port: u16,
+    pub force: bool,
+}
+
+fn failed(what: &str, error: impl std::fmt::Display) -> Failure {
+    Failure::Usage(format!("certs: {what}: {error}"))
+}
+
+fn write(path: &Path, contents: &str, private: bool) -> Result<(), Failure> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(|e| failed(&path.display().to_string(), e))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| failed(&path.display().to_string(), e))
+}
+
+/// Valid from yesterday (clock skew between hosts) for `days` days.
+fn validity(params: &mut CertificateParams, days: u32) {
+    use chrono::Datelike;
+    let day = |offset: i64| {
+        let date = (chrono::Utc::now() + chrono::Duration::days(offset)).date_naive();
+        rcgen::date_time_ymd(date.year(), date.month() as u8, date.day() as u8)
+    };
+    params.not_before = day(-1);
+    params.not_after = day(i64::from(days));
+}
+
+fn name(common: &str, unit: Option<&str>) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "joblet");
+    if let Some(unit) = unit {
+        name.push(DnType::OrganizationalUnitName, unit);
+    }
+    name.push(DnType::CommonName, common);
+    name
+}
+
+pub fn init(options: Options) -> Result<(), Failure> {
+    std::fs::create_dir_all(&options.out).map_err(|e| failed("create output directory", e))?;
+    let ca_path = options.out.join("ca.pem");
+    if ca_path.exists() && !options.force {
+        return Err(Failure::Usage(format!(
+            "certs: {} exists; use --force to replace the CA (every certificate it signed stops working)",
+            ca_path.display()
+        )));
+    }
+
+    let mut ca_params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| failed("CA", e))?;
+    ca_params.distinguished_name = name("joblet CA", None);
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut ca_params, options.days);
+    let ca_key = KeyPair::generate().map_err(|e| failed("CA key", e))?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(|e| failed("CA", e))?;
+    write(&ca_path, &ca.pem(), false)?;
+    write(&options.out.join("ca-key.pem"), &ca_key_pem, true)?;
+
+    let mut hosts = options.hosts.clone();
+    for default in ["localhost", "127.0.0.1"] {
+        if !hosts.iter().any(|h| h == default) {
+            hosts.push(default.to_owned());
+        }
+    }
+    let leaf = |file: &str,
+                common: &str,
+                unit: Option<&str>,
+                sans: Vec<String>,
+                server: bool|
+     -> Result<(String, String), Failure> {
+        let mut params = CertificateParams::new(sans).map_err(|e| failed(file, e))?;
+        params.distinguished_name = name(common, unit);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        validity(&mut params, options.days);
+        let key = KeyPair::generate().map_err(|e| failed(file, e))?;
+        let cert = params.signed_by(&key, &ca).map_err(|e| failed(file, e))?;
+        write(&options.out.join(format!("{file}.pem")), &cert.pem(), false)?;
+        write(
+            &options.out.join(format!("{file}-key.pem")),
+            &key.serialize_pem(),
+            true,
+        )?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    leaf("server", &hosts[0], None, hosts.clone(), true)?;
+    leaf(
+        "core-client",
+        "joblet-core",
+        Some("admin"),
+        Vec::new(),
+        false,
+    )?;
+    let admin = leaf("admin", "rnx-admin", Some("admin"), Vec::new(), false)?;
+    let viewer = leaf("viewer", "rnx-viewer", Some("viewer"), Vec::new(), false)?;
+
+    let host = &hosts[0];
+    for (file, (cert, key)) in [("rnx-config.yml", admin), ("viewer-rnx-config.yml", viewer)] {
+        let config = format!(
+            "# Written by rnx certs init.\nnodes:\n  default:\n    address: \"{host}:{core}\"\n    persistAddress: \"{host}:{persist}\"\n    cert: |\n{cert}    key: |\n{key}    ca: |\n{ca}",
+            core = options.core_port,
+            persist = options.persist_port,
+            cert = indent(&cert),
+            key = indent(&key),
+            ca = indent(&ca.pem()),
+        );
+        write(&options.out.join(file), &config, true)?;
+    }
+    println!(
+        "wrote a CA, a server certificate for {}, admin, viewer and core client certificates and rnx-config.yml / viewer-rnx-config.yml to {}",
+        hosts.join(", "),
+        options.out.display()
+    );
+    Ok(())
+}
+
+fn indent(pem: &str) -> String {
+    pem.lines().map(|line| format!("      {line}\n")).collect()
+}
