@@ -98,6 +98,19 @@ impl JobManager {
                 message: "must not be empty".into(),
             });
         }
+        if id_or_prefix.len() > 36
+            || !id_or_prefix
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == '-')
+        {
+            return Err(CoreError::InvalidArgument {
+                field: "uuid",
+                message: format!(
+                    "{:?} is not a job id (a UUID or a prefix of one)",
+                    id_or_prefix.chars().take(64).collect::<String>()
+                ),
+            });
+        }
         let jobs = self.jobs.read().unwrap_or_else(|e| e.into_inner());
         if let Some(job) = jobs.get(id_or_prefix) {
             return Ok(job.clone());
@@ -125,6 +138,9 @@ impl JobManager {
             ));
         }
         let spec = JobSpec::from_request(request, &self.config.jobs)?;
+        if let Some(dir) = &spec.work_dir {
+            refuse_symlinks(dir, &spec.uploads)?;
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let work_dir = spec
             .work_dir
@@ -505,10 +521,10 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-fn write_uploads(work_dir: &Path, uploads: &[crate::spec::Upload]) -> Result<(), CoreError> {
+/// Refuses uploads that would be written through a symlink in the work dir (which could
+/// point anywhere on the host).
+fn refuse_symlinks(work_dir: &Path, uploads: &[crate::spec::Upload]) -> Result<(), CoreError> {
     for upload in uploads {
-        let target = work_dir.join(&upload.path);
-        // Refuse to write through a symlink planted in the work dir.
         let mut checked = work_dir.to_path_buf();
         for component in upload.path.components() {
             checked.push(component);
@@ -519,6 +535,15 @@ fn write_uploads(work_dir: &Path, uploads: &[crate::spec::Upload]) -> Result<(),
                 });
             }
         }
+    }
+    Ok(())
+}
+
+fn write_uploads(work_dir: &Path, uploads: &[crate::spec::Upload]) -> Result<(), CoreError> {
+    // Checked again here: the work dir may have changed since the request was accepted.
+    refuse_symlinks(work_dir, uploads)?;
+    for upload in uploads {
+        let target = work_dir.join(&upload.path);
         let io = |e: std::io::Error| {
             CoreError::Internal(format!("upload {}: {e}", upload.path.display()))
         };

@@ -64,8 +64,20 @@ fn field(ready: &str, name: &str) -> Option<String> {
 
 /// Starts joblet-core with state in `dir`, persist socket `dir/persist.sock`, and `extra` YAML.
 pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
+    // `extra` may start with a grpc: block; its keys join the harness's own.
+    let (grpc_extra, extra) = match extra.strip_prefix("grpc:\n") {
+        Some(rest) => {
+            let end: usize = rest
+                .lines()
+                .take_while(|line| line.starts_with("  "))
+                .map(|line| line.len() + 1)
+                .sum();
+            rest.split_at(end)
+        }
+        None => ("", extra),
+    };
     let config = format!(
-        "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: 127.0.0.1:{port}\nstate_dir: {state}\n{extra}",
+        "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\n{grpc_extra}metrics:\n  listen: 127.0.0.1:{port}\nstate_dir: {state}\n{extra}",
         port = free_port(),
         state = dir.join("state").display(),
     );

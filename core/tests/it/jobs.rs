@@ -345,3 +345,56 @@ async fn bad_requests_are_refused_with_the_field_named() {
     );
     core.terminate().await;
 }
+
+#[tokio::test]
+async fn hostile_ids_symlinks_and_oversized_requests_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "grpc:\n  max_request_size: 1 MiB\n").await;
+    let mut client = core.client().await;
+
+    for id in ["../../etc", "x'; DROP", &"a".repeat(100)] {
+        let status = client
+            .get_job_status(GetJobStatusRequest {
+                uuid: id.to_owned(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{id}");
+        assert!(status.message().contains("uuid"), "{}", status.message());
+    }
+
+    // An upload through a symlink planted in a work dir is refused before anything runs.
+    let work = dir.path().join("shared-work");
+    std::fs::create_dir_all(&work).unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, work.join("link")).unwrap();
+    let mut request = shell("true");
+    request.work_dir = work.display().to_string();
+    request.uploads.push(FileUpload {
+        path: "link/owned.txt".into(),
+        content: "x".into(),
+        ..Default::default()
+    });
+    let status = client.run_job(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("symlink"), "{}", status.message());
+    assert!(!outside.join("owned.txt").exists());
+
+    // A request over grpc.max_request_size is refused whole.
+    let mut request = shell("true");
+    request.uploads.push(FileUpload {
+        path: "big.bin".into(),
+        content: vec![0u8; 2 << 20].into(),
+        ..Default::default()
+    });
+    let status = client.run_job(request).await.unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Ok);
+    let listed = client
+        .list_jobs(EmptyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty(), "nothing was created: {listed:?}");
+    core.terminate().await;
+}
