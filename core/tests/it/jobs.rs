@@ -51,7 +51,7 @@ async fn a_job_runs_and_its_output_and_exit_code_are_reported() {
     assert_eq!(status(&mut client, &id[..8]).await.uuid, id);
     let missing = client
         .get_job_status(GetJobStatusRequest {
-            uuid: "ffffffff-no".into(),
+            uuid: "ffffffff-0000".into(),
         })
         .await
         .unwrap_err();
