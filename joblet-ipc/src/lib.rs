@@ -27,6 +27,7 @@
 //! while persist is unreachable).
 
 pub mod codec;
+pub mod daemon;
 pub mod message;
 pub mod metrics;
 mod queue;

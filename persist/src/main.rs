@@ -37,14 +37,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    joblet_ipc::daemon::init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -87,7 +80,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let persist = Persist::open(config).await?;
 
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
+    joblet_ipc::daemon::cancel_on_signals(shutdown.clone()).context("install signal handlers")?;
     tracing::info!(grpc = %grpc_address, ipc = %socket.display(), "joblet-persist ready");
     // One line on stdout for scripts and tests that start the daemon with port 0.
     println!(
@@ -96,18 +89,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics_address.map_or("off".to_owned(), |a| a.to_string())
     );
     persist.serve(grpc, shutdown).await
-}
-
-fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        shutdown.cancel();
-    });
-    Ok(())
 }

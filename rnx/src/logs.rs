@@ -13,14 +13,15 @@ use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 
 use bytes::Bytes;
-use joblet_proto::joblet::{GetJobStatusRequest, LogStream, StreamLogsRequest};
-use joblet_proto::persist::{ListJobsRequest, QueryLogsRequest, StreamType};
+use joblet_proto::joblet::{LogStream, StreamLogsRequest};
+use joblet_proto::persist::{QueryLogsRequest, StreamType};
 use serde_json::json;
 
 use crate::cli::LogArgs;
 use crate::config::Node;
+use crate::hybrid::Sources;
 use crate::output::{flush, json_line, write};
-use crate::{Failure, connect, timespec};
+use crate::{Failure, timespec};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
@@ -148,43 +149,8 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
         return Err(Failure::Usage("--until must be after --since".into()));
     }
 
-    let core = connect::core(node).await;
-    let persist = connect::persist(node).await;
-    let (mut core, core_error) = match core {
-        Ok(client) => (Some(client), None),
-        Err(failure) => (None, Some(failure)),
-    };
-    let mut persist = match persist {
-        Ok(client) => client,
-        Err(failure) => {
-            eprintln!("rnx: warning: {failure}; reading everything from joblet-core");
-            None
-        }
-    };
-    if core.is_none() && persist.is_none() {
-        return Err(
-            core_error.unwrap_or_else(|| Failure::Unavailable("no daemon reachable".into()))
-        );
-    }
-
-    // Resolve the job on core (it accepts prefixes); fall back to persist's job list.
-    let mut job_id = args.id.clone();
-    let mut core_has_job = false;
-    if let Some(client) = core.as_mut() {
-        match client
-            .get_job_status(GetJobStatusRequest {
-                uuid: args.id.clone(),
-            })
-            .await
-        {
-            Ok(status) => {
-                job_id = status.into_inner().uuid;
-                core_has_job = true;
-            }
-            Err(status) if status.code() == tonic::Code::NotFound => {}
-            Err(status) => return Err(status.into()),
-        }
-    }
+    let mut sources = Sources::open(node, &args.id).await?;
+    let core_has_job = sources.core_has_job;
 
     let mut printer = Printer {
         out: BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()),
@@ -200,21 +166,11 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
     // History.
     let mut through = 0u64;
     let mut history_used = false;
-    if let Some(client) = persist.as_mut() {
-        let summaries = client
-            .list_jobs(ListJobsRequest {
-                job_id_prefix: job_id.clone(),
-            })
-            .await
-            .map(|r| r.into_inner().jobs)
-            .unwrap_or_default();
-        let summary = summaries
-            .iter()
-            .find(|s| s.job_id == job_id)
-            .or_else(|| (summaries.len() == 1 && !core_has_job).then(|| &summaries[0]));
+    let summary = sources.summary().await;
+    let job_id = sources.job_id.clone();
+    if let Some(client) = sources.persist.as_mut() {
         match summary {
             Some(summary) if summary.log_lines == summary.last_log_sequence || !core_has_job => {
-                job_id = summary.job_id.clone();
                 through = summary.last_log_sequence;
                 history_used = true;
                 let mut stream = client
@@ -256,7 +212,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
     }
 
     // Live.
-    match core.as_mut() {
+    match sources.core.as_mut() {
         Some(client) if core_has_job => {
             // With --tail, first take what exists now, print the tail, then follow.
             let passes: &[bool] = match (args.tail.is_some(), args.follow) {
@@ -299,7 +255,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
             }
         }
         _ if history_used => {
-            if let Some(error) = core_error {
+            if let Some(error) = sources.core_error {
                 eprintln!("rnx: warning: {error}; showing history only");
             }
         }

@@ -8,6 +8,7 @@ mod certs;
 mod cli;
 mod config;
 mod connect;
+mod hybrid;
 mod jobs;
 mod logs;
 mod metrics;

@@ -3,14 +3,15 @@
 
 use std::io::BufWriter;
 
-use joblet_proto::joblet::{GetJobStatusRequest, JobMetricsEvent, StreamMetricsRequest};
-use joblet_proto::persist::{ListJobsRequest, QueryMetricsRequest};
+use joblet_proto::joblet::{JobMetricsEvent, StreamMetricsRequest};
+use joblet_proto::persist::QueryMetricsRequest;
 use serde_json::json;
 
 use crate::cli::MetricsArgs;
 use crate::config::Node;
+use crate::hybrid::Sources;
 use crate::output::{flush, human_bytes, json_line, write};
-use crate::{Failure, connect, timespec};
+use crate::{Failure, timespec};
 
 pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Failure> {
     let parse = |flag: &str, value: &Option<String>| -> Result<Option<i64>, Failure> {
@@ -25,56 +26,18 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
         since.is_none_or(|s| e.timestamp >= s) && until.is_none_or(|u| e.timestamp < u)
     };
 
-    let (mut core, core_error) = match connect::core(node).await {
-        Ok(client) => (Some(client), None),
-        Err(failure) => (None, Some(failure)),
-    };
-    let mut persist = connect::persist(node).await.unwrap_or_else(|failure| {
-        eprintln!("rnx: warning: {failure}; reading everything from joblet-core");
-        None
-    });
-    if core.is_none() && persist.is_none() {
-        return Err(
-            core_error.unwrap_or_else(|| Failure::Unavailable("no daemon reachable".into()))
-        );
-    }
-    let mut job_id = args.id.clone();
-    let mut core_has_job = false;
-    if let Some(client) = core.as_mut() {
-        match client
-            .get_job_status(GetJobStatusRequest {
-                uuid: args.id.clone(),
-            })
-            .await
-        {
-            Ok(status) => {
-                job_id = status.into_inner().uuid;
-                core_has_job = true;
-            }
-            Err(status) if status.code() == tonic::Code::NotFound => {}
-            Err(status) => return Err(status.into()),
-        }
-    }
+    let mut sources = Sources::open(node, &args.id).await?;
+    let core_has_job = sources.core_has_job;
 
     let mut view = View::new(json, args.chart, args.follow);
     let mut through = 0;
     let mut history_used = false;
-    if let Some(client) = persist.as_mut() {
-        let summaries = client
-            .list_jobs(ListJobsRequest {
-                job_id_prefix: job_id.clone(),
-            })
-            .await
-            .map(|r| r.into_inner().jobs)
-            .unwrap_or_default();
-        let summary = summaries
-            .iter()
-            .find(|s| s.job_id == job_id)
-            .or_else(|| (summaries.len() == 1 && !core_has_job).then(|| &summaries[0]));
+    let summary = sources.summary().await;
+    let job_id = sources.job_id.clone();
+    if let Some(client) = sources.persist.as_mut() {
         if let Some(summary) = summary
             && (summary.metric_samples == summary.last_metric_sequence || !core_has_job)
         {
-            job_id = summary.job_id.clone();
             through = summary.last_metric_sequence;
             history_used = true;
             let mut stream = client
@@ -99,7 +62,7 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
             );
         }
     }
-    match core.as_mut() {
+    match sources.core.as_mut() {
         Some(client) if core_has_job => {
             let mut stream = client
                 .stream_metrics(StreamMetricsRequest {
