@@ -192,7 +192,9 @@ async fn follow_switches_from_history_to_live_without_gap_or_duplicate() {
 async fn time_tail_stream_and_grep_filters_apply_across_both_sources() {
     let node = Node::start(true).await;
     let id = node
-        .run("echo one; echo err-one >&2; sleep 0.4; echo two; sleep 0.4; echo three ERROR; echo err-two >&2")
+        // Sleeps separate lines of different streams: stdout and stderr are read by separate
+        // pumps, so lines written back to back on both may be stamped in either order.
+        .run("echo one; sleep 0.2; echo err-one >&2; sleep 0.4; echo two; sleep 0.4; echo three ERROR; sleep 0.2; echo err-two >&2")
         .await;
     node.wait_ended(&id).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // replication
