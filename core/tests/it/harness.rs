@@ -16,6 +16,10 @@ use tonic::transport::Channel;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Held by tests that load the CPU or measure it, so that they do not run at the same time
+/// (cargo runs a binary's tests in parallel; this machine has two cores).
+pub static CPU_BOUND: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub struct Daemon {
     pub child: Child,
     pub grpc: SocketAddr,

@@ -26,6 +26,7 @@ async fn a_job_over_its_memory_limit_is_oom_killed_and_failed() {
 
 #[tokio::test]
 async fn max_cpu_50_holds_a_busy_loop_to_half_a_core() {
+    let _alone = harness::CPU_BOUND.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let core = harness::start_core(
         dir.path(),

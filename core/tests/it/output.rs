@@ -10,6 +10,7 @@ use crate::harness::{self, finished, records, run, shell};
 
 #[tokio::test]
 async fn a_million_lines_arrive_complete_in_order_and_separated() {
+    let _alone = harness::CPU_BOUND.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let core = harness::start_core(dir.path(), "persist:\n  enabled: false\n").await;
     let mut client = core.client().await;
@@ -71,6 +72,7 @@ async fn persisted_lines(persist: &harness::Daemon, id: &str) -> Vec<(u64, Vec<u
 
 #[tokio::test]
 async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
+    let _alone = harness::CPU_BOUND.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let persist = harness::start_persist(dir.path()).await;
     let core = harness::start_core(dir.path(), "").await;
