@@ -213,17 +213,12 @@ impl Config {
         if self.state_dir.as_os_str().is_empty() {
             bail!("state_dir: must not be empty");
         }
-        if self.grpc.insecure && !self.grpc.listen.ip().is_loopback() {
-            bail!(
-                "grpc.insecure: plaintext is refused on the non-loopback address {}",
-                self.grpc.listen
-            );
-        }
-        if !self.grpc.insecure && self.grpc.tls.is_none() {
-            bail!(
-                "grpc.tls: certificates are required (or grpc.insecure: true on a loopback address)"
-            );
-        }
+        joblet_ipc::tls::check_listener(
+            self.grpc.listen,
+            self.grpc.tls.as_ref(),
+            self.grpc.insecure,
+        )
+        .map_err(anyhow::Error::msg)?;
         if self.persist.buffer_size == 0 {
             bail!("persist.buffer_size: must be greater than zero");
         }

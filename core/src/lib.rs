@@ -93,17 +93,13 @@ impl Core {
         });
         ::metrics::gauge!(metrics::UP).set(1.0);
         let grpc_config = &manager.config().grpc;
-        let tls = match (&grpc_config.tls, grpc_config.insecure) {
-            (Some(files), false) => Some(files.server_config().context("grpc.tls")?),
-            _ => {
-                tracing::warn!(listen = %grpc_config.listen, "grpc.insecure: serving plaintext gRPC without client certificates");
-                None
-            }
-        };
-        let auth = match tls {
-            Some(_) => joblet_ipc::tls::AuthLayer::new(service::read_only),
-            None => joblet_ipc::tls::AuthLayer::disabled(),
-        };
+        let (tls, auth) = joblet_ipc::tls::listener_security(
+            grpc_config.listen,
+            grpc_config.tls.as_ref(),
+            grpc_config.insecure,
+            service::read_only,
+        )
+        .context("grpc.tls")?;
         let max_request = grpc_config.max_request_size.as_u64() as usize;
         let router = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))

@@ -52,6 +52,44 @@ impl TlsFiles {
     }
 }
 
+/// The listener rule both daemons share: mutual TLS, or plaintext explicitly asked for
+/// (`grpc.insecure`) and only on a loopback address.
+pub fn check_listener(
+    listen: SocketAddr,
+    tls: Option<&TlsFiles>,
+    insecure: bool,
+) -> Result<(), String> {
+    if insecure && !listen.ip().is_loopback() {
+        return Err(format!(
+            "grpc.insecure: plaintext is refused on the non-loopback address {listen}"
+        ));
+    }
+    if !insecure && tls.is_none() {
+        return Err(
+            "grpc.tls: certificates are required (or grpc.insecure: true on a loopback address)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// What a listener serves with: the TLS configuration (None for plaintext, warned about) and
+/// the matching role check.
+pub fn listener_security(
+    listen: SocketAddr,
+    tls: Option<&TlsFiles>,
+    insecure: bool,
+    read_only: ReadOnly,
+) -> Result<(Option<Arc<rustls::ServerConfig>>, AuthLayer), TlsError> {
+    match tls.filter(|_| !insecure) {
+        Some(files) => Ok((Some(files.server_config()?), AuthLayer::new(read_only))),
+        None => {
+            tracing::warn!(%listen, "grpc.insecure: serving plaintext gRPC without client certificates");
+            Ok((None, AuthLayer::disabled()))
+        }
+    }
+}
+
 pub const AUTH_DENIED: &str = "joblet_auth_denied_total";
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -278,11 +278,12 @@ impl Config {
         if !(1024..=u32::MAX as u64).contains(&frame) {
             bail!("ipc.max_frame_size: must be between 1 KiB and 4 GiB, got {frame} bytes");
         }
-        validate_grpc(
+        joblet_ipc::tls::check_listener(
             self.grpc.listen,
-            self.grpc.tls.is_some(),
+            self.grpc.tls.as_ref(),
             self.grpc.insecure,
-        )?;
+        )
+        .map_err(anyhow::Error::msg)?;
         if self.storage.background_sync_interval.is_zero() {
             bail!("storage.background_sync_interval: must be greater than zero");
         }
@@ -297,17 +298,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// Either mutual TLS, or plaintext explicitly asked for on a loopback address.
-pub fn validate_grpc(listen: SocketAddr, tls: bool, insecure: bool) -> anyhow::Result<()> {
-    if insecure && !listen.ip().is_loopback() {
-        bail!("grpc.insecure: plaintext is refused on the non-loopback address {listen}");
-    }
-    if !insecure && !tls {
-        bail!("grpc.tls: certificates are required (or grpc.insecure: true on a loopback address)");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

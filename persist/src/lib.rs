@@ -95,17 +95,13 @@ impl Persist {
             config.query.max_tail,
         ))
         .max_decoding_message_size(config.grpc.max_request_size.as_u64() as usize);
-        let tls = match (&config.grpc.tls, config.grpc.insecure) {
-            (Some(files), false) => Some(files.server_config().context("grpc.tls")?),
-            _ => {
-                tracing::warn!(listen = %config.grpc.listen, "grpc.insecure: serving plaintext gRPC without client certificates");
-                None
-            }
-        };
-        let auth = match tls {
-            Some(_) => joblet_ipc::tls::AuthLayer::new(service::read_only),
-            None => joblet_ipc::tls::AuthLayer::disabled(),
-        };
+        let (tls, auth) = joblet_ipc::tls::listener_security(
+            config.grpc.listen,
+            config.grpc.tls.as_ref(),
+            config.grpc.insecure,
+            service::read_only,
+        )
+        .context("grpc.tls")?;
         let router = tonic::transport::Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
