@@ -3,8 +3,8 @@
 //! It runs jobs ([`manager`]) as processes in their own cgroups ([`cgroup`]) and namespaces
 //! ([`spawn`]), captures their output into sequenced, timestamped lines kept in a spool file
 //! ([`output`]) and samples their resource use ([`metrics_log`]); it streams both live over
-//! gRPC ([`service`]) and replicates them to joblet-persist through `joblet-ipc`, replaying
-//! from the spool what persist missed ([`replicate`]). Persist being disabled, absent or down
+//! gRPC ([`service`]) and replicates them to joblet-persist through `joblet-ipc`, reading the
+//! spool behind the job from what persist last acknowledged ([`replicate`]). Persist being disabled, absent or down
 //! never stops a job from running.
 
 pub mod cgroup;
@@ -84,13 +84,6 @@ impl Core {
     /// returns.
     pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Core { manager, sender } = self;
-        let replay = sender.as_ref().map(|(sender, _, _)| {
-            tokio::spawn(replicate::run(
-                manager.clone(),
-                sender.clone(),
-                shutdown.clone(),
-            ))
-        });
         ::metrics::gauge!(metrics::UP).set(1.0);
         let grpc_config = &manager.config().grpc;
         let (tls, auth) = joblet_ipc::tls::listener_security(
@@ -133,9 +126,6 @@ impl Core {
         };
         shutdown.cancel();
         manager.shutdown().await;
-        if let Some(replay) = replay {
-            let _ = replay.await;
-        }
         if let Some((_, task, sender_shutdown)) = sender {
             sender_shutdown.cancel();
             let _ = task.await;

@@ -25,16 +25,19 @@ use crate::job::{EndRequest, Job, Status};
 use crate::metrics as m;
 use crate::metrics_log::MetricsLog;
 use crate::output::{self, Output};
+use crate::replicate::Replication;
 use crate::spawn::{SpawnSpec, spawn};
 use crate::spec::JobSpec;
 
 /// How long shutdown waits for killed jobs to finish their output.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// How long shutdown then waits for persist to acknowledge what is not yet replicated.
+const REPLICATION_DRAIN_WAIT: Duration = Duration::from_secs(30);
 
 pub struct JobManager {
     config: Config,
     cgroups: CgroupRoot,
-    replication: Option<IpcSender>,
+    replication: Option<Replication>,
     jobs: RwLock<HashMap<String, Arc<Job>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -65,7 +68,7 @@ impl JobManager {
         let manager = Arc::new(JobManager {
             config,
             cgroups,
-            replication,
+            replication: replication.map(Replication::new),
             jobs: RwLock::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown,
@@ -80,7 +83,7 @@ impl JobManager {
     }
 
     pub fn replication(&self) -> Option<&IpcSender> {
-        self.replication.as_ref()
+        self.replication.as_ref().map(Replication::sender)
     }
 
     pub fn jobs(&self) -> Vec<Arc<Job>> {
@@ -147,10 +150,13 @@ impl JobManager {
             .clone()
             .unwrap_or_else(|| self.config.jobs.work_root.join(&id));
         let spool = self.spool_dir.join(format!("{id}.log"));
-        let output = Output::create(&id, &spool, self.replication.clone())
+        let output = Output::create(&id, &spool)
             .map_err(|e| CoreError::Internal(format!("create spool {}: {e}", spool.display())))?;
-        let metrics = Arc::new(MetricsLog::new(&id, self.replication.clone()));
+        let metrics = Arc::new(MetricsLog::new());
         let job = Arc::new(Job::new(id.clone(), spec, work_dir, output, metrics));
+        if let Some(replication) = &self.replication {
+            replication.watch(&job);
+        }
         self.jobs
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -255,14 +261,8 @@ impl JobManager {
 
         let max_line = self.config.jobs.max_line_length.as_u64() as usize;
         for (stream, pipe) in [
-            (
-                LogStream::Stdout,
-                child.stdout.take().map(PipeReader::Stdout),
-            ),
-            (
-                LogStream::Stderr,
-                child.stderr.take().map(PipeReader::Stderr),
-            ),
+            (LogStream::Stdout, child.stdout.take().map(output_pipe)),
+            (LogStream::Stderr, child.stderr.take().map(output_pipe)),
         ] {
             let Some(pipe) = pipe else { continue };
             let output = job.output.clone();
@@ -448,7 +448,7 @@ impl JobManager {
         if job.spec.work_dir.is_none() {
             let _ = std::fs::remove_dir_all(&job.work_dir);
         }
-        if let Some(sender) = &self.replication {
+        if let Some(sender) = self.replication() {
             sender.forget_job(&job.id);
         }
         if let Some(target) = self.config.persist.query_target()
@@ -483,6 +483,9 @@ impl JobManager {
         {
             tracing::warn!("some jobs did not finish within the shutdown wait");
         }
+        if let Some(replication) = &self.replication {
+            replication.drain(REPLICATION_DRAIN_WAIT).await;
+        }
         self.cgroups.remove_parent();
     }
 
@@ -498,18 +501,18 @@ impl JobManager {
     }
 }
 
-enum PipeReader {
-    Stdout(std::process::ChildStdout),
-    Stderr(std::process::ChildStderr),
-}
+/// Pipe capacity asked for the job's stdout and stderr (Linux's default limit for
+/// unprivileged processes): the job can write on while its pump thread waits for a CPU.
+const PIPE_BYTES: i32 = 1024 * 1024;
 
-impl std::io::Read for PipeReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            PipeReader::Stdout(pipe) => pipe.read(buf),
-            PipeReader::Stderr(pipe) => pipe.read(buf),
-        }
+/// The read end of a job's output pipe as a file, enlarged to [`PIPE_BYTES`] when the kernel
+/// allows.
+fn output_pipe(pipe: impl Into<std::os::fd::OwnedFd>) -> std::fs::File {
+    let file = std::fs::File::from(pipe.into());
+    if let Err(error) = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES)) {
+        tracing::debug!(%error, "cannot enlarge the output pipe");
     }
+    file
 }
 
 /// The waiter already maps signal deaths to 128+N; a waiter killed itself shows as a signal.

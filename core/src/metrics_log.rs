@@ -1,9 +1,10 @@
-//! A job's resource samples: kept in memory (bounded), streamed live and replicated.
+//! A job's resource samples: kept in memory (bounded), streamed live and replicated (by
+//! [`crate::replicate`], which reads them like any other subscriber).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use joblet_ipc::{IpcSender, MetricData};
+use joblet_ipc::MetricData;
 use tokio::sync::watch;
 
 /// Samples kept per job; older ones are only in joblet-persist. One per second is a day.
@@ -23,29 +24,29 @@ pub struct SampleProgress {
 }
 
 pub struct MetricsLog {
-    job_id: String,
     samples: Mutex<State>,
     progress: watch::Sender<SampleProgress>,
-    replication: Option<IpcSender>,
 }
 
 struct State {
     samples: VecDeque<Sample>,
     next_sequence: u64,
-    replay_from: Option<u64>,
+}
+
+impl Default for MetricsLog {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MetricsLog {
-    pub fn new(job_id: &str, replication: Option<IpcSender>) -> Self {
+    pub fn new() -> Self {
         MetricsLog {
-            job_id: job_id.to_owned(),
             samples: Mutex::new(State {
                 samples: VecDeque::new(),
                 next_sequence: 1,
-                replay_from: None,
             }),
             progress: watch::Sender::new(SampleProgress::default()),
-            replication,
         }
     }
 
@@ -57,12 +58,6 @@ impl MetricsLog {
         let mut state = self.lock();
         let sequence = state.next_sequence;
         state.next_sequence += 1;
-        if let Some(sender) = &self.replication {
-            let message = joblet_ipc::metric_message(&self.job_id, sequence, timestamp, &data);
-            if sender.try_send(message).is_err() {
-                state.replay_from = Some(state.replay_from.map_or(sequence, |s| s.min(sequence)));
-            }
-        }
         if state.samples.len() == MAX_SAMPLES {
             state.samples.pop_front();
         }
@@ -94,14 +89,5 @@ impl MetricsLog {
 
     pub fn subscribe(&self) -> watch::Receiver<SampleProgress> {
         self.progress.subscribe()
-    }
-
-    pub fn take_replay_from(&self) -> Option<u64> {
-        self.lock().replay_from.take()
-    }
-
-    pub fn mark_replay_from(&self, sequence: u64) {
-        let mut state = self.lock();
-        state.replay_from = Some(state.replay_from.map_or(sequence, |s| s.min(sequence)));
     }
 }

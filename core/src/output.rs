@@ -1,12 +1,14 @@
-//! A job's output: captured lines, the spool file, live readers and replication.
+//! A job's output: captured lines, the spool file and live readers.
 //!
 //! Two pump threads (stdout, stderr) read the job's pipes, split lines (a line longer than the
-//! configured maximum becomes several records; a last line without newline is kept) and call
-//! [`Output::append`], which under one lock gives each line the job's next sequence number and
-//! a nanosecond timestamp (never decreasing), appends it to the spool file, offers it to the
-//! replication queue, and publishes the new end of the spool. Readers ([`SpoolReader`]) read
-//! the spool file at their own pace and wait on that progress signal when they reach the end:
-//! a slow reader never slows the job, and memory does not grow with the number of readers.
+//! configured maximum becomes several records; a last line without newline is kept) and hand
+//! each read's lines to one [`Append`], which under one lock gives every line the job's next
+//! sequence number and the read's nanosecond timestamp (never decreasing), encodes them into
+//! one buffer, appends it to the spool file with one write and publishes the new end of the
+//! spool. No allocation happens per line. Readers ([`SpoolReader`]) — live subscribers and the
+//! replication to joblet-persist alike — read the spool file at their own pace and wait on that
+//! progress signal when they reach the end: a slow reader (or persist being slow or down) never
+//! slows the job, and memory does not grow with the number of readers.
 //!
 //! Spool format: frames of `joblet.LogRecord` (4-byte big-endian length + protobuf), the same
 //! framing as the IPC stream.
@@ -15,12 +17,12 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
-use joblet_ipc::IpcSender;
+use bytes::{BufMut, BytesMut};
 use joblet_proto::joblet::{LogRecord, LogStream};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 
@@ -30,7 +32,7 @@ const INDEX_EVERY: u64 = 1024;
 /// Bytes a reader takes from the spool per read.
 const READ_CHUNK: u64 = 1024 * 1024;
 /// Size of each pipe read.
-const PIPE_READ: usize = 64 * 1024;
+const PIPE_READ: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -49,8 +51,6 @@ struct SpoolState {
     /// (sequence, offset of its frame), every INDEX_EVERY records.
     index: Vec<(u64, u64)>,
     buffer: BytesMut,
-    /// Lowest sequence the replication queue refused since the last replay.
-    replay_from: Option<u64>,
     write_failed: bool,
 }
 
@@ -59,7 +59,6 @@ pub struct Output {
     path: PathBuf,
     state: Mutex<SpoolState>,
     progress: watch::Sender<Progress>,
-    replication: Option<IpcSender>,
 }
 
 pub fn now_ns() -> i64 {
@@ -69,11 +68,7 @@ pub fn now_ns() -> i64 {
 }
 
 impl Output {
-    pub fn create(
-        job_id: &str,
-        path: &Path,
-        replication: Option<IpcSender>,
-    ) -> io::Result<Arc<Output>> {
+    pub fn create(job_id: &str, path: &Path) -> io::Result<Arc<Output>> {
         let file = std::fs::OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -89,76 +84,36 @@ impl Output {
                 end_offset: 0,
                 index: Vec::new(),
                 buffer: BytesMut::with_capacity(PIPE_READ * 2),
-                replay_from: None,
                 write_failed: false,
             }),
             progress: watch::Sender::new(Progress::default()),
-            replication,
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, SpoolState> {
+    fn lock(&self) -> MutexGuard<'_, SpoolState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records `lines` of `stream`, in order.
-    pub fn append(&self, stream: LogStream, lines: Vec<Bytes>) {
-        if lines.is_empty() {
-            return;
-        }
-        let ipc_stream = match stream {
-            LogStream::Stderr => joblet_ipc::Stream::Stderr,
-            _ => joblet_ipc::Stream::Stdout,
-        };
+    /// Starts recording lines of `stream` read now; they are written and published when the
+    /// returned [`Append`] is dropped.
+    pub fn append(&self, stream: LogStream) -> Append<'_> {
         let mut state = self.lock();
-        let state = &mut *state;
-        for content in lines {
-            let sequence = state.next_sequence;
-            state.next_sequence += 1;
-            let timestamp = now_ns().max(state.last_timestamp);
-            state.last_timestamp = timestamp;
-            if sequence % INDEX_EVERY == 1 {
-                let offset = state.end_offset + state.buffer.len() as u64;
-                state.index.push((sequence, offset));
-            }
-            let record = LogRecord {
-                stream: stream as i32,
-                timestamp,
-                sequence,
-                content,
-            };
-            // Lines are bounded by max_line_length, far below any frame limit.
-            let _ = joblet_ipc::codec::encode_frame(&record, usize::MAX, &mut state.buffer);
-            if let Some(sender) = &self.replication {
-                let message = joblet_ipc::log_message(
-                    &self.job_id,
-                    sequence,
-                    timestamp,
-                    ipc_stream,
-                    record.content,
-                );
-                if sender.try_send(message).is_err() {
-                    state.replay_from =
-                        Some(state.replay_from.map_or(sequence, |s| s.min(sequence)));
-                }
-            }
+        let timestamp = now_ns().max(state.last_timestamp);
+        state.last_timestamp = timestamp;
+        Append {
+            output: self,
+            state,
+            stream,
+            timestamp,
         }
-        match state.file.write_all(&state.buffer) {
-            Ok(()) => state.end_offset += state.buffer.len() as u64,
-            Err(error) => {
-                if !state.write_failed {
-                    tracing::error!(job_id = %self.job_id, %error, "cannot write the job's spool file; live readers miss lines from here");
-                    state.write_failed = true;
-                }
-            }
+    }
+
+    /// Records `lines` of `stream`, in order.
+    pub fn append_lines<'a>(&self, stream: LogStream, lines: impl IntoIterator<Item = &'a [u8]>) {
+        let mut append = self.append(stream);
+        for line in lines {
+            append.line(line);
         }
-        state.buffer.clear();
-        let progress = Progress {
-            last_sequence: state.next_sequence - 1,
-            end_offset: state.end_offset,
-            finished: false,
-        };
-        self.progress.send_replace(progress);
     }
 
     /// No more lines will come.
@@ -172,17 +127,6 @@ impl Output {
 
     pub fn job_id(&self) -> &str {
         &self.job_id
-    }
-
-    /// Takes the lowest sequence that failed to replicate since the last call.
-    pub fn take_replay_from(&self) -> Option<u64> {
-        self.lock().replay_from.take()
-    }
-
-    /// Marks everything from `sequence` on as needing replication again.
-    pub fn mark_replay_from(&self, sequence: u64) {
-        let mut state = self.lock();
-        state.replay_from = Some(state.replay_from.map_or(sequence, |s| s.min(sequence)));
     }
 
     /// A reader of the records after `after_sequence`.
@@ -202,6 +146,97 @@ impl Output {
             codec: joblet_ipc::FrameCodec::new(usize::MAX >> 1),
             progress: self.progress.subscribe(),
         })
+    }
+}
+
+/// Lines of one stream read at one instant, being recorded; holds the job's output lock.
+pub struct Append<'a> {
+    output: &'a Output,
+    state: MutexGuard<'a, SpoolState>,
+    stream: LogStream,
+    timestamp: i64,
+}
+
+impl Append<'_> {
+    pub fn line(&mut self, content: &[u8]) {
+        let state = &mut *self.state;
+        let sequence = state.next_sequence;
+        state.next_sequence += 1;
+        if sequence % INDEX_EVERY == 1 {
+            let offset = state.end_offset + state.buffer.len() as u64;
+            state.index.push((sequence, offset));
+        }
+        encode_record(
+            &mut state.buffer,
+            self.stream,
+            self.timestamp,
+            sequence,
+            content,
+        );
+    }
+}
+
+impl Drop for Append<'_> {
+    fn drop(&mut self) {
+        let state = &mut *self.state;
+        if state.buffer.is_empty() {
+            return;
+        }
+        match state.file.write_all(&state.buffer) {
+            Ok(()) => state.end_offset += state.buffer.len() as u64,
+            Err(error) => {
+                if !state.write_failed {
+                    tracing::error!(job_id = %self.output.job_id, %error, "cannot write the job's spool file; readers miss lines from here");
+                    state.write_failed = true;
+                }
+            }
+        }
+        state.buffer.clear();
+        let progress = Progress {
+            last_sequence: state.next_sequence - 1,
+            end_offset: state.end_offset,
+            finished: false,
+        };
+        self.output.progress.send_replace(progress);
+    }
+}
+
+/// Appends one `joblet.LogRecord` frame, encoded as prost would encode the message (proto3:
+/// fields at their default value are left out), without building the message.
+fn encode_record(
+    buf: &mut BytesMut,
+    stream: LogStream,
+    timestamp: i64,
+    sequence: u64,
+    content: &[u8],
+) {
+    let varint_field = |value: u64| {
+        if value == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(value)
+        }
+    };
+    let stream = stream as i32 as u64;
+    let timestamp = timestamp as u64;
+    let content_len = if content.is_empty() {
+        0
+    } else {
+        1 + encoded_len_varint(content.len() as u64) + content.len()
+    };
+    let len = varint_field(stream) + varint_field(timestamp) + varint_field(sequence) + content_len;
+    buf.reserve(4 + len);
+    buf.put_u32(len as u32);
+    for (tag, value) in [(1, stream), (2, timestamp), (3, sequence)] {
+        if value != 0 {
+            encode_key(tag, WireType::Varint, buf);
+            encode_varint(value, buf);
+        }
+    }
+    if !content.is_empty() {
+        encode_key(4, WireType::LengthDelimited, buf);
+        encode_varint(content.len() as u64, buf);
+        buf.put_slice(content);
     }
 }
 
@@ -266,7 +301,10 @@ pub fn pump(output: &Output, stream: LogStream, mut pipe: impl Read, max_line: u
     loop {
         match pipe.read(&mut buffer) {
             Ok(0) => break,
-            Ok(n) => output.append(stream, splitter.push(&buffer[..n])),
+            Ok(n) => {
+                let mut append = output.append(stream);
+                splitter.push(&buffer[..n], &mut |line| append.line(line));
+            }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
                 tracing::warn!(job_id = %output.job_id, %error, "reading job output failed");
@@ -274,11 +312,13 @@ pub fn pump(output: &Output, stream: LogStream, mut pipe: impl Read, max_line: u
             }
         }
     }
-    output.append(stream, splitter.finish());
+    let mut append = output.append(stream);
+    splitter.finish(&mut |line| append.line(line));
 }
 
 /// Splits a byte stream into lines without their newline; lines longer than `max` are cut
-/// into pieces of `max` bytes.
+/// into pieces of `max` bytes. Lines are lent to a callback: only a line that spans two
+/// pushes is copied.
 pub struct LineSplitter {
     partial: Vec<u8>,
     max: usize,
@@ -292,46 +332,43 @@ impl LineSplitter {
         }
     }
 
-    pub fn push(&mut self, mut data: &[u8]) -> Vec<Bytes> {
-        let mut lines = Vec::new();
+    pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8])) {
         while !data.is_empty() {
             let room = self.max - self.partial.len();
             let window = &data[..data.len().min(room + 1)];
-            match memchr_newline(window) {
-                Some(end) if end <= room => {
+            match memchr::memchr(b'\n', window) {
+                Some(end) => {
                     if self.partial.is_empty() {
-                        lines.push(Bytes::copy_from_slice(&data[..end]));
+                        emit(&data[..end]);
                     } else {
                         self.partial.extend_from_slice(&data[..end]);
-                        lines.push(Bytes::from(std::mem::take(&mut self.partial)));
+                        emit(&self.partial);
+                        self.partial.clear();
                     }
                     data = &data[end + 1..];
                 }
-                _ => {
+                // A full piece is cut only once the next byte is known not to be its
+                // newline, so where the input was split between reads does not matter.
+                None if room == 0 => {
+                    emit(&self.partial);
+                    self.partial.clear();
+                }
+                None => {
                     let take = data.len().min(room);
                     self.partial.extend_from_slice(&data[..take]);
                     data = &data[take..];
-                    if self.partial.len() == self.max {
-                        lines.push(Bytes::from(std::mem::take(&mut self.partial)));
-                    }
                 }
             }
         }
-        lines
     }
 
     /// The last line if the stream did not end with a newline.
-    pub fn finish(&mut self) -> Vec<Bytes> {
-        if self.partial.is_empty() {
-            Vec::new()
-        } else {
-            vec![Bytes::from(std::mem::take(&mut self.partial))]
+    pub fn finish(&mut self, emit: &mut impl FnMut(&[u8])) {
+        if !self.partial.is_empty() {
+            emit(&self.partial);
+            self.partial.clear();
         }
     }
-}
-
-fn memchr_newline(data: &[u8]) -> Option<usize> {
-    data.iter().position(|&b| b == b'\n')
 }
 
 #[cfg(test)]
@@ -342,9 +379,9 @@ mod tests {
         let mut splitter = LineSplitter::new(max);
         let mut lines: Vec<Vec<u8>> = Vec::new();
         for chunk in chunks {
-            lines.extend(splitter.push(chunk).into_iter().map(|b| b.to_vec()));
+            splitter.push(chunk, &mut |line| lines.push(line.to_vec()));
         }
-        lines.extend(splitter.finish().into_iter().map(|b| b.to_vec()));
+        splitter.finish(&mut |line| lines.push(line.to_vec()));
         lines
     }
 
@@ -367,19 +404,61 @@ mod tests {
                 b"xyz".to_vec()
             ]
         );
-        // Exactly max bytes then a newline is one line, not a line and an empty one.
-        assert_eq!(split(4, &[b"abcd\n"]), vec![b"abcd".to_vec()]);
+        // Exactly max bytes then a newline is one line, not a line and an empty one, wherever
+        // the reads split the input.
+        for chunks in [
+            &[&b"abcd\n"[..]][..],
+            &[b"abcd", b"\n"],
+            &[b"ab", b"cd", b"\nef"],
+        ] {
+            let mut expected = vec![b"abcd".to_vec()];
+            if chunks.len() == 3 {
+                expected.push(b"ef".to_vec());
+            }
+            assert_eq!(split(4, chunks), expected, "{chunks:?}");
+        }
+        assert_eq!(
+            split(4, &[b"abcdefgh", b"\n"]),
+            vec![b"abcd".to_vec(), b"efgh".to_vec()]
+        );
+    }
+
+    #[test]
+    fn hand_encoded_records_decode_as_log_records() {
+        for (stream, timestamp, sequence, content) in [
+            (
+                LogStream::Stdout,
+                1_760_000_000_123_456_789i64,
+                1u64,
+                &b"hello"[..],
+            ),
+            (LogStream::Stderr, 0, u64::MAX, &b""[..]),
+            (LogStream::Stdout, -5, 300, &[0xff, 0, b'\n'][..]),
+            (LogStream::Unspecified, i64::MAX, 0, &[b'x'; 70_000][..]),
+        ] {
+            let mut buf = BytesMut::new();
+            encode_record(&mut buf, stream, timestamp, sequence, content);
+            let expected = LogRecord {
+                stream: stream as i32,
+                timestamp,
+                sequence,
+                content: bytes::Bytes::copy_from_slice(content),
+            };
+            let mut prost_buf = BytesMut::new();
+            joblet_ipc::codec::encode_frame(&expected, usize::MAX, &mut prost_buf).unwrap();
+            assert_eq!(buf, prost_buf, "same bytes as prost for {sequence}");
+        }
     }
 
     #[tokio::test]
     async fn readers_see_every_line_once_from_any_cursor() {
         let dir = tempfile::tempdir().unwrap();
-        let output = Output::create("job", &dir.path().join("spool"), None).unwrap();
+        let output = Output::create("job", &dir.path().join("spool")).unwrap();
         for batch in 0..10u64 {
-            let lines = (0..500)
-                .map(|i| Bytes::from(format!("{}", batch * 500 + i + 1)))
+            let lines: Vec<String> = (0..500)
+                .map(|i| format!("{}", batch * 500 + i + 1))
                 .collect();
-            output.append(LogStream::Stdout, lines);
+            output.append_lines(LogStream::Stdout, lines.iter().map(|l| l.as_bytes()));
         }
         output.finish();
         for after in [0u64, 1, 1023, 1024, 1025, 2500, 4999, 5000] {

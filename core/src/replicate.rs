@@ -1,118 +1,180 @@
-//! Replay: what the replication queue refused (queue full, persist down) or what persist had
-//! not acknowledged when a connection broke is sent again from the spool, so a persist restart
-//! mid-job loses nothing; persist stores idempotently, so nothing is stored twice.
+//! Replication to joblet-persist: one task per job and kind (log lines, metric samples) reads
+//! the job's spool file or metric log from the first sequence persist has not acknowledged and
+//! queues it on the IPC sender, waiting for room when the queue is full.
 //!
-//! Triggers: every reconnect (replay each job from its highest acknowledged sequence + 1) and a
-//! periodic check for jobs whose live sends were refused. Replays wait for queue room instead
-//! of dropping.
+//! The job never waits for this: its output goes to the spool, and replication follows at its
+//! own pace, like any other reader. Nothing is dropped for lack of queue room, and a persist that
+//! is slow or down only makes replication fall behind. After every reconnect a task starts over
+//! from persist's acknowledgement, so what was lost in the broken connection is sent again;
+//! persist stores idempotently, so nothing is stored twice. A task ends once everything of its
+//! job is acknowledged, or when the job is deleted, or when replication stops.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use joblet_ipc::{IpcSender, MessageType};
+use joblet_ipc::{IpcSender, MessageType, SendError};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::job::Job;
-use crate::manager::JobManager;
 
-const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a task whose data is all queued checks for persist's final acknowledgement.
+const ACK_POLL: Duration = Duration::from_millis(100);
 
-pub async fn run(manager: Arc<JobManager>, sender: IpcSender, shutdown: CancellationToken) {
-    let mut connections = sender.connections();
-    let mut ticker = tokio::time::interval(CHECK_INTERVAL);
-    loop {
-        let reconnected = tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = connections.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                true
-            }
-            _ = ticker.tick() => false,
-        };
-        if !sender.is_connected() {
-            continue;
+pub struct Replication {
+    sender: IpcSender,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Replication {
+    pub fn new(sender: IpcSender) -> Self {
+        Replication {
+            sender,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         }
-        for job in manager.jobs() {
-            if shutdown.is_cancelled() {
-                return;
+    }
+
+    pub fn sender(&self) -> &IpcSender {
+        &self.sender
+    }
+
+    /// Starts replicating `job`'s lines and samples.
+    pub fn watch(&self, job: &Arc<Job>) {
+        let replicator = |kind| Replicator {
+            sender: self.sender.clone(),
+            job: job.clone(),
+            kind,
+            stop: self.stop.clone(),
+        };
+        self.tasks
+            .spawn(replicator(MessageType::Log).run(send_logs));
+        self.tasks
+            .spawn(replicator(MessageType::Metric).run(send_metrics));
+    }
+
+    /// At shutdown, once every job has ended: waits up to `wait` for persist to acknowledge
+    /// what is not yet replicated (not at all when persist is unreachable), then stops.
+    pub async fn drain(&self, wait: Duration) {
+        self.tasks.close();
+        if self.sender.is_connected()
+            && tokio::time::timeout(wait, self.tasks.wait()).await.is_err()
+        {
+            tracing::warn!(
+                "not everything was replicated to joblet-persist within {wait:?}; the rest of \
+                 those jobs' output is only in their spool files"
+            );
+        }
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+struct Replicator {
+    sender: IpcSender,
+    job: Arc<Job>,
+    kind: MessageType,
+    stop: CancellationToken,
+}
+
+impl Replicator {
+    /// `send_from(sender, job, first)` queues the job's records of this kind from sequence
+    /// `first` until no more will come, and returns the last sequence there is.
+    async fn run<F, Fut>(self, send_from: F)
+    where
+        F: Fn(IpcSender, Arc<Job>, u64) -> Fut,
+        Fut: Future<Output = Result<u64, SendError>>,
+    {
+        let mut connections = self.sender.connections();
+        loop {
+            connections.borrow_and_update();
+            if !self.sender.is_connected() {
+                tokio::select! {
+                    () = self.stop.cancelled() => return,
+                    changed = connections.changed() => if changed.is_err() { return } else { continue },
+                }
             }
-            replay_job(&sender, &job, reconnected).await;
+            let first = self.sender.acknowledged(&self.job.id, self.kind) + 1;
+            let replicate = async {
+                let last = send_from(self.sender.clone(), self.job.clone(), first).await?;
+                while self.sender.acknowledged(&self.job.id, self.kind) < last
+                    && !self.job.is_deleted()
+                {
+                    tokio::time::sleep(ACK_POLL).await;
+                }
+                Ok::<_, SendError>(())
+            };
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                // A new connection: start over from what persist acknowledged.
+                changed = connections.changed() => if changed.is_err() { return },
+                _done = replicate => return,
+            }
         }
     }
 }
 
-async fn replay_job(sender: &IpcSender, job: &Arc<Job>, reconnected: bool) {
-    let unacked = |kind, last: u64| {
-        let acked = sender.acknowledged(&job.id, kind);
-        (reconnected && last > acked).then_some(acked + 1)
-    };
-    let logs_from = lowest(
-        unacked(MessageType::Log, job.output.progress().last_sequence),
-        job.output.take_replay_from(),
-    );
-    if let Some(from) = logs_from
-        && let Err(from) = replay_logs(sender, job, from).await
-    {
-        job.output.mark_replay_from(from);
+/// Queues the job's lines from `first` to the end of its output.
+async fn send_logs(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u64, SendError> {
+    let mut reader = job
+        .output
+        .reader(first - 1)
+        .map_err(|_| SendError::Closed)?;
+    loop {
+        if job.is_deleted() {
+            return Ok(0);
+        }
+        let records = match reader.next_batch(true).await {
+            Ok(Some(records)) => records,
+            Ok(None) => return Ok(job.output.progress().last_sequence),
+            Err(error) => {
+                tracing::error!(job_id = %job.id, %error, "cannot read the job's spool; its output is not replicated further");
+                return Err(SendError::Closed);
+            }
+        };
+        for record in records {
+            let stream = match record.stream() {
+                joblet_proto::joblet::LogStream::Stderr => joblet_ipc::Stream::Stderr,
+                _ => joblet_ipc::Stream::Stdout,
+            };
+            let message = joblet_ipc::log_message(
+                &job.id,
+                record.sequence,
+                record.timestamp,
+                stream,
+                record.content,
+            );
+            sender.send(message).await?;
+        }
     }
-    let metrics_from = lowest(
-        unacked(MessageType::Metric, job.metrics.last_sequence()),
-        job.metrics.take_replay_from(),
-    );
-    if let Some(from) = metrics_from {
-        for sample in job.metrics.after(from - 1) {
+}
+
+/// Queues the job's metric samples from `first` until sampling ended.
+async fn send_metrics(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u64, SendError> {
+    let mut progress = job.metrics.subscribe();
+    let mut next = first;
+    loop {
+        let now = *progress.borrow_and_update();
+        for sample in job.metrics.after(next - 1) {
+            if job.is_deleted() {
+                return Ok(0);
+            }
             let message = joblet_ipc::metric_message(
                 &job.id,
                 sample.sequence,
                 sample.timestamp,
                 &sample.data,
             );
-            if sender.send(message).await.is_err() {
-                job.metrics.mark_replay_from(sample.sequence);
-                break;
-            }
+            sender.send(message).await?;
+            next = sample.sequence + 1;
         }
-    }
-}
-
-fn lowest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Sends the job's lines from `from` to the current end of its spool; on failure returns the
-/// first sequence not sent.
-async fn replay_logs(sender: &IpcSender, job: &Arc<Job>, from: u64) -> Result<(), u64> {
-    tracing::debug!(job_id = %job.id, from, "replaying log lines to joblet-persist");
-    let Ok(mut reader) = job.output.reader(from.saturating_sub(1)) else {
-        return Err(from);
-    };
-    loop {
-        match reader.next_batch(false).await {
-            Ok(Some(records)) => {
-                for record in records {
-                    let stream = match record.stream() {
-                        joblet_proto::joblet::LogStream::Stderr => joblet_ipc::Stream::Stderr,
-                        _ => joblet_ipc::Stream::Stdout,
-                    };
-                    let message = joblet_ipc::log_message(
-                        &job.id,
-                        record.sequence,
-                        record.timestamp,
-                        stream,
-                        record.content,
-                    );
-                    if sender.send(message).await.is_err() {
-                        return Err(record.sequence);
-                    }
-                }
-            }
-            Ok(None) => return Ok(()),
-            Err(_) => return Err(from),
+        if now.finished || job.is_deleted() {
+            return Ok(now.last_sequence);
+        }
+        if progress.changed().await.is_err() {
+            return Ok(job.metrics.last_sequence());
         }
     }
 }

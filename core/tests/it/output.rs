@@ -55,14 +55,18 @@ async fn persisted_lines(persist: &harness::Daemon, id: &str) -> Vec<(u64, Vec<u
     let mut client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
         .await
         .unwrap();
-    let mut stream = client
+    let response = client
         .query_logs(QueryLogsRequest {
             job_id: id.into(),
             ..Default::default()
         })
-        .await
-        .unwrap()
-        .into_inner();
+        .await;
+    let mut stream = match response {
+        Ok(response) => response.into_inner(),
+        // Nothing of the job has arrived yet.
+        Err(status) if status.code() == tonic::Code::NotFound => return Vec::new(),
+        Err(status) => panic!("QueryLogs: {status}"),
+    };
     let mut lines = Vec::new();
     while let Some(line) = stream.message().await.unwrap() {
         lines.push((line.sequence, line.content.to_vec()));
@@ -115,6 +119,74 @@ async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
     for n in 1..=expected as u64 {
         assert_eq!(by_sequence[&n], n.to_string().into_bytes());
     }
+    core.terminate().await;
+    persist.terminate().await;
+}
+
+#[tokio::test]
+async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_later() {
+    let _alone = harness::CPU_BOUND.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(
+        dir.path(),
+        &format!(
+            "persist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\n  buffer_size: 64\njobs:\n  work_root: {}\n  metrics_interval: 100ms\n",
+            dir.path().join("persist.sock").display(),
+            dir.path().join("work").display()
+        ),
+    )
+    .await;
+    let mut client = core.client().await;
+    let expected = 200_000;
+    let id = run(&mut client, shell("seq 1 200000; sleep 0.5")).await;
+    assert_eq!(finished(&mut client, &id).await.status, "COMPLETED");
+
+    let persist = harness::start_persist(dir.path()).await;
+    let mut lines = Vec::new();
+    for _ in 0..300 {
+        lines = persisted_lines(&persist, &id).await;
+        if lines.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let numbers: Vec<u64> = lines
+        .iter()
+        .map(|(_, content)| std::str::from_utf8(content).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(numbers, (1..=expected as u64).collect::<Vec<_>>());
+
+    let mut persist_client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
+        .await
+        .unwrap();
+    let mut samples = persist_client
+        .query_metrics(joblet_proto::persist::QueryMetricsRequest {
+            job_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sample_sequences = Vec::new();
+    while let Some(sample) = samples.message().await.unwrap() {
+        sample_sequences.push(sample.sequence);
+    }
+    assert!(
+        !sample_sequences.is_empty(),
+        "the job's metric samples are replicated too"
+    );
+    assert_eq!(
+        sample_sequences,
+        (1..=sample_sequences.len() as u64).collect::<Vec<_>>()
+    );
+
+    let exported = core.scrape().await;
+    let dropped: f64 = exported
+        .lines()
+        .filter(|l| l.starts_with("joblet_ipc_messages_dropped_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(dropped, 0.0, "replication waits for room; it drops nothing");
     core.terminate().await;
     persist.terminate().await;
 }
