@@ -88,8 +88,8 @@ impl Default for MetricsConfig {
 pub struct PersistConfig {
     pub enabled: bool,
     pub socket: PathBuf,
-    /// Replication queue capacity in messages; when full, lines are dropped, counted, and
-    /// replayed from the spool later.
+    /// Replication queue capacity in messages; when full, replication waits for room (it
+    /// reads the spool behind the job, which never waits).
     pub buffer_size: usize,
     /// Upper bound of the reconnect backoff.
     #[serde(with = "humantime_serde")]
@@ -101,6 +101,9 @@ pub struct PersistConfig {
     /// Client certificate (OU admin), key and CA for calling persist over mutual TLS; null =
     /// plaintext (persist with grpc.insecure).
     pub query_tls: Option<TlsFiles>,
+    /// Nice value (-20..=19) of the replication thread: above the jobs' 0, so that on a busy
+    /// host replication falls behind (the spool holds the rest) instead of slowing jobs down.
+    pub replication_nice: i32,
 }
 
 impl Default for PersistConfig {
@@ -117,6 +120,7 @@ impl Default for PersistConfig {
                 key: PathBuf::from("/etc/joblet/certs/core-client-key.pem"),
                 ca: PathBuf::from("/etc/joblet/certs/ca.pem"),
             }),
+            replication_nice: 10,
         }
     }
 }
@@ -222,6 +226,9 @@ impl Config {
         if self.persist.buffer_size == 0 {
             bail!("persist.buffer_size: must be greater than zero");
         }
+        if !(-20..=19).contains(&self.persist.replication_nice) {
+            bail!("persist.replication_nice: must be a nice value from -20 to 19");
+        }
         if self.persist.reconnect_delay.is_zero() {
             bail!("persist.reconnect_delay: must be greater than zero");
         }
@@ -274,6 +281,7 @@ mod tests {
         let error = |text: &str| format!("{:#}", Config::parse(text).unwrap_err());
         assert!(error("persist:\n  buffer_size: 0\n").contains("persist.buffer_size"));
         assert!(error("persist:\n  reconnect_delay: soon\n").contains("reconnect_delay"));
+        assert!(error("persist:\n  replication_nice: 20\n").contains("persist.replication_nice"));
         assert!(error("cgroup:\n  parent: /abs\n").contains("cgroup.parent"));
         assert!(error("jobs:\n  metrics_interval: 1ms\n").contains("jobs.metrics_interval"));
         assert!(error("nope: 1\n").contains("unknown field `nope`"));

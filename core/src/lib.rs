@@ -24,7 +24,6 @@ pub mod spec;
 use std::sync::Arc;
 
 use anyhow::Context;
-use joblet_ipc::{IpcSender, SenderConfig};
 use joblet_proto::joblet::job_service_server::JobServiceServer;
 use joblet_proto::joblet::monitoring_service_server::MonitoringServiceServer;
 use tokio::net::TcpListener;
@@ -38,10 +37,11 @@ const CONNECTION_WINDOW_BYTES: u32 = 8 << 20;
 use crate::cgroup::CgroupRoot;
 use crate::config::Config;
 use crate::manager::JobManager;
+use crate::replicate::Replication;
 
 pub struct Core {
     manager: Arc<JobManager>,
-    sender: Option<(IpcSender, tokio::task::JoinHandle<()>, CancellationToken)>,
+    replication: Option<Arc<Replication>>,
 }
 
 impl Core {
@@ -54,26 +54,20 @@ impl Core {
         let cgroups = tokio::task::spawn_blocking(move || CgroupRoot::detect(&parent))
             .await?
             .context("cgroup")?;
-        let sender = if config.persist.enabled {
-            let sender_shutdown = CancellationToken::new();
-            let mut sender_config = SenderConfig::new(&config.persist.socket);
-            sender_config.buffer_size = config.persist.buffer_size;
-            sender_config.reconnect_delay = config.persist.reconnect_delay;
-            sender_config.max_frame_bytes = config.persist.max_frame_size.as_u64() as usize;
-            let (sender, task) = IpcSender::start(sender_config, sender_shutdown.clone());
-            Some((sender, task, sender_shutdown))
+        let replication = if config.persist.enabled {
+            Some(Arc::new(
+                Replication::start(&config.persist).context("start replication")?,
+            ))
         } else {
             tracing::warn!("persist.enabled is false: job output is not replicated");
             None
         };
-        let manager = JobManager::new(
-            config,
-            cgroups,
-            sender.as_ref().map(|(s, _, _)| s.clone()),
-            shutdown,
-        )
-        .context("state_dir")?;
-        Ok(Core { manager, sender })
+        let manager =
+            JobManager::new(config, cgroups, replication.clone(), shutdown).context("state_dir")?;
+        Ok(Core {
+            manager,
+            replication,
+        })
     }
 
     pub fn manager(&self) -> Arc<JobManager> {
@@ -83,7 +77,10 @@ impl Core {
     /// Serves until `shutdown` is cancelled, then ends every job, flushes replication and
     /// returns.
     pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Core { manager, sender } = self;
+        let Core {
+            manager,
+            replication,
+        } = self;
         ::metrics::gauge!(metrics::UP).set(1.0);
         let grpc_config = &manager.config().grpc;
         let (tls, auth) = joblet_ipc::tls::listener_security(
@@ -126,9 +123,8 @@ impl Core {
         };
         shutdown.cancel();
         manager.shutdown().await;
-        if let Some((_, task, sender_shutdown)) = sender {
-            sender_shutdown.cancel();
-            let _ = task.await;
+        if let Some(replication) = replication {
+            replication.stop().await;
         }
         ::metrics::gauge!(metrics::UP).set(0.0);
         served.context("gRPC server")?;

@@ -37,7 +37,7 @@ const REPLICATION_DRAIN_WAIT: Duration = Duration::from_secs(30);
 pub struct JobManager {
     config: Config,
     cgroups: CgroupRoot,
-    replication: Option<Replication>,
+    replication: Option<Arc<Replication>>,
     jobs: RwLock<HashMap<String, Arc<Job>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -48,7 +48,7 @@ impl JobManager {
     pub fn new(
         config: Config,
         cgroups: CgroupRoot,
-        replication: Option<IpcSender>,
+        replication: Option<Arc<Replication>>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Arc<JobManager>> {
         let spool_dir = config.state_dir.join("spool");
@@ -68,7 +68,7 @@ impl JobManager {
         let manager = Arc::new(JobManager {
             config,
             cgroups,
-            replication: replication.map(Replication::new),
+            replication,
             jobs: RwLock::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown,
@@ -83,7 +83,7 @@ impl JobManager {
     }
 
     pub fn replication(&self) -> Option<&IpcSender> {
-        self.replication.as_ref().map(Replication::sender)
+        self.replication.as_deref().map(Replication::sender)
     }
 
     pub fn jobs(&self) -> Vec<Arc<Job>> {

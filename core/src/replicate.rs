@@ -8,15 +8,19 @@
 //! from persist's acknowledgement, so what was lost in the broken connection is sent again;
 //! persist stores idempotently, so nothing is stored twice. A task ends once everything of its
 //! job is acknowledged, or when the job is deleted, or when replication stops.
+//!
+//! All of it runs on one thread of its own at a lower CPU priority (`persist.replication_nice`):
+//! on a host whose CPUs are busy with jobs, replication yields to them and catches up later.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use joblet_ipc::{IpcSender, MessageType, SendError};
+use joblet_ipc::{IpcSender, MessageType, SendError, SenderConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::PersistConfig;
 use crate::job::Job;
 
 /// How often a task whose data is all queued checks for persist's final acknowledgement.
@@ -24,17 +28,67 @@ const ACK_POLL: Duration = Duration::from_millis(100);
 
 pub struct Replication {
     sender: IpcSender,
+    /// The replication thread's runtime: the sender and every replicator run there.
+    runtime: tokio::runtime::Handle,
     tasks: TaskTracker,
     stop: CancellationToken,
+    sender_shutdown: CancellationToken,
+    sender_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    thread: Mutex<Option<(std::thread::JoinHandle<()>, CancellationToken)>>,
 }
 
 impl Replication {
-    pub fn new(sender: IpcSender) -> Self {
-        Replication {
+    /// Starts the replication thread, at nice `persist.replication_nice`, with the IPC sender
+    /// running on it.
+    pub fn start(config: &PersistConfig) -> std::io::Result<Replication> {
+        let mut sender_config = SenderConfig::new(&config.socket);
+        sender_config.buffer_size = config.buffer_size;
+        sender_config.reconnect_delay = config.reconnect_delay;
+        sender_config.max_frame_bytes = config.max_frame_size.as_u64() as usize;
+        let nice = config.replication_nice;
+        let thread_stop = CancellationToken::new();
+        let (runtime_tx, runtime_rx) = std::sync::mpsc::channel();
+        let stopped = thread_stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("joblet-replication".into())
+            .spawn(move || {
+                // Threads the runtime starts (its blocking pool) inherit the nice value.
+                match joblet_ipc::daemon::set_thread_nice(nice) {
+                    Ok(()) => tracing::info!(nice, "replication runs at a lower CPU priority than jobs"),
+                    Err(error) => tracing::warn!(nice, %error, "cannot set the replication thread's nice value"),
+                }
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name("joblet-replication")
+                    .build();
+                match runtime {
+                    Ok(runtime) => {
+                        let _ = runtime_tx.send(Ok(runtime.handle().clone()));
+                        runtime.block_on(stopped.cancelled());
+                        runtime.shutdown_timeout(Duration::from_secs(1));
+                    }
+                    Err(error) => {
+                        let _ = runtime_tx.send(Err(error));
+                    }
+                }
+            })?;
+        let runtime = runtime_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the replication thread ended at start"))??;
+        let sender_shutdown = CancellationToken::new();
+        let (sender, sender_task) = {
+            let _context = runtime.enter();
+            IpcSender::start(sender_config, sender_shutdown.clone())
+        };
+        Ok(Replication {
             sender,
+            runtime,
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
-        }
+            sender_shutdown,
+            sender_task: Mutex::new(Some(sender_task)),
+            thread: Mutex::new(Some((thread, thread_stop))),
+        })
     }
 
     pub fn sender(&self) -> &IpcSender {
@@ -49,10 +103,10 @@ impl Replication {
             kind,
             stop: self.stop.clone(),
         };
-        self.tasks
-            .spawn(replicator(MessageType::Log).run(send_logs));
-        self.tasks
-            .spawn(replicator(MessageType::Metric).run(send_metrics));
+        let logs = replicator(MessageType::Log).run(send_logs);
+        self.tasks.spawn_on(logs, &self.runtime);
+        let metrics = replicator(MessageType::Metric).run(send_metrics);
+        self.tasks.spawn_on(metrics, &self.runtime);
     }
 
     /// At shutdown, once every job has ended: waits up to `wait` for persist to acknowledge
@@ -69,6 +123,25 @@ impl Replication {
         }
         self.stop.cancel();
         self.tasks.wait().await;
+    }
+
+    /// Last step of shutdown, after [`Replication::drain`]: the sender writes what is queued
+    /// (for a few seconds at most, if connected) and the replication thread ends.
+    pub async fn stop(&self) {
+        self.sender_shutdown.cancel();
+        let task = self
+            .sender_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((thread, stop)) = thread {
+            stop.cancel();
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 }
 

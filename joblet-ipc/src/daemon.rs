@@ -28,3 +28,16 @@ pub fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
     });
     Ok(())
 }
+
+/// Sets the nice value (-20..=19) of the calling thread; threads it starts afterwards inherit
+/// it. Called before a daemon starts any thread, it applies to the whole process. Raising the
+/// value needs no privilege; lowering it needs CAP_SYS_NICE.
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // On Linux, PRIO_PROCESS with no pid names the calling thread, not the whole process.
+    rustix::process::setpriority_process(None, nice).map_err(std::io::Error::from)
+}
+
+/// The nice value of the calling thread.
+pub fn thread_nice() -> std::io::Result<i32> {
+    rustix::process::getpriority_process(None).map_err(std::io::Error::from)
+}

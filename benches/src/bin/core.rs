@@ -1,7 +1,10 @@
 //! Core benchmark (needs root; uses the release binaries beside this one):
 //! 1. a job writing N 150-byte lines under joblet-core with joblet-persist connected, against
 //!    the same command writing to a file directly, in the same run: wall time, its ratio, and
-//!    joblet-core's CPU seconds per million lines;
+//!    joblet-core's CPU seconds per million lines. Rounds alternate baseline and job, each
+//!    after a `sync` and after persist has stored everything of the previous round, so that
+//!    neither side runs against the other's leftovers; medians are reported, and how long
+//!    persist took after the job ended to hold every line;
 //! 2. live latency: a job writes lines carrying their write time (CLOCK_REALTIME ns); a
 //!    StreamLogs subscriber notes when each arrives.
 
@@ -14,6 +17,8 @@ use clap::Parser;
 use joblet_benches::Table;
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{GetJobStatusRequest, RunJobRequest, StreamLogsRequest};
+use joblet_proto::persist::ListJobsRequest;
+use joblet_proto::persist::persist_service_client::PersistServiceClient;
 use tokio::io::AsyncBufReadExt;
 use tonic::transport::Channel;
 
@@ -26,6 +31,9 @@ struct Args {
     /// Lines of the latency job (one every 2 ms).
     #[arg(long, default_value_t = 2000)]
     latency_lines: u64,
+    /// Rounds of baseline and job; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -95,23 +103,59 @@ async fn wait_ended(client: &mut JobServiceClient<Channel>, id: &str) -> anyhow:
     }
 }
 
+/// Wall seconds of the generator writing to a file directly.
+async fn run_direct(args: &Args, dir: &Path) -> anyhow::Result<f64> {
+    let file = dir.join("direct.out");
+    let started = Instant::now();
+    let status = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("{} > {}", generator(args), file.display()))
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "baseline command failed");
+    let wall = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&file)?;
+    Ok(wall)
+}
+
+/// Waits until joblet-persist has stored all `lines` of job `id`.
+async fn wait_persisted(
+    client: &mut PersistServiceClient<Channel>,
+    id: &str,
+    lines: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let stored = client
+            .list_jobs(ListJobsRequest {
+                job_id_prefix: id.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .jobs
+            .first()
+            .map_or(0, |job| job.log_lines);
+        if stored >= lines {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "persist holds {stored} of {lines} lines after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("persist.sock");
-
-    // Baseline: the same command writing to a file directly.
-    let file = dir.path().join("direct.out");
-    let started = Instant::now();
-    let status = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(format!("{} > {}", generator(&args), file.display()))
-        .status()
-        .await?;
-    anyhow::ensure!(status.success(), "baseline command failed");
-    let baseline_wall = started.elapsed().as_secs_f64();
-    std::fs::remove_file(&file)?;
 
     let persist_config = dir.path().join("persist.yml");
     std::fs::write(
@@ -138,21 +182,37 @@ async fn main() -> anyhow::Result<()> {
     let mut client = JobServiceClient::connect(format!("http://{}", core.grpc)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // replication connected
 
-    let cpu_before = cpu_seconds(core_pid)?;
-    let started = Instant::now();
-    let id = client
-        .run_job(RunJobRequest {
-            command: "/bin/sh".into(),
-            args: vec!["-c".into(), generator(&args)],
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .job_uuid;
-    let ended = wait_ended(&mut client, &id).await?;
-    anyhow::ensure!(ended == "COMPLETED", "bench job ended {ended}");
-    let core_wall = started.elapsed().as_secs_f64();
-    let core_cpu = cpu_seconds(core_pid)? - cpu_before;
+    let mut persist_client =
+        PersistServiceClient::connect(format!("http://{}", persist.grpc)).await?;
+    let (mut baseline_walls, mut core_walls, mut core_cpus, mut catch_ups) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        nix::unistd::sync();
+        baseline_walls.push(run_direct(&args, dir.path()).await?);
+
+        nix::unistd::sync();
+        let cpu_before = cpu_seconds(core_pid)?;
+        let started = Instant::now();
+        let id = client
+            .run_job(RunJobRequest {
+                command: "/bin/sh".into(),
+                args: vec!["-c".into(), generator(&args)],
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .job_uuid;
+        let ended = wait_ended(&mut client, &id).await?;
+        anyhow::ensure!(ended == "COMPLETED", "bench job ended {ended}");
+        core_walls.push(started.elapsed().as_secs_f64());
+        core_cpus.push(cpu_seconds(core_pid)? - cpu_before);
+        let job_end = Instant::now();
+        wait_persisted(&mut persist_client, &id, args.lines).await?;
+        catch_ups.push(job_end.elapsed().as_secs_f64());
+    }
+    let core_wall = median(&mut core_walls);
+    let baseline_wall = median(&mut baseline_walls);
+    let core_cpu = median(&mut core_cpus);
 
     // Live latency.
     let script = format!(
@@ -205,6 +265,13 @@ async fn main() -> anyhow::Result<()> {
         "ratio <= 1.10",
     );
     table.add(
+        "persist holds every line, after job end",
+        median(&mut catch_ups),
+        None,
+        "s",
+        "",
+    );
+    table.add(
         "core CPU seconds per million lines",
         core_cpu / (args.lines as f64 / 1e6),
         None,
@@ -228,8 +295,9 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         table.render(&format!(
-            "core: {} lines of {} bytes; baseline = the same command writing to a file",
-            args.lines, args.line_bytes
+            "core: {} lines of {} bytes; baseline = the same command writing to a file; \
+             medians of {} rounds",
+            args.lines, args.line_bytes, args.rounds
         ))
     );
     drop(core);

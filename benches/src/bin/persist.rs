@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Baselines 2 and 3 on the baseline store's identical data.
+    settle(&baseline_store);
     let mut rng = rand::rng();
     let span = args.lines as i64 * args.line_interval_ns;
     let mut raw_first = Vec::with_capacity(args.window_queries);
@@ -138,7 +139,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         table.render(&format!(
-            "persist: {} lines of {} bytes, durability sync, baseline = raw RocksDB, same options",
+            "persist: {} lines of {} bytes, durability sync, baseline = raw RocksDB, same options; \
+             queries run once flushes and compactions settled, for both",
             args.lines, args.line_bytes
         ))
     );
@@ -155,6 +157,31 @@ fn config(dir: &std::path::Path) -> Config {
     config.metrics.listen = None;
     config.grpc.insecure = true;
     config
+}
+
+/// Waits until RocksDB has no flush or compaction running or pending.
+fn settle(store: &Store) {
+    let db = store.raw_db();
+    let Some(logs) = db.cf_handle(joblet_persist::store::CF_LOGS) else {
+        return;
+    };
+    let busy = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0) > 0;
+    let logs_busy = |name: &str| {
+        db.property_int_value_cf(logs, name)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            > 0
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline
+        && (busy("rocksdb.num-running-flushes")
+            || busy("rocksdb.num-running-compactions")
+            || logs_busy("rocksdb.compaction-pending")
+            || logs_busy("rocksdb.mem-table-flush-pending"))
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn timestamp(args: &Args, sequence: u64) -> i64 {
@@ -191,6 +218,7 @@ async fn real(
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = grpc.local_addr()?;
     let persist = Persist::open(config.clone()).await?;
+    let store = persist.store();
     let server = tokio::spawn(persist.serve(grpc, shutdown.clone()));
 
     let (sender, sender_task) =
@@ -215,6 +243,9 @@ async fn real(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let ingest_rate = args.lines as f64 / started.elapsed().as_secs_f64();
+    // Queries are measured on a store at rest, like the baseline's: not against the flushes
+    // and compactions the ingest just caused.
+    tokio::task::spawn_blocking(move || settle(&store)).await?;
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
         .initial_stream_window_size(Some(4 << 20))
