@@ -10,6 +10,11 @@ use joblet_core::Core;
 use joblet_core::config::Config;
 use tokio_util::sync::CancellationToken;
 
+/// Lines are allocated on one thread and freed on another (scans, ingest, replication); glibc's
+/// malloc serialises that on its arena locks, which showed in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "/etc/joblet/joblet-config.yml";
 
 /// Runs Linux commands as jobs under cgroup limits and namespaces (ADR-0001 command side).

@@ -68,7 +68,12 @@ impl<T> Queue<T> {
     }
 
     /// Pushes, waiting for room. Fails only when the queue is closed.
-    pub async fn push(&self, mut item: T) -> Result<(), T> {
+    pub async fn push(&self, item: T) -> Result<(), T> {
+        let mut item = match self.try_push(item) {
+            Ok(()) => return Ok(()),
+            Err(PushError::Closed(back)) => return Err(back),
+            Err(PushError::Full(back)) => back,
+        };
         loop {
             let room = self.writable.notified();
             tokio::pin!(room);

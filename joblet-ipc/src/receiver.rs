@@ -2,11 +2,12 @@
 //!
 //! [`IpcReceiver::bind`] creates the Unix socket (mode 0600), replacing a stale socket file left
 //! by a crashed process but refusing to steal a socket another process still serves.
-//! [`IpcReceiver::run`] accepts connections, one task pair each: a reader decodes frames and
-//! gathers everything already buffered into a batch; a store task hands batches to the
-//! [`MessageSink`] and acknowledges them. At most [`BATCHES_IN_FLIGHT`] batches wait between the
-//! two, so a slow store stops the reader, the socket buffer fills and the sender slows down:
-//! memory does not grow.
+//! [`IpcReceiver::run`] accepts connections, one task pair each: a reader decodes frames into a
+//! bounded queue; a store task takes everything queued (up to `max_batch_messages`) as one
+//! batch, hands it to the [`MessageSink`] and acknowledges it. While the store is busy with one
+//! batch the next one grows, so the slower the store (an fsync per batch), the larger its
+//! batches: group commit. When the queue is full the reader stops, the socket buffer fills and
+//! the sender slows down: memory does not grow.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,7 +23,6 @@ use joblet_proto::ipc::{IpcAck, IpcMessage, JobAck, MessageType};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,8 +30,10 @@ use tokio_util::task::TaskTracker;
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError, encode_frame};
 use crate::message::validate;
 use crate::metrics as m;
+use crate::queue::Queue;
 
-/// Batches decoded but not yet stored, per connection. Two lets decoding overlap storing.
+/// Messages decoded but not yet stored, per connection, in batches: one being stored and the
+/// next one filling up.
 pub const BATCHES_IN_FLIGHT: usize = 2;
 /// Read buffer per connection: large reads mean few syscalls at high rates.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
@@ -213,10 +215,13 @@ impl<S: MessageSink> Connection<S> {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::PERSIST_IPC_CONNECTIONS).increment(1.0);
         let (read_half, write_half) = stream.into_split();
-        let (batches, batches_rx) = mpsc::channel(BATCHES_IN_FLIGHT);
+        let queue = Arc::new(Queue::new(
+            self.config.max_batch_messages * BATCHES_IN_FLIGHT,
+        ));
         let store = tokio::spawn(store_and_ack(
             self.sink.clone(),
-            batches_rx,
+            queue.clone(),
+            self.config.max_batch_messages,
             write_half,
             self.stats.clone(),
             self.config.max_frame_bytes,
@@ -226,7 +231,8 @@ impl<S: MessageSink> Connection<S> {
             FrameCodec::<IpcMessage>::new(self.config.max_frame_bytes),
             READ_BUFFER_BYTES,
         );
-        self.read_batches(frames, batches).await;
+        self.read_frames(frames, &queue).await;
+        queue.close();
         if let Err(error) = store.await {
             tracing::error!(%error, "IPC store task failed");
         }
@@ -234,65 +240,67 @@ impl<S: MessageSink> Connection<S> {
         metrics::gauge!(m::PERSIST_IPC_CONNECTIONS).decrement(1.0);
     }
 
-    async fn read_batches(
+    async fn read_frames(
         &self,
         mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec<IpcMessage>>,
-        batches: mpsc::Sender<Vec<IpcMessage>>,
+        queue: &Queue<IpcMessage>,
     ) {
         loop {
             let first = tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 frame = frames.next() => frame,
             };
-            let mut batch = Vec::new();
-            let mut open = self.accept(first, &mut batch);
-            // Gather what is already decoded or buffered, without waiting for more.
-            while open && batch.len() < self.config.max_batch_messages {
-                match frames.next().now_or_never() {
-                    Some(frame) => open = self.accept(frame, &mut batch),
-                    None => break,
+            // Take everything already buffered before counting: counters are updated per
+            // burst, not per message.
+            let mut received = 0u64;
+            let mut open = true;
+            let mut next = Some(first);
+            while let Some(frame) = next {
+                match self.accept(frame) {
+                    None => {
+                        open = false;
+                        break;
+                    }
+                    Some(Some(message)) => {
+                        received += 1;
+                        if queue.push(message).await.is_err() {
+                            open = false; // the store task failed and closed the connection
+                            break;
+                        }
+                    }
+                    Some(None) => {}
                 }
+                next = frames.next().now_or_never();
             }
-            if !batch.is_empty() {
-                let received = batch.len() as u64;
-                self.stats.received.fetch_add(received, Ordering::Relaxed);
-                metrics::counter!(m::PERSIST_IPC_MESSAGES_RECEIVED).increment(received);
-                if batches.send(batch).await.is_err() {
-                    return; // the store task failed and closed the connection
-                }
-            }
+            self.stats.received.fetch_add(received, Ordering::Relaxed);
+            metrics::counter!(m::PERSIST_IPC_MESSAGES_RECEIVED).increment(received);
             if !open {
                 return;
             }
         }
     }
 
-    /// Adds a decoded frame to the batch; returns false when the connection must close.
-    fn accept(
-        &self,
-        frame: Option<Result<IpcMessage, FrameError>>,
-        batch: &mut Vec<IpcMessage>,
-    ) -> bool {
+    /// The message of a decoded frame: `Some(None)` for a message rejected alone, `None` when
+    /// the connection must close.
+    fn accept(&self, frame: Option<Result<IpcMessage, FrameError>>) -> Option<Option<IpcMessage>> {
         match frame {
-            None => false,
-            Some(Ok(message)) => {
-                match validate(&message) {
-                    Ok(_) => batch.push(message),
-                    Err(invalid) => {
-                        self.reject(invalid.reason());
-                        tracing::warn!(job_id = %message.job_id, reason = invalid.reason(), "rejected IPC message");
-                    }
+            None => None,
+            Some(Ok(message)) => match validate(&message) {
+                Ok(_) => Some(Some(message)),
+                Err(invalid) => {
+                    self.reject(invalid.reason());
+                    tracing::warn!(job_id = %message.job_id, reason = invalid.reason(), "rejected IPC message");
+                    Some(None)
                 }
-                true
-            }
+            },
             Some(Err(FrameError::Io(error))) => {
                 tracing::debug!(%error, "IPC connection closed");
-                false
+                None
             }
             Some(Err(error)) => {
                 self.reject(error.reason());
                 tracing::warn!(%error, "bad IPC frame; closing the connection");
-                false
+                None
             }
         }
     }
@@ -305,28 +313,33 @@ impl<S: MessageSink> Connection<S> {
 
 async fn store_and_ack<S: MessageSink>(
     sink: Arc<S>,
-    mut batches: mpsc::Receiver<Vec<IpcMessage>>,
+    queue: Arc<Queue<IpcMessage>>,
+    max_batch: usize,
     mut socket: OwnedWriteHalf,
     stats: Arc<ReceiverStats>,
     max_frame_bytes: usize,
 ) {
     let mut buffer = BytesMut::new();
-    while let Some(batch) = batches.recv().await {
+    loop {
+        let mut batch = Vec::new();
+        if queue.take(&mut batch, max_batch).await == 0 {
+            return; // closed and empty
+        }
         let ack = ack_for(&batch);
         if let Err(error) = sink.store(batch).await {
             stats.store_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%error, "storing replicated data failed; closing the connection");
+            queue.close();
             return;
         }
         buffer.clear();
         if encode_frame(&ack, max_frame_bytes, &mut buffer).is_err() {
             tracing::error!("acknowledgement too large to frame");
+            queue.close();
             return;
         }
-        if socket.write_all(&buffer).await.is_err() {
-            // The sender went away; keep storing what was already read.
-            continue;
-        }
+        // If the sender went away, keep storing what was already read.
+        let _ = socket.write_all(&buffer).await;
     }
 }
 

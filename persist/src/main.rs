@@ -10,6 +10,11 @@ use joblet_persist::Persist;
 use joblet_persist::config::Config;
 use tokio_util::sync::CancellationToken;
 
+/// Lines are allocated on one thread and freed on another (scans, ingest, replication); glibc's
+/// malloc serialises that on its arena locks, which showed in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_CONFIG: &str = "/etc/joblet/persist-config.yml";
 
 /// Stores joblet job logs and metrics and answers history queries (ADR-0001).

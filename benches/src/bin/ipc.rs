@@ -19,6 +19,11 @@ use joblet_ipc::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// Lines are allocated on one thread and freed on another (scans, ingest, replication); glibc's
+/// malloc serialises that on its arena locks, which showed in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     /// Messages per run.
