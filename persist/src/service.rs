@@ -177,11 +177,11 @@ fn stream_scan<T: Send + 'static>(
             .record(started.elapsed().as_secs_f64());
     });
     Box::pin(ReceiverStream::new(chunks_rx).flat_map(|chunk| {
-        let items: Vec<Result<T, Status>> = match chunk {
-            Ok(records) => records.into_iter().map(Ok).collect(),
-            Err(status) => vec![Err(status)],
+        let (records, error) = match chunk {
+            Ok(records) => (records, None),
+            Err(status) => (Vec::new(), Some(Err(status))),
         };
-        futures::stream::iter(items)
+        futures::stream::iter(records.into_iter().map(Ok).chain(error))
     }))
 }
 

@@ -69,8 +69,10 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a CLI's work is waiting on the network and the terminal. Its tasks (history
+    // and live streams) run concurrently without cross-thread wake-ups, which on a busy host
+    // kept the first line of a query waiting for a CPU.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

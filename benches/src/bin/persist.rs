@@ -254,15 +254,42 @@ async fn real(
     // and compactions the ingest just caused.
     tokio::task::spawn_blocking(move || settle(&store)).await?;
 
+    // The client runs on a runtime of its own, single-threaded like rnx's, as a separate
+    // process would: on the server's runtime its tasks would queue behind the server's.
+    let (first_line, scan_rate) = tokio::task::spawn_blocking({
+        let lines = args.lines;
+        let window_queries = args.window_queries;
+        let span = args.lines as i64 * args.line_interval_ns;
+        move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(query(address, lines, window_queries, span))
+        }
+    })
+    .await??;
+
+    shutdown.cancel();
+    sender_task.await?;
+    server.await??;
+    Ok((ingest_rate, first_line, scan_rate))
+}
+
+/// Window queries (time to the first line of each) and a full scan, over gRPC.
+async fn query(
+    address: std::net::SocketAddr,
+    lines: u64,
+    window_queries: usize,
+    span: i64,
+) -> anyhow::Result<(Vec<Duration>, f64)> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
         .connect()
         .await?;
     let mut client = PersistServiceClient::new(channel);
-    let mut first_line = Vec::with_capacity(args.window_queries);
-    let span = args.lines as i64 * args.line_interval_ns;
-    for _ in 0..args.window_queries {
+    let mut first_line = Vec::with_capacity(window_queries);
+    for _ in 0..window_queries {
         let start = T0 + rand::rng().random_range(0..span.max(1));
         let began = Instant::now();
         let mut stream = client
@@ -297,11 +324,7 @@ async fn real(
     while stream.message().await?.is_some() {
         scanned += 1;
     }
-    anyhow::ensure!(scanned == args.lines, "full scan returned {scanned} lines");
+    anyhow::ensure!(scanned == lines, "full scan returned {scanned} lines");
     let scan_rate = scanned as f64 / started.elapsed().as_secs_f64();
-
-    shutdown.cancel();
-    sender_task.await?;
-    server.await??;
-    Ok((ingest_rate, first_line, scan_rate))
+    Ok((first_line, scan_rate))
 }
