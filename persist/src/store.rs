@@ -99,6 +99,11 @@ pub struct IngestOutcome {
     pub invalid: u64,
 }
 
+/// Data block size. Logs are mostly read in long forward scans: 16 KiB blocks mean a quarter
+/// of the block reads, index entries and checksums of RocksDB's 4 KiB default. (64 KiB made
+/// scans faster still but a window's first line, which costs one block, slower.)
+const BLOCK_BYTES: usize = 16 * 1024;
+
 pub struct Store {
     db: DB,
     write_options: WriteOptions,
@@ -115,6 +120,7 @@ impl Store {
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
         table.set_bloom_filter(10.0, false);
+        table.set_block_size(BLOCK_BYTES);
 
         let base = |name: &'static str| {
             let mut options = Options::default();
