@@ -1,8 +1,30 @@
 //! Building and checking the envelopes that travel on the replication stream.
 
-use bytes::Bytes;
+use std::cell::RefCell;
+
+use bytes::{Bytes, BytesMut};
 use joblet_proto::ipc::{IpcMessage, LogData, MessageType, MetricData, Stream};
 use prost::Message;
+
+/// Payloads are encoded one after another into a per-thread buffer of this size and split
+/// off it: many messages share one allocation instead of one each.
+const PAYLOAD_ARENA_BYTES: usize = 256 * 1024;
+
+thread_local! {
+    static PAYLOADS: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+fn encode_payload(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    PAYLOADS.with_borrow_mut(|arena| {
+        if arena.capacity() - arena.len() < len {
+            *arena = BytesMut::with_capacity(PAYLOAD_ARENA_BYTES.max(len));
+        }
+        // Room was made above, so the unchecked encoding cannot run out of space.
+        message.encode_raw(arena);
+        arena.split().freeze()
+    })
+}
 
 /// The protocol version this crate speaks. A receiver rejects other versions.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -24,7 +46,7 @@ pub fn log_message(
         job_id,
         sequence,
         timestamp_ns,
-        data.encode_to_vec(),
+        encode_payload(&data),
     )
 }
 
@@ -40,7 +62,7 @@ pub fn metric_message(
         job_id,
         sequence,
         timestamp_ns,
-        sample.encode_to_vec(),
+        encode_payload(sample),
     )
 }
 
@@ -49,7 +71,7 @@ fn envelope(
     job_id: &str,
     sequence: u64,
     timestamp_ns: i64,
-    data: Vec<u8>,
+    data: Bytes,
 ) -> IpcMessage {
     IpcMessage {
         version: PROTOCOL_VERSION,
@@ -57,7 +79,7 @@ fn envelope(
         job_id: job_id.to_owned(),
         timestamp: timestamp_ns,
         sequence,
-        data: data.into(),
+        data,
     }
 }
 
@@ -93,5 +115,34 @@ pub fn validate(message: &IpcMessage) -> Result<MessageType, InvalidMessage> {
     match MessageType::try_from(message.r#type) {
         Ok(kind @ (MessageType::Log | MessageType::Metric)) => Ok(kind),
         _ => Err(InvalidMessage::Type),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_sharing_an_arena_decode_back_across_its_boundaries() {
+        let contents: Vec<Vec<u8>> = (0..6000u32)
+            .map(|i| {
+                let len = if i == 3000 {
+                    300 * 1024
+                } else {
+                    (i % 200) as usize
+                };
+                vec![(i % 251) as u8; len]
+            })
+            .collect();
+        let messages: Vec<IpcMessage> = contents
+            .iter()
+            .enumerate()
+            .map(|(i, c)| log_message("job", i as u64, 0, Stream::Stderr, c.clone().into()))
+            .collect();
+        for (message, content) in messages.iter().zip(&contents) {
+            let data = LogData::decode(message.data.clone()).unwrap();
+            assert_eq!(data.content.as_ref(), content.as_slice());
+            assert_eq!(data.stream, Stream::Stderr as i32);
+        }
     }
 }

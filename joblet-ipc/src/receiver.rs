@@ -4,9 +4,9 @@
 //! by a crashed process but refusing to steal a socket another process still serves.
 //! [`IpcReceiver::run`] accepts connections, one task pair each: a reader decodes frames into a
 //! bounded queue; a store task takes everything queued (up to `max_batch_messages`) as one
-//! batch, hands it to the [`MessageSink`] and acknowledges it. While the store is busy with one
-//! batch the next one grows, so the slower the store (an fsync per batch), the larger its
-//! batches: group commit. When the queue is full the reader stops, the socket buffer fills and
+//! batch, hands it to the [`MessageSink`] (up to [`BATCHES_IN_FLIGHT`] at once) and
+//! acknowledges batches in order once stored. While the store is busy the next batch grows, so
+//! the slower the store (an fsync per batch), the larger its batches: group commit. When the queue is full the reader stops, the socket buffer fills and
 //! the sender slows down: memory does not grow.
 
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
+use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use joblet_proto::ipc::{IpcAck, IpcMessage, JobAck, MessageType};
 use tokio::io::AsyncWriteExt;
@@ -32,9 +33,11 @@ use crate::message::validate;
 use crate::metrics as m;
 use crate::queue::Queue;
 
-/// Messages decoded but not yet stored, per connection, in batches: one being stored and the
-/// next one filling up.
+/// Batches handed to the sink at once per connection (a sink may prepare one while it writes
+/// the other); the queue holds as many batches again while they are stored.
 pub const BATCHES_IN_FLIGHT: usize = 2;
+/// Decoded messages moved into the queue under one lock.
+const BURST_MESSAGES: usize = 256;
 /// Read buffer per connection: large reads mean few syscalls at high rates.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 
@@ -245,6 +248,7 @@ impl<S: MessageSink> Connection<S> {
         mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec<IpcMessage>>,
         queue: &Queue<IpcMessage>,
     ) {
+        let mut burst = Vec::with_capacity(BURST_MESSAGES);
         loop {
             let first = tokio::select! {
                 () = self.shutdown.cancelled() => return,
@@ -254,6 +258,7 @@ impl<S: MessageSink> Connection<S> {
             // burst, not per message.
             let mut received = 0u64;
             let mut open = true;
+            burst.clear();
             let mut next = Some(first);
             while let Some(frame) = next {
                 match self.accept(frame) {
@@ -263,7 +268,10 @@ impl<S: MessageSink> Connection<S> {
                     }
                     Some(Some(message)) => {
                         received += 1;
-                        if queue.push(message).await.is_err() {
+                        burst.push(message);
+                        if burst.len() == BURST_MESSAGES
+                            && queue.push_all(&mut burst).await.is_err()
+                        {
                             open = false; // the store task failed and closed the connection
                             break;
                         }
@@ -271,6 +279,9 @@ impl<S: MessageSink> Connection<S> {
                     Some(None) => {}
                 }
                 next = frames.next().now_or_never();
+            }
+            if open && queue.push_all(&mut burst).await.is_err() {
+                open = false;
             }
             self.stats.received.fetch_add(received, Ordering::Relaxed);
             metrics::counter!(m::PERSIST_IPC_MESSAGES_RECEIVED).increment(received);
@@ -320,37 +331,57 @@ async fn store_and_ack<S: MessageSink>(
     max_frame_bytes: usize,
 ) {
     let mut buffer = BytesMut::new();
+    // Up to BATCHES_IN_FLIGHT batches are stored at once (a sink may prepare one while it
+    // writes another); they are acknowledged in order.
+    let mut storing = FuturesOrdered::new();
+    let mut open = true;
     loop {
         let mut batch = Vec::new();
-        if queue.take(&mut batch, max_batch).await == 0 {
-            return; // closed and empty
+        tokio::select! {
+            stored = storing.next(), if !storing.is_empty() => {
+                let Some(stored) = stored else { continue };
+                let ack = match stored {
+                    Ok(ack) => ack,
+                    Err(error) => {
+                        stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, "storing replicated data failed; closing the connection");
+                        queue.close();
+                        return;
+                    }
+                };
+                buffer.clear();
+                if encode_frame(&ack, max_frame_bytes, &mut buffer).is_err() {
+                    tracing::error!("acknowledgement too large to frame");
+                    queue.close();
+                    return;
+                }
+                // If the sender went away, keep storing what was already read.
+                let _ = socket.write_all(&buffer).await;
+            }
+            taken = queue.take(&mut batch, max_batch), if open && storing.len() < BATCHES_IN_FLIGHT => {
+                if taken == 0 {
+                    open = false; // closed and empty: finish what is being stored
+                } else {
+                    let ack = ack_for(&batch);
+                    let sink = sink.clone();
+                    storing.push_back(async move { sink.store(batch).await.map(|()| ack) });
+                }
+            }
+            else => return,
         }
-        let ack = ack_for(&batch);
-        if let Err(error) = sink.store(batch).await {
-            stats.store_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%error, "storing replicated data failed; closing the connection");
-            queue.close();
-            return;
-        }
-        buffer.clear();
-        if encode_frame(&ack, max_frame_bytes, &mut buffer).is_err() {
-            tracing::error!("acknowledgement too large to frame");
-            queue.close();
-            return;
-        }
-        // If the sender went away, keep storing what was already read.
-        let _ = socket.write_all(&buffer).await;
     }
 }
 
 /// The highest sequence per job and type in a batch.
 fn ack_for(batch: &[IpcMessage]) -> IpcAck {
     let mut highest: HashMap<(&str, i32), u64> = HashMap::new();
-    for message in batch {
+    // Messages come in runs of one job and type: one lookup per run.
+    for run in batch.chunk_by(|a, b| a.job_id == b.job_id && a.r#type == b.r#type) {
+        let top = run.iter().map(|m| m.sequence).max().unwrap_or(0);
         let entry = highest
-            .entry((message.job_id.as_str(), message.r#type))
+            .entry((run[0].job_id.as_str(), run[0].r#type))
             .or_default();
-        *entry = (*entry).max(message.sequence);
+        *entry = (*entry).max(top);
     }
     IpcAck {
         jobs: highest

@@ -135,7 +135,7 @@ pub fn status_of(error: StoreError) -> Status {
         StoreError::Ambiguous { .. } | StoreError::InvalidArgument { .. } => {
             Status::invalid_argument(error.to_string())
         }
-        StoreError::Rocks(_) | StoreError::MissingColumnFamily(_) => {
+        StoreError::Rocks(_) | StoreError::MissingColumnFamily(_) | StoreError::Aborted => {
             tracing::error!(%error, "store error");
             Status::internal("storage error (see joblet-persist's log)")
         }

@@ -11,12 +11,18 @@
 //! - Retention is enforced by compaction filters on each column family, relative to a record's
 //!   own timestamp; reads clamp their time range to the retention window so expired records
 //!   are never returned even before compaction removes them.
-//! - Ingest is serialised by one lock, which also guards the in-memory copy of the summaries.
+//! - Ingest is pipelined in two steps, each serialised by its own lock, taken in this order:
+//!   `pending` (prepare: dedup decisions, the write batch, the summaries it leads to) and
+//!   `commit` (the RocksDB write). A batch takes `commit` before it releases `pending`, so
+//!   batches are written in the order they were prepared, and the next batch is prepared
+//!   while this one is written and synced. Queries see `durable` summaries only, updated after
+//!   the write: a summary never claims lines that are not yet stored.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -52,6 +58,8 @@ pub enum StoreError {
     Rocks(#[from] rocksdb::Error),
     #[error("column family {0} is missing")]
     MissingColumnFamily(&'static str),
+    #[error("an earlier write failed; this batch was prepared on top of it and is refused")]
+    Aborted,
 }
 
 /// Stream selector of a log query.
@@ -109,8 +117,29 @@ pub struct Store {
     write_options: WriteOptions,
     retention_logs: Retention,
     retention_metrics: Retention,
-    /// Serialises ingest and deletion; holds the summaries of every stored job.
-    summaries: Mutex<HashMap<String, JobSummary>>,
+    /// Summaries including batches prepared but perhaps not yet written; the prepare lock.
+    pending: Mutex<HashMap<String, JobSummary>>,
+    /// The write lock, taken while `pending` is held.
+    commit: Mutex<()>,
+    /// Summaries of what is stored, for queries.
+    durable: Mutex<HashMap<String, JobSummary>>,
+    /// A write failed: `pending` counts a batch that was not stored. Batches prepared on top of
+    /// it are refused (their sender sends them again), and the next one starts from `durable`.
+    resync: AtomicBool,
+}
+
+/// What a batch being prepared changes of one job.
+struct JobChanges {
+    summary: JobSummary,
+    /// Sequences written as new in this batch, per kind (logs, metrics): increasing, so a later
+    /// replay of one of them in the same batch is found by binary search.
+    new: [Vec<u64>; 2],
+    /// Replays (sequence at or below the highest stored) written in this batch.
+    replayed: HashSet<(usize, u64)>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Store {
@@ -172,7 +201,10 @@ impl Store {
             write_options,
             retention_logs: config.retention.logs,
             retention_metrics: config.retention.metrics,
-            summaries: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            commit: Mutex::new(()),
+            durable: Mutex::new(HashMap::new()),
+            resync: AtomicBool::new(false),
         };
         store.load_summaries()?;
         Ok(store)
@@ -201,121 +233,142 @@ impl Store {
         }
         iter.status()?;
         tracing::info!(jobs = loaded.len(), "loaded job summaries");
-        *self.lock_summaries() = loaded;
+        *lock(&self.pending) = loaded.clone();
+        *lock(&self.durable) = loaded;
         Ok(())
     }
 
-    fn lock_summaries(&self) -> std::sync::MutexGuard<'_, HashMap<String, JobSummary>> {
-        self.summaries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Stores a batch atomically and durably (per the configured durability). Records already
-    /// stored are skipped; invalid payloads are skipped and counted.
+    /// stored are skipped; invalid payloads are skipped and counted. Two calls at a time
+    /// overlap: one prepares while the other writes (see the module docs).
     pub fn ingest(&self, batch: &[IpcMessage]) -> Result<IngestOutcome, StoreError> {
         let started = Instant::now();
-        let logs = self.cf(CF_LOGS)?;
-        let metrics_cf = self.cf(CF_METRICS)?;
+        let cfs = [self.cf(CF_LOGS)?, self.cf(CF_METRICS)?];
         let summaries_cf = self.cf(CF_SUMMARIES)?;
-        let mut summaries = self.lock_summaries();
-        let mut changed: HashMap<&str, JobSummary> = HashMap::new();
+        let mut pending = lock(&self.pending);
+        let mut commit = None;
+        if self.resync.load(Ordering::Acquire) {
+            commit = Some(lock(&self.commit));
+            *pending = lock(&self.durable).clone();
+            self.resync.store(false, Ordering::Release);
+        }
+        let mut changed: HashMap<&str, JobChanges> = HashMap::new();
         let mut write = WriteBatch::default();
         let mut outcome = IngestOutcome::default();
         let mut key = Vec::new();
         let mut value = Vec::new();
 
-        for message in batch {
-            if message.job_id.contains('\0') {
-                outcome.invalid += 1;
+        // Messages come in runs of one job: its summary is looked up once per run.
+        for run in batch.chunk_by(|a, b| a.job_id == b.job_id) {
+            let job_id = run[0].job_id.as_str();
+            if job_id.contains('\0') {
+                outcome.invalid += run.len() as u64;
                 continue;
             }
-            let kind = message.r#type();
-            let cf = match kind {
-                MessageType::Log => logs,
-                MessageType::Metric => metrics_cf,
-                MessageType::Unspecified => {
-                    outcome.invalid += 1;
-                    continue;
-                }
-            };
-            // One lookup per message: the job's summary as this batch will leave it. A job
-            // whose messages all turn out invalid keeps first_timestamp == i64::MAX and is not
-            // written.
-            let summary = changed.entry(message.job_id.as_str()).or_insert_with(|| {
-                summaries
-                    .get(&message.job_id)
-                    .cloned()
-                    .unwrap_or_else(|| JobSummary {
-                        job_id: message.job_id.clone(),
-                        first_timestamp: i64::MAX,
-                        last_timestamp: i64::MIN,
-                        ..Default::default()
-                    })
+            // A job whose messages all turn out invalid keeps first_timestamp == i64::MAX and
+            // is not written.
+            let job = changed.entry(job_id).or_insert_with(|| JobChanges {
+                summary: pending.get(job_id).cloned().unwrap_or_else(|| JobSummary {
+                    job_id: job_id.to_owned(),
+                    first_timestamp: i64::MAX,
+                    last_timestamp: i64::MIN,
+                    ..Default::default()
+                }),
+                new: [Vec::new(), Vec::new()],
+                replayed: HashSet::new(),
             });
-            let highest = match kind {
-                MessageType::Metric => summary.last_metric_sequence,
-                _ => summary.last_log_sequence,
-            };
-            keys::encode_into(
-                &mut key,
-                &message.job_id,
-                message.timestamp,
-                message.sequence,
-            );
-            // A sequence above the highest stored one is new (the sender keeps each job's
-            // order); only replays need the lookup.
-            if message.sequence <= highest && self.db.get_pinned_cf(cf, &key)?.is_some() {
-                outcome.duplicates += 1;
-                continue;
-            }
-            value.clear();
-            let content_bytes = match kind {
-                MessageType::Log => {
+            for message in run {
+                let kind = match message.r#type() {
+                    MessageType::Log => 0,
+                    MessageType::Metric => 1,
+                    MessageType::Unspecified => {
+                        outcome.invalid += 1;
+                        continue;
+                    }
+                };
+                let summary = &mut job.summary;
+                let highest = [summary.last_log_sequence, summary.last_metric_sequence][kind];
+                keys::encode_into(&mut key, job_id, message.timestamp, message.sequence);
+                // A sequence above the highest stored one is new (the sender keeps each job's
+                // order); only replays need looking up: earlier in this batch, or stored.
+                let replay = message.sequence <= highest;
+                if replay {
+                    if job.new[kind].binary_search(&message.sequence).is_ok()
+                        || job.replayed.contains(&(kind, message.sequence))
+                    {
+                        outcome.duplicates += 1;
+                        continue;
+                    }
+                    // What was prepared before must be written before it can be looked up.
+                    commit.get_or_insert_with(|| lock(&self.commit));
+                    if self.db.get_pinned_cf(cfs[kind], &key)?.is_some() {
+                        outcome.duplicates += 1;
+                        continue;
+                    }
+                }
+                value.clear();
+                if kind == 0 {
                     let Ok(data) = LogData::decode(message.data.clone()) else {
                         outcome.invalid += 1;
                         continue;
                     };
                     value.push(data.stream as u8);
                     value.extend_from_slice(&data.content);
-                    Some(data.content.len() as u64)
-                }
-                _ => {
+                    summary.log_lines += 1;
+                    summary.log_bytes += data.content.len() as u64;
+                    summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
+                    outcome.lines += 1;
+                } else {
                     if MetricData::decode(message.data.clone()).is_err() {
                         outcome.invalid += 1;
                         continue;
                     }
                     value.extend_from_slice(&message.data);
-                    None
-                }
-            };
-            match content_bytes {
-                Some(bytes) => {
-                    summary.log_lines += 1;
-                    summary.log_bytes += bytes;
-                    summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
-                    outcome.lines += 1;
-                }
-                None => {
                     summary.metric_samples += 1;
                     summary.last_metric_sequence =
                         summary.last_metric_sequence.max(message.sequence);
                     outcome.samples += 1;
                 }
+                if replay {
+                    job.replayed.insert((kind, message.sequence));
+                } else {
+                    job.new[kind].push(message.sequence);
+                }
+                summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
+                summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
+                write.put_cf(cfs[kind], &key, &value);
             }
-            summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
-            summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
-            write.put_cf(cf, &key, &value);
         }
-        changed.retain(|_, summary| summary.first_timestamp != i64::MAX);
+        let summaries: Vec<JobSummary> = changed
+            .into_values()
+            .map(|job| job.summary)
+            .filter(|summary| summary.first_timestamp != i64::MAX)
+            .collect();
         if !write.is_empty() {
-            for (job_id, summary) in &changed {
-                write.put_cf(summaries_cf, job_id.as_bytes(), summary.encode_to_vec());
+            for summary in &summaries {
+                write.put_cf(
+                    summaries_cf,
+                    summary.job_id.as_bytes(),
+                    summary.encode_to_vec(),
+                );
+                pending.insert(summary.job_id.clone(), summary.clone());
             }
-            self.db.write_opt(write, &self.write_options)?;
-            for (job_id, summary) in changed {
-                summaries.insert(job_id.to_owned(), summary);
+            let commit = commit.unwrap_or_else(|| lock(&self.commit));
+            drop(pending);
+            if self.resync.load(Ordering::Acquire) {
+                return Err(StoreError::Aborted);
             }
+            if let Err(error) = self.db.write_opt(write, &self.write_options) {
+                self.resync.store(true, Ordering::Release);
+                return Err(error.into());
+            }
+            let mut durable = lock(&self.durable);
+            for summary in summaries {
+                durable.insert(summary.job_id.clone(), summary);
+            }
+            drop(durable);
+            drop(commit);
         }
-        drop(summaries);
         metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::LINES_STORED).increment(outcome.lines);
         metrics::counter!(m::METRICS_STORED).increment(outcome.samples);
@@ -353,7 +406,7 @@ impl Store {
                 message: "must not be empty".into(),
             });
         }
-        let summaries = self.lock_summaries();
+        let summaries = lock(&self.durable);
         if summaries.contains_key(id_or_prefix) {
             return Ok(id_or_prefix.to_owned());
         }
@@ -378,8 +431,7 @@ impl Store {
     /// Summaries of stored jobs whose id starts with `prefix`, ordered by id.
     pub fn list_jobs(&self, prefix: &str) -> Vec<JobSummary> {
         let oldest_kept = oldest_kept_ns(longest(self.retention_logs, self.retention_metrics));
-        let mut jobs: Vec<JobSummary> = self
-            .lock_summaries()
+        let mut jobs: Vec<JobSummary> = lock(&self.durable)
             .values()
             .filter(|s| s.job_id.starts_with(prefix) && s.last_timestamp >= oldest_kept)
             .cloned()
@@ -390,15 +442,17 @@ impl Store {
 
     /// Removes every record and the summary of `job_id`; returns whether it had any.
     pub fn delete_job(&self, job_id: &str) -> Result<bool, StoreError> {
-        let mut summaries = self.lock_summaries();
-        let existed = summaries.contains_key(job_id);
+        let mut pending = lock(&self.pending);
+        let _commit = lock(&self.commit);
+        let existed = lock(&self.durable).contains_key(job_id);
         let mut write = WriteBatch::default();
         let (start, end) = (keys::job_start(job_id), keys::job_end(job_id));
         write.delete_range_cf(self.cf(CF_LOGS)?, &start, &end);
         write.delete_range_cf(self.cf(CF_METRICS)?, &start, &end);
         write.delete_cf(self.cf(CF_SUMMARIES)?, job_id.as_bytes());
         self.db.write_opt(write, &self.write_options)?;
-        summaries.remove(job_id);
+        pending.remove(job_id);
+        lock(&self.durable).remove(job_id);
         Ok(existed)
     }
 
@@ -738,6 +792,56 @@ mod tests {
         assert_eq!((outcome.lines, outcome.duplicates), (0, 6));
         assert_eq!(count_all(&store, "job"), 10);
         assert_eq!(store.list_jobs("")[0].log_lines, 10);
+    }
+
+    #[test]
+    fn a_replay_inside_the_batch_it_repeats_is_stored_and_counted_once() {
+        // After a reconnect core sends again from persist's last ack while earlier sends may
+        // still be in flight: one batch can hold a line twice, or a gap and its fill.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
+        let line = |s: u64| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into());
+        let batch: Vec<_> = [1, 2, 4, 5, 2, 3, 4, 3, 5, 6]
+            .into_iter()
+            .map(line)
+            .collect();
+        let outcome = store.ingest(&batch).unwrap();
+        assert_eq!((outcome.lines, outcome.duplicates), (6, 4));
+        assert_eq!(count_all(&store, "job"), 6);
+        let summary = &store.list_jobs("")[0];
+        assert_eq!((summary.log_lines, summary.last_log_sequence), (6, 6));
+    }
+
+    #[test]
+    fn batches_ingested_concurrently_are_stored_once_and_summed_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(&config(dir.path(), Retention(None))).unwrap());
+        // Two writers, as the receiver runs them: disjoint runs, then overlapping replays.
+        let batches: Vec<Vec<_>> = (0..40u64)
+            .map(|b| {
+                let from = if b % 5 == 4 {
+                    b * 100 - 150
+                } else {
+                    b * 100 + 1
+                };
+                (from..=b * 100 + 100)
+                    .map(|s| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into()))
+                    .collect()
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for half in batches.chunks(20) {
+                let store = &store;
+                scope.spawn(move || {
+                    for batch in half {
+                        store.ingest(batch).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(count_all(&store, "job"), 4000);
+        let summary = &store.list_jobs("")[0];
+        assert_eq!((summary.log_lines, summary.last_log_sequence), (4000, 4000));
     }
 
     #[test]
