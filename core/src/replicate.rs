@@ -12,6 +12,7 @@
 //! All of it runs on one thread of its own at a lower CPU priority (`persist.replication_nice`):
 //! on a host whose CPUs are busy with jobs, replication yields to them and catches up later.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,9 +23,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::PersistConfig;
 use crate::job::Job;
+use crate::metrics as m;
 
 /// How often a task whose data is all queued checks for persist's final acknowledgement.
 const ACK_POLL: Duration = Duration::from_millis(100);
+/// How often the lag gauge is refreshed.
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Replication {
     sender: IpcSender,
@@ -35,6 +39,8 @@ pub struct Replication {
     sender_shutdown: CancellationToken,
     sender_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     thread: Mutex<Option<(std::thread::JoinHandle<()>, CancellationToken)>>,
+    /// Jobs whose lines are not all acknowledged yet, for the lag gauge.
+    replicating: Arc<Mutex<HashMap<String, Arc<Job>>>>,
 }
 
 impl Replication {
@@ -80,14 +86,22 @@ impl Replication {
             let _context = runtime.enter();
             IpcSender::start(sender_config, sender_shutdown.clone())
         };
+        let replicating = Arc::new(Mutex::new(HashMap::new()));
+        let stop = CancellationToken::new();
+        runtime.spawn(publish_lag(
+            sender.clone(),
+            replicating.clone(),
+            stop.clone(),
+        ));
         Ok(Replication {
             sender,
             runtime,
             tasks: TaskTracker::new(),
-            stop: CancellationToken::new(),
+            stop,
             sender_shutdown,
             sender_task: Mutex::new(Some(sender_task)),
             thread: Mutex::new(Some((thread, thread_stop))),
+            replicating,
         })
     }
 
@@ -103,8 +117,17 @@ impl Replication {
             kind,
             stop: self.stop.clone(),
         };
+        lock(&self.replicating).insert(job.id.clone(), job.clone());
+        let replicating = self.replicating.clone();
+        let id = job.id.clone();
         let logs = replicator(MessageType::Log).run(send_logs);
-        self.tasks.spawn_on(logs, &self.runtime);
+        self.tasks.spawn_on(
+            async move {
+                logs.await;
+                lock(&replicating).remove(&id);
+            },
+            &self.runtime,
+        );
         let metrics = replicator(MessageType::Metric).run(send_metrics);
         self.tasks.spawn_on(metrics, &self.runtime);
     }
@@ -137,10 +160,37 @@ impl Replication {
         if let Some(task) = task {
             let _ = task.await;
         }
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let thread = lock(&self.thread).take();
         if let Some((thread, stop)) = thread {
             stop.cancel();
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Publishes how many spooled lines persist has not acknowledged, every LAG_INTERVAL.
+async fn publish_lag(
+    sender: IpcSender,
+    replicating: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let jobs: Vec<Arc<Job>> = lock(&replicating).values().cloned().collect();
+        let behind: u64 = jobs
+            .iter()
+            .map(|job| {
+                let written = job.output.progress().last_sequence;
+                written.saturating_sub(sender.acknowledged(&job.id, MessageType::Log))
+            })
+            .sum();
+        metrics::gauge!(m::REPLICATION_BEHIND).set(behind as f64);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LAG_INTERVAL) => {}
         }
     }
 }

@@ -51,6 +51,23 @@ async fn a_million_lines_arrive_complete_in_order_and_separated() {
     core.terminate().await;
 }
 
+/// The value of an exported gauge once it equals `wanted`, or its last value after 5 s.
+async fn gauge_soon(core: &harness::Daemon, name: &str, wanted: f64) -> f64 {
+    let mut value = f64::NAN;
+    for _ in 0..50 {
+        let exported = core.scrape().await;
+        value = exported
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        if value == wanted {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    value
+}
+
 async fn persisted_lines(persist: &harness::Daemon, id: &str) -> Vec<(u64, Vec<u8>)> {
     let mut client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
         .await
@@ -140,6 +157,11 @@ async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_lat
     let expected = 200_000;
     let id = run(&mut client, shell("seq 1 200000; sleep 0.5")).await;
     assert_eq!(finished(&mut client, &id).await.status, "COMPLETED");
+    assert_eq!(
+        gauge_soon(&core, "joblet_core_replication_behind_lines", 200_000.0).await,
+        200_000.0,
+        "every line is waiting for persist"
+    );
 
     let persist = harness::start_persist(dir.path()).await;
     let mut lines = Vec::new();
@@ -155,6 +177,11 @@ async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_lat
         .map(|(_, content)| std::str::from_utf8(content).unwrap().parse().unwrap())
         .collect();
     assert_eq!(numbers, (1..=expected as u64).collect::<Vec<_>>());
+    assert_eq!(
+        gauge_soon(&core, "joblet_core_replication_behind_lines", 0.0).await,
+        0.0,
+        "persist acknowledged everything"
+    );
 
     let mut persist_client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
         .await
