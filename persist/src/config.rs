@@ -22,6 +22,10 @@ pub struct Config {
     pub storage: StorageConfig,
     pub rocksdb: RocksDbConfig,
     pub query: QueryConfig,
+    /// Nice value (-20..=19) of the whole daemon: above the 0 of jobs and clients, so that on
+    /// a busy host ingest and big scans yield the CPU (ADR-0001: queries never compete with
+    /// running jobs).
+    pub nice: i32,
 }
 
 impl Default for Config {
@@ -35,6 +39,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             rocksdb: RocksDbConfig::default(),
             query: QueryConfig::default(),
+            nice: 10,
         }
     }
 }
@@ -293,6 +298,9 @@ impl Config {
         if self.rocksdb.write_buffer_size.as_u64() < 1024 * 1024 {
             bail!("rocksdb.write_buffer_size: must be at least 1 MiB");
         }
+        if !(-20..=19).contains(&self.nice) {
+            bail!("nice: must be a nice value from -20 to 19");
+        }
         if self.query.max_tail == 0 {
             bail!("query.max_tail: must be greater than zero");
         }
@@ -338,6 +346,7 @@ mod tests {
         assert!(error_of("retention:\n  logs: -5d\n").contains("negative"));
         assert!(error_of("retention:\n  logs: soon\n").contains("invalid retention"));
         assert!(error_of("bogus: 1\n").contains("unknown field `bogus`"));
+        assert!(error_of("nice: 20\n").contains("nice: must be"));
         assert!(error_of("ipc:\n  sockett: /tmp/x\n").contains("unknown field `sockett`"));
         assert!(
             error_of("ipc:\n  socket: /no/such/dir/p.sock\n").contains("ipc.socket"),

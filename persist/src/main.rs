@@ -43,6 +43,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     joblet_ipc::daemon::init_tracing();
+    // Before any thread starts: every thread of the daemon (RocksDB's too) inherits it.
+    match joblet_ipc::daemon::set_thread_nice(config.nice) {
+        Ok(()) => tracing::info!(nice = config.nice, "CPU priority set"),
+        Err(error) => tracing::warn!(nice = config.nice, %error, "cannot set the nice value"),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -48,9 +48,17 @@ const QUERY_GAP_MS: u64 = 20;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let contents = line_contents(args.line_bytes);
+    // The client is a thread of its own, started now at the default priority, like rnx.
+    let client = Client::start();
+    // The real side runs at the nice value joblet-persist (and core's replication) runs at by
+    // default; the baseline runs on this thread before it is lowered.
+    let nice = Config::default().nice;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
+        .on_thread_start(move || {
+            let _ = joblet_ipc::daemon::set_thread_nice(nice);
+        })
         .build()?;
     let mut table = Table::default();
 
@@ -83,8 +91,10 @@ fn main() -> anyhow::Result<()> {
 
     // Real 1: through IPC into the daemon's store.
     let dir = tempfile::tempdir()?;
-    let (ingest_rate, first_line, scan_rate) =
-        runtime.block_on(real(&args, &contents, dir.path()))?;
+    let (ingest_rate, first_line, scan_rate) = {
+        joblet_ipc::daemon::set_thread_nice(nice)?;
+        runtime.block_on(real(&args, &contents, dir.path(), &client))?
+    };
     table.add(
         "ingest lines/s (IPC → store, acked)",
         ingest_rate,
@@ -219,6 +229,7 @@ async fn real(
     args: &Args,
     contents: &[bytes::Bytes],
     dir: &std::path::Path,
+    client: &Client,
 ) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
     let config = config(dir);
     let shutdown = CancellationToken::new();
@@ -254,25 +265,68 @@ async fn real(
     // and compactions the ingest just caused.
     tokio::task::spawn_blocking(move || settle(&store)).await?;
 
-    // The client runs on a runtime of its own, single-threaded like rnx's, as a separate
-    // process would: on the server's runtime its tasks would queue behind the server's.
-    let (first_line, scan_rate) = tokio::task::spawn_blocking({
-        let lines = args.lines;
-        let window_queries = args.window_queries;
-        let span = args.lines as i64 * args.line_interval_ns;
-        move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(query(address, lines, window_queries, span))
-        }
-    })
-    .await??;
+    let (first_line, scan_rate) = client
+        .run(address, args.lines, args.window_queries, span(args))
+        .await?;
 
     shutdown.cancel();
     sender_task.await?;
     server.await??;
     Ok((ingest_rate, first_line, scan_rate))
+}
+
+fn span(args: &Args) -> i64 {
+    args.lines as i64 * args.line_interval_ns
+}
+
+type QueryResult = anyhow::Result<(Vec<Duration>, f64)>;
+/// Server address, lines stored, window queries, time span of the lines; where to reply.
+type Request = (
+    std::net::SocketAddr,
+    u64,
+    usize,
+    i64,
+    tokio::sync::oneshot::Sender<QueryResult>,
+);
+
+/// The gRPC client: a thread with a single-threaded runtime of its own, like rnx, as a
+/// separate process would be; on the server's runtime its tasks would queue behind the
+/// server's.
+struct Client {
+    requests: std::sync::mpsc::Sender<Request>,
+}
+
+impl Client {
+    fn start() -> Client {
+        let (requests, incoming) = std::sync::mpsc::channel::<Request>();
+        std::thread::spawn(move || {
+            for (address, lines, window_queries, span, reply) in incoming {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| {
+                        runtime.block_on(query(address, lines, window_queries, span))
+                    });
+                let _ = reply.send(result);
+            }
+        });
+        Client { requests }
+    }
+
+    async fn run(
+        &self,
+        address: std::net::SocketAddr,
+        lines: u64,
+        window_queries: usize,
+        span: i64,
+    ) -> QueryResult {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.requests
+            .send((address, lines, window_queries, span, reply))
+            .map_err(|_| anyhow::anyhow!("client thread ended"))?;
+        result.await?
+    }
 }
 
 /// Window queries (time to the first line of each) and a full scan, over gRPC.
