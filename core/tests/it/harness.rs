@@ -36,7 +36,17 @@ pub fn free_port() -> u16 {
 }
 
 async fn start_binary(binary: &Path, config: &Path, log: PathBuf) -> (Child, String) {
-    let mut child = Command::new(binary)
+    start_command(Command::new(binary), binary, config, log).await
+}
+
+/// Starts `command` (which runs `binary`) with `--config config` appended.
+async fn start_command(
+    mut command: Command,
+    binary: &Path,
+    config: &Path,
+    log: PathBuf,
+) -> (Child, String) {
+    let mut child = command
         .arg("--config")
         .arg(config)
         .stdout(Stdio::piped())
@@ -68,6 +78,13 @@ fn field(ready: &str, name: &str) -> Option<String> {
 
 /// Starts joblet-core with state in `dir`, persist socket `dir/persist.sock`, and `extra` YAML.
 pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
+    let binary = Path::new(env!("CARGO_BIN_EXE_joblet-core"));
+    start_core_with(Command::new(binary), dir, extra).await
+}
+
+/// Like [`start_core`], with `command` running the joblet-core binary (e.g. through a
+/// wrapper); `--config PATH` is appended to it.
+pub async fn start_core_with(command: Command, dir: &Path, extra: &str) -> Daemon {
     // `extra` may start with a grpc: block; its keys join the harness's own.
     let (grpc_extra, extra) = match extra.strip_prefix("grpc:\n") {
         Some(rest) => {
@@ -118,12 +135,8 @@ pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
     let path = dir.join("joblet-config.yml");
     std::fs::write(&path, config).unwrap();
     let log = dir.join("core.log");
-    let (child, ready) = start_binary(
-        Path::new(env!("CARGO_BIN_EXE_joblet-core")),
-        &path,
-        log.clone(),
-    )
-    .await;
+    let binary = Path::new(env!("CARGO_BIN_EXE_joblet-core"));
+    let (child, ready) = start_command(command, binary, &path, log.clone()).await;
     Daemon {
         child,
         grpc: field(&ready, "grpc").unwrap().parse().unwrap(),

@@ -150,3 +150,54 @@ async fn metrics_are_sampled_from_the_jobs_cgroup() {
     );
     core.terminate().await;
 }
+
+/// This machine's controllers are all bound to cgroup v1; its cgroup2 hierarchy has none. In a
+/// mount namespace where that hierarchy is /sys/fs/cgroup, core runs in v2 mode: it must say
+/// so, and refuse a job whose limits the hierarchy cannot enforce (every job has a pids limit),
+/// naming the controller, and leave no cgroup behind.
+#[tokio::test]
+async fn on_cgroup_v2_without_controllers_jobs_are_refused_naming_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new("unshare");
+    command.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        "mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_joblet-core"),
+    ]);
+    let core = harness::start_core_with(command, dir.path(), "persist:\n  enabled: false\n").await;
+    let log = std::fs::read_to_string(&core.log).unwrap();
+    assert!(log.contains("version=\"v2\""), "{log}");
+    let mut client = core.client().await;
+    let id = harness::run(&mut client, harness::shell("echo never")).await;
+    let status = harness::finished(&mut client, &id).await;
+    assert_eq!(status.status, "FAILED");
+    let log = std::fs::read_to_string(&core.log).unwrap();
+    assert!(
+        log.contains("limit pids did not take effect"),
+        "the refusal names the limit: {log}"
+    );
+    // The namespace's view of the hierarchy: core's leaf and the (empty) parent of jobs.
+    let root = format!("/proc/{}/root/sys/fs/cgroup", core.child.id().unwrap());
+    let leftovers: Vec<_> = walk(std::path::Path::new(&root))
+        .into_iter()
+        .filter(|path| path.to_string_lossy().contains(&id))
+        .collect();
+    assert!(leftovers.is_empty(), "job cgroups left: {leftovers:?}");
+    assert!(std::path::Path::new(&root).join("joblet-core").is_dir());
+    core.terminate().await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            found.push(entry.path());
+            found.extend(walk(&entry.path()));
+        }
+    }
+    found
+}
