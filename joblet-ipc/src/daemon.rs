@@ -41,3 +41,21 @@ pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
 pub fn thread_nice() -> std::io::Result<i32> {
     rustix::process::getpriority_process(None).map_err(std::io::Error::from)
 }
+
+/// The name and nice value of every thread of process `pid`, from /proc.
+pub fn thread_nice_values(pid: u32) -> std::io::Result<Vec<(String, i32)>> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let name = std::fs::read_to_string(task.join("comm"))?;
+        let stat = std::fs::read_to_string(task.join("stat"))?;
+        // nice is field 19 of stat: the 17th after the parenthesised name.
+        let nice = stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().nth(16))
+            .and_then(|field| field.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("unexpected {}", task.display())))?;
+        threads.push((name.trim().to_owned(), nice));
+    }
+    Ok(threads)
+}

@@ -302,26 +302,6 @@ async fn every_metric_in_the_alert_rules_and_dashboard_is_exported_by_a_real_dae
     persist.terminate().await;
 }
 
-/// Nice value of each thread of `pid`, by thread name.
-fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap();
-        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-        // Fields after the parenthesised name; nice is field 19 of stat, the 17th after it.
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice = after_name
-            .split_whitespace()
-            .nth(16)
-            .unwrap()
-            .parse()
-            .unwrap();
-        threads.push((name.trim().to_owned(), nice));
-    }
-    threads
-}
-
 #[tokio::test]
 async fn replication_runs_below_the_jobs_cpu_priority() {
     let dir = tempfile::tempdir().unwrap();
@@ -330,7 +310,7 @@ async fn replication_runs_below_the_jobs_cpu_priority() {
     // Spool readers (blocking threads) start once a job's output is replicated.
     let id = run(&mut client, shell("seq 1 1000")).await;
     finished(&mut client, &id).await;
-    let threads = thread_nice_values(core.child.id().unwrap());
+    let threads = joblet_ipc::daemon::thread_nice_values(core.child.id().unwrap()).unwrap();
     let replication: Vec<_> = threads
         .iter()
         .filter(|(name, _)| name.starts_with("joblet-replicat"))

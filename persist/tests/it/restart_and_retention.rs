@@ -211,22 +211,7 @@ fn configuration_errors_name_the_key_and_the_reference_config_is_valid() {
 async fn every_thread_runs_at_the_configured_nice_value() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = harness::start(dir.path(), "nice: 7\n").await;
-    let pid = daemon.child.id().unwrap();
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap();
-        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-        // nice is field 19 of stat: the 17th after the parenthesised name.
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice: i32 = after_name
-            .split_whitespace()
-            .nth(16)
-            .unwrap()
-            .parse()
-            .unwrap();
-        threads.push((name.trim().to_owned(), nice));
-    }
+    let threads = joblet_ipc::daemon::thread_nice_values(daemon.child.id().unwrap()).unwrap();
     assert!(
         threads.len() > 2 && threads.iter().all(|(_, nice)| *nice == 7),
         "{threads:?}"
