@@ -103,18 +103,19 @@ async fn wait_ended(client: &mut JobServiceClient<Channel>, id: &str) -> anyhow:
     }
 }
 
-/// Wall seconds of the generator writing to a file directly.
-async fn run_direct(args: &Args, dir: &Path) -> anyhow::Result<f64> {
-    let file = dir.join("direct.out");
+/// Wall seconds of the generator writing to `target` directly (a file is removed after).
+async fn run_direct(args: &Args, target: &Path) -> anyhow::Result<f64> {
     let started = Instant::now();
     let status = tokio::process::Command::new("/bin/sh")
         .arg("-c")
-        .arg(format!("{} > {}", generator(args), file.display()))
+        .arg(format!("{} > {}", generator(args), target.display()))
         .status()
         .await?;
     anyhow::ensure!(status.success(), "baseline command failed");
     let wall = started.elapsed().as_secs_f64();
-    std::fs::remove_file(&file)?;
+    if target.is_file() {
+        std::fs::remove_file(target)?;
+    }
     Ok(wall)
 }
 
@@ -184,11 +185,12 @@ async fn main() -> anyhow::Result<()> {
 
     let mut persist_client =
         PersistServiceClient::connect(format!("http://{}", persist.grpc)).await?;
-    let (mut baseline_walls, mut core_walls, mut core_cpus, mut catch_ups) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut baseline_walls, mut null_walls, mut core_walls, mut core_cpus, mut catch_ups) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.rounds {
         nix::unistd::sync();
-        baseline_walls.push(run_direct(&args, dir.path()).await?);
+        baseline_walls.push(run_direct(&args, &dir.path().join("direct.out")).await?);
+        null_walls.push(run_direct(&args, Path::new("/dev/null")).await?);
 
         nix::unistd::sync();
         let cpu_before = cpu_seconds(core_pid)?;
@@ -212,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let core_wall = median(&mut core_walls);
     let baseline_wall = median(&mut baseline_walls);
+    let null_wall = median(&mut null_walls);
     let core_cpu = median(&mut core_cpus);
 
     // Live latency.
@@ -263,6 +266,13 @@ async fn main() -> anyhow::Result<()> {
         Some(baseline_wall),
         "s",
         "ratio <= 1.10",
+    );
+    table.add(
+        "the same, against writing to /dev/null",
+        core_wall,
+        Some(null_wall),
+        "s",
+        "(context: the job alone)",
     );
     table.add(
         "persist holds every line, after job end",
