@@ -151,12 +151,29 @@ async fn metrics_are_sampled_from_the_jobs_cgroup() {
     core.terminate().await;
 }
 
-/// This machine's controllers are all bound to cgroup v1; its cgroup2 hierarchy has none. In a
-/// mount namespace where that hierarchy is /sys/fs/cgroup, core runs in v2 mode: it must say
-/// so, and refuse a job whose limits the hierarchy cannot enforce (every job has a pids limit),
-/// naming the controller, and leave no cgroup behind.
+/// This machine's controllers are bound to cgroup v1; its cgroup2 hierarchy has none of those
+/// core uses. In a mount namespace where that hierarchy is /sys/fs/cgroup, core runs in v2
+/// mode: it must say so, and refuse a job whose limits the hierarchy cannot enforce (every job
+/// has a pids limit), naming the controller, and leave no cgroup behind.
 #[tokio::test]
 async fn on_cgroup_v2_without_controllers_jobs_are_refused_naming_the_limit() {
+    // Only where the cgroup2 hierarchy lacks the pids controller (a v1 host like this one).
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let Some(unified) = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(2) == Some(&"cgroup2"))
+        .map(|f| f[1].to_owned())
+    else {
+        eprintln!("skipped: no cgroup2 hierarchy mounted");
+        return;
+    };
+    let controllers =
+        std::fs::read_to_string(format!("{unified}/cgroup.controllers")).unwrap_or_default();
+    if controllers.split_whitespace().any(|c| c == "pids") {
+        eprintln!("skipped: the cgroup2 hierarchy has the pids controller");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let mut command = tokio::process::Command::new("unshare");
     command.args([
