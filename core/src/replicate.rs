@@ -152,11 +152,7 @@ impl Replication {
     /// (for a few seconds at most, if connected) and the replication thread ends.
     pub async fn stop(&self) {
         self.sender_shutdown.cancel();
-        let task = self
-            .sender_task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let task = lock(&self.sender_task).take();
         if let Some(task) = task {
             let _ = task.await;
         }
