@@ -1,8 +1,9 @@
 //! The core side of the replication stream.
 //!
-//! [`IpcSender::try_send`] is called on the job path: it never blocks and never awaits. It puts
-//! the message into a bounded queue (`buffer_size`) or, when the queue is full, drops it and
-//! counts the drop by reason. One writer task drains the queue in batches, encodes many frames
+//! Messages go into a bounded queue (`buffer_size`). [`IpcSender::send`] waits for room (core's
+//! replication, which reads the spool behind the job, uses it: nothing is dropped);
+//! [`IpcSender::try_send`] never waits and, when the queue is full, drops the message and counts
+//! the drop by reason, for callers that must never wait. One writer task drains the queue in batches, encodes many frames
 //! into one buffer and writes it with a single call, reconnecting with exponential backoff and
 //! jitter when the socket is missing or breaks. A batch whose write failed is written again first
 //! after the reconnect (persist stores idempotently, so a partial write is harmless).
