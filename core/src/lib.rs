@@ -103,24 +103,7 @@ impl Core {
             .add_service(MonitoringServiceServer::new(service::MonitoringApi::new(
                 manager.clone(),
             )));
-        let served = match tls {
-            Some(tls) => {
-                router
-                    .serve_with_incoming_shutdown(
-                        joblet_ipc::tls::incoming(grpc, tls, shutdown.clone()),
-                        shutdown.cancelled(),
-                    )
-                    .await
-            }
-            None => {
-                router
-                    .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                        shutdown.cancelled(),
-                    )
-                    .await
-            }
-        };
+        let served = joblet_ipc::tls::serve(router, grpc, tls, shutdown.clone()).await;
         shutdown.cancel();
         manager.shutdown().await;
         if let Some(replication) = replication {

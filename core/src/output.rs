@@ -108,14 +108,6 @@ impl Output {
         }
     }
 
-    /// Records `lines` of `stream`, in order.
-    pub fn append_lines<'a>(&self, stream: LogStream, lines: impl IntoIterator<Item = &'a [u8]>) {
-        let mut append = self.append(stream);
-        for line in lines {
-            append.line(line);
-        }
-    }
-
     /// No more lines will come.
     pub fn finish(&self) {
         self.progress.send_modify(|p| p.finished = true);
@@ -455,10 +447,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let output = Output::create("job", &dir.path().join("spool")).unwrap();
         for batch in 0..10u64 {
-            let lines: Vec<String> = (0..500)
-                .map(|i| format!("{}", batch * 500 + i + 1))
-                .collect();
-            output.append_lines(LogStream::Stdout, lines.iter().map(|l| l.as_bytes()));
+            let mut append = output.append(LogStream::Stdout);
+            for i in 0..500 {
+                append.line(format!("{}", batch * 500 + i + 1).as_bytes());
+            }
         }
         output.finish();
         for after in [0u64, 1, 1023, 1024, 1025, 2500, 4999, 5000] {

@@ -37,11 +37,6 @@ pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
     rustix::process::setpriority_process(None, nice).map_err(std::io::Error::from)
 }
 
-/// The nice value of the calling thread.
-pub fn thread_nice() -> std::io::Result<i32> {
-    rustix::process::getpriority_process(None).map_err(std::io::Error::from)
-}
-
 /// The name and nice value of every thread of process `pid`, from /proc.
 pub fn thread_nice_values(pid: u32) -> std::io::Result<Vec<(String, i32)>> {
     let mut threads = Vec::new();

@@ -202,6 +202,39 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(stream)
 }
 
+/// A daemon's gRPC router: its services behind the [`AuthLayer`].
+pub type AuthRouter = tonic::transport::server::Router<
+    tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+>;
+
+/// Serves `router` on `listener` until `shutdown`: over TLS when `tls` is given (see
+/// [`incoming`]), else plaintext with TCP_NODELAY.
+pub async fn serve(
+    router: AuthRouter,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(
+                    incoming(listener, tls, shutdown.clone()),
+                    shutdown.cancelled(),
+                )
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.cancelled(),
+                )
+                .await
+        }
+    }
+}
+
 fn deny_handshake(peer: SocketAddr, error: &str) {
     tracing::warn!(%peer, error, "TLS handshake refused");
     metrics::counter!(AUTH_DENIED, "reason" => "handshake").increment(1);

@@ -107,24 +107,7 @@ impl Persist {
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(auth)
             .add_service(api);
-        let served = match tls {
-            Some(tls) => {
-                router
-                    .serve_with_incoming_shutdown(
-                        joblet_ipc::tls::incoming(grpc, tls, shutdown.clone()),
-                        shutdown.cancelled(),
-                    )
-                    .await
-            }
-            None => {
-                router
-                    .serve_with_incoming_shutdown(
-                        tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                        shutdown.cancelled(),
-                    )
-                    .await
-            }
-        };
+        let served = joblet_ipc::tls::serve(router, grpc, tls, shutdown.clone()).await;
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;

@@ -12,12 +12,23 @@ use rcgen::{
 
 use crate::Failure;
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Directory to write into.
+    #[arg(long)]
     pub out: PathBuf,
+    /// Host name or IP the daemons are reached by (repeatable; the first goes into the rnx configs).
+    #[arg(long = "host")]
     pub hosts: Vec<String>,
+    /// Validity in days.
+    #[arg(long, default_value_t = 825)]
     pub days: u32,
+    #[arg(long, default_value_t = 50051)]
     pub core_port: u16,
+    #[arg(long, default_value_t = 50052)]
     pub persist_port: u16,
+    /// Replace an existing CA.
+    #[arg(long)]
     pub force: bool,
 }
 

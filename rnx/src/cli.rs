@@ -46,24 +46,7 @@ pub enum CertsCommand {
     #[command(
         after_help = "Example:\n  rnx certs init --out /etc/joblet/certs --host joblet.example.com\n\nWrites ca.pem, server.pem, admin.pem, viewer.pem, core-client.pem (each with -key.pem),\nrnx-config.yml (admin) and viewer-rnx-config.yml. The server certificate covers the\ngiven hosts plus localhost and 127.0.0.1."
     )]
-    Init {
-        /// Directory to write into.
-        #[arg(long)]
-        out: PathBuf,
-        /// Host name or IP the daemons are reached by (repeatable; the first goes into the rnx configs).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 825)]
-        days: u32,
-        #[arg(long, default_value_t = 50051)]
-        core_port: u16,
-        #[arg(long, default_value_t = 50052)]
-        persist_port: u16,
-        /// Replace an existing CA.
-        #[arg(long)]
-        force: bool,
-    },
+    Init(crate::certs::Options),
 }
 
 #[derive(Subcommand)]
@@ -205,23 +188,8 @@ pub struct MetricsArgs {
 }
 
 pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
-    if let Command::Certs(CertsCommand::Init {
-        out,
-        hosts,
-        days,
-        core_port,
-        persist_port,
-        force,
-    }) = cli.command
-    {
-        return crate::certs::init(crate::certs::Options {
-            out,
-            hosts,
-            days,
-            core_port,
-            persist_port,
-            force,
-        });
+    if let Command::Certs(CertsCommand::Init(options)) = cli.command {
+        return crate::certs::init(options);
     }
     let node = config::load(cli.config.as_deref(), &cli.node).map_err(Failure::Usage)?;
     let json = cli.json;
