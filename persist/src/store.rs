@@ -15,8 +15,11 @@
 //!   `pending` (prepare: dedup decisions, the write batch, the summaries it leads to) and
 //!   `commit` (the RocksDB write). A batch takes `commit` before it releases `pending`, so
 //!   batches are written in the order they were prepared, and the next batch is prepared
-//!   while this one is written and synced. Queries see `durable` summaries only, updated after
-//!   the write: a summary never claims lines that are not yet stored.
+//!   while this one is written. With durability `sync` the WAL is fsynced after `commit` is
+//!   released, so the next batch is written while this one's fsync runs; `ingest` returns (and
+//!   the batch is acknowledged) only after that fsync. Queries see `durable` summaries only,
+//!   updated after the write: a summary never claims lines that are not yet stored (readable;
+//!   they are on disk once their batch is acknowledged).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
@@ -114,7 +117,12 @@ const BLOCK_BYTES: usize = 16 * 1024;
 
 pub struct Store {
     db: DB,
+    /// The configured durability as RocksDB write options: what `delete_job` writes with.
     write_options: WriteOptions,
+    /// What ingest writes with: never synced itself; with `sync_after_write` the WAL is synced
+    /// after the write, outside the commit lock.
+    ingest_options: WriteOptions,
+    sync_after_write: bool,
     retention_logs: Retention,
     retention_metrics: Retention,
     /// Summaries including batches prepared but perhaps not yet written; the prepare lock.
@@ -193,12 +201,15 @@ impl Store {
                 ColumnFamilyDescriptor::new(summaries_name, summaries),
             ],
         )?;
+        let sync = config.storage.durability == Durability::Sync;
         let mut write_options = WriteOptions::default();
-        write_options.set_sync(config.storage.durability == Durability::Sync);
+        write_options.set_sync(sync);
 
         let store = Store {
             db,
             write_options,
+            ingest_options: WriteOptions::default(),
+            sync_after_write: sync,
             retention_logs: config.retention.logs,
             retention_metrics: config.retention.metrics,
             pending: Mutex::new(HashMap::new()),
@@ -358,7 +369,7 @@ impl Store {
             if self.resync.load(Ordering::Acquire) {
                 return Err(StoreError::Aborted);
             }
-            if let Err(error) = self.db.write_opt(write, &self.write_options) {
+            if let Err(error) = self.db.write_opt(write, &self.ingest_options) {
                 self.resync.store(true, Ordering::Release);
                 return Err(error.into());
             }
@@ -368,6 +379,12 @@ impl Store {
             }
             drop(durable);
             drop(commit);
+            // One fsync covers this batch and whatever was written before it; the next batch
+            // is written meanwhile. Should it fail, the batch is not acknowledged and its
+            // sender sends it again.
+            if self.sync_after_write {
+                self.db.flush_wal(true)?;
+            }
         }
         metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::LINES_STORED).increment(outcome.lines);
