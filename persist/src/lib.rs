@@ -9,6 +9,7 @@
 pub mod config;
 pub mod ingest;
 pub mod keys;
+pub mod log_route;
 pub mod metrics;
 pub mod service;
 pub mod store;
@@ -20,7 +21,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use joblet_ipc::{IpcReceiver, ReceiverConfig};
-use joblet_proto::persist::persist_service_server::PersistServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -90,11 +90,10 @@ impl Persist {
             ));
         }
         ::metrics::gauge!(metrics::UP).set(1.0);
-        let api = PersistServiceServer::new(service::PersistApi::new(
-            store.clone(),
-            config.query.max_tail,
-        ))
-        .max_decoding_message_size(config.grpc.max_request_size.as_u64() as usize);
+        let api = log_route::PersistRoutes::new(
+            service::PersistApi::new(store.clone(), config.query.max_tail),
+            config.grpc.max_request_size.as_u64() as usize,
+        );
         let (tls, auth) = joblet_ipc::tls::listener_security(
             config.grpc.listen,
             config.grpc.tls.as_ref(),

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use joblet_proto::joblet::JobMetricsEvent;
 use joblet_proto::persist::persist_service_server::PersistService;
@@ -17,10 +18,12 @@ use joblet_proto::persist::{
     DeleteJobRequest, DeleteJobResponse, ListJobsRequest, ListJobsResponse, LogLine, Metric,
     PingRequest, PingResponse, QueryLogsRequest, QueryMetricsRequest, StreamType,
 };
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::log_route::LineEncoder;
 use crate::metrics as m;
 use crate::store::{Selection, Store, StoreError, StreamFilter};
 
@@ -30,7 +33,7 @@ const CHUNK_RECORDS: usize = 512;
 /// Chunks buffered per query; when full, the scan waits for the client to read.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 pub struct PersistApi {
     store: Arc<Store>,
@@ -99,6 +102,44 @@ impl PersistApi {
             limit,
             tail: (tail > 0).then_some(tail as usize),
         })
+    }
+}
+
+impl PersistApi {
+    /// QueryLogs, its lines encoded as `LogLine` messages by the scan (see
+    /// [`crate::log_route`]).
+    pub fn query_logs_encoded(
+        &self,
+        request: QueryLogsRequest,
+    ) -> Result<ResponseStream<Bytes>, Status> {
+        let parsed = (|| {
+            let streams = match StreamType::try_from(request.stream) {
+                Ok(StreamType::Unspecified) => StreamFilter::Both,
+                Ok(StreamType::Stdout) => StreamFilter::Stdout,
+                Ok(StreamType::Stderr) => StreamFilter::Stderr,
+                Err(_) => return Err(invalid("stream", "must be STDOUT, STDERR or unspecified")),
+            };
+            let selection = self.selection(Window {
+                job_id: &request.job_id,
+                start_time: request.start_time,
+                end_time: request.end_time,
+                limit: request.limit,
+                offset: request.offset,
+                after_sequence: request.after_sequence,
+                tail: request.tail,
+            })?;
+            Ok((streams, selection))
+        })();
+        let (streams, selection) = parsed.inspect_err(|s| count_rejection("QueryLogs", s))?;
+        tracing::debug!(job_id = %selection.job_id, "QueryLogs");
+        let store = self.store.clone();
+        let contains = request.contains.into_bytes();
+        Ok(stream_scan("QueryLogs", move |emit| {
+            let mut lines = LineEncoder::new(&selection.job_id);
+            store.scan_logs(&selection, streams, &contains, |record| {
+                emit(lines.encode(&record))
+            })
+        }))
     }
 }
 
@@ -199,48 +240,16 @@ impl PersistService for PersistApi {
     type QueryLogsStream = ResponseStream<LogLine>;
     type QueryMetricsStream = ResponseStream<Metric>;
 
+    /// Served by [`crate::log_route`], which sends the encoded lines as they are; this is the
+    /// same query for callers of the generated service.
     async fn query_logs(
         &self,
         request: Request<QueryLogsRequest>,
     ) -> Result<Response<Self::QueryLogsStream>, Status> {
-        let request = request.into_inner();
-        let parsed = (|| {
-            let streams = match StreamType::try_from(request.stream) {
-                Ok(StreamType::Unspecified) => StreamFilter::Both,
-                Ok(StreamType::Stdout) => StreamFilter::Stdout,
-                Ok(StreamType::Stderr) => StreamFilter::Stderr,
-                Err(_) => return Err(invalid("stream", "must be STDOUT, STDERR or unspecified")),
-            };
-            let selection = self.selection(Window {
-                job_id: &request.job_id,
-                start_time: request.start_time,
-                end_time: request.end_time,
-                limit: request.limit,
-                offset: request.offset,
-                after_sequence: request.after_sequence,
-                tail: request.tail,
-            })?;
-            Ok((streams, selection))
-        })();
-        let (streams, selection) = parsed.inspect_err(|s| count_rejection("QueryLogs", s))?;
-        tracing::debug!(job_id = %selection.job_id, "QueryLogs");
-        let store = self.store.clone();
-        let contains = request.contains.into_bytes();
-        Ok(Response::new(stream_scan("QueryLogs", move |emit| {
-            let job_id = selection.job_id.clone();
-            store.scan_logs(&selection, streams, &contains, |record| {
-                emit(LogLine {
-                    job_id: job_id.clone(),
-                    stream: match record.stream {
-                        joblet_ipc::Stream::Stderr => StreamType::Stderr,
-                        _ => StreamType::Stdout,
-                    } as i32,
-                    timestamp: record.timestamp,
-                    sequence: record.sequence,
-                    content: record.content,
-                })
-            })
-        })))
+        let lines = self.query_logs_encoded(request.into_inner())?;
+        Ok(Response::new(Box::pin(lines.map(|line| {
+            LogLine::decode(line?).map_err(|e| Status::internal(format!("encoded line: {e}")))
+        }))))
     }
 
     async fn query_metrics(

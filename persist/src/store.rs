@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use joblet_ipc::{IpcMessage, LogData, MessageType, MetricData};
 use joblet_proto::persist::JobSummary;
 use prost::Message;
@@ -86,12 +85,13 @@ pub struct Selection {
     pub tail: Option<usize>,
 }
 
-#[derive(Debug, Clone)]
-pub struct LogRecord {
+/// A stored log line, its content borrowed from the store.
+#[derive(Debug, Clone, Copy)]
+pub struct LogRecord<'a> {
     pub stream: joblet_ipc::Stream,
     pub timestamp: i64,
     pub sequence: u64,
-    pub content: Bytes,
+    pub content: &'a [u8],
 }
 
 #[derive(Debug, Clone)]
@@ -474,37 +474,38 @@ impl Store {
     }
 
     /// Streams matching log lines in (timestamp, sequence) order to `emit` until it breaks.
+    /// Lines are lent: their content is borrowed from RocksDB's block.
     pub fn scan_logs(
         &self,
         selection: &Selection,
         streams: StreamFilter,
         contains: &[u8],
-        mut emit: impl FnMut(LogRecord) -> ControlFlow<()>,
+        mut emit: impl FnMut(LogRecord<'_>) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
         let finder = (!contains.is_empty()).then(|| memchr::memmem::Finder::new(contains));
         self.scan(
             CF_LOGS,
             self.retention_logs,
             selection,
-            |timestamp, sequence, value| {
-                let (&stream_byte, content) = value.split_first()?;
-                let stream = joblet_ipc::Stream::try_from(i32::from(stream_byte)).ok()?;
-                let wanted = match streams {
-                    StreamFilter::Both => true,
-                    StreamFilter::Stdout => stream == joblet_ipc::Stream::Stdout,
-                    StreamFilter::Stderr => stream == joblet_ipc::Stream::Stderr,
-                };
-                if !wanted || finder.as_ref().is_some_and(|f| f.find(content).is_none()) {
-                    return None;
-                }
-                Some(LogRecord {
+            |value| {
+                parse_log_value(value).is_some_and(|(stream, content)| {
+                    let wanted = match streams {
+                        StreamFilter::Both => true,
+                        StreamFilter::Stdout => stream == joblet_ipc::Stream::Stdout,
+                        StreamFilter::Stderr => stream == joblet_ipc::Stream::Stderr,
+                    };
+                    wanted && finder.as_ref().is_none_or(|f| f.find(content).is_some())
+                })
+            },
+            &mut |timestamp, sequence, value| match parse_log_value(value) {
+                Some((stream, content)) => emit(LogRecord {
                     stream,
                     timestamp,
                     sequence,
-                    content: Bytes::copy_from_slice(content),
-                })
+                    content,
+                }),
+                None => ControlFlow::Continue(()),
             },
-            &mut emit,
         )
     }
 
@@ -518,27 +519,28 @@ impl Store {
             CF_METRICS,
             self.retention_metrics,
             selection,
-            |timestamp, sequence, value| {
-                let sample = MetricData::decode(value).ok()?;
-                Some(MetricRecord {
+            |value| MetricData::decode(value).is_ok(),
+            &mut |timestamp, sequence, value| match MetricData::decode(value) {
+                Ok(sample) => emit(MetricRecord {
                     timestamp,
                     sequence,
                     sample,
-                })
+                }),
+                Err(_) => ControlFlow::Continue(()),
             },
-            &mut emit,
         )
     }
 
     /// The shared scan: bounds from the selection (clamped to retention), a forward scan — or,
-    /// for a tail, a backward scan that keeps the newest N — then offset and limit.
-    fn scan<T>(
+    /// for a tail, a backward scan that keeps the newest N — then offset and limit. `wanted`
+    /// filters records by value; `emit` gets (timestamp, sequence, value) of those selected.
+    fn scan(
         &self,
         cf_name: &'static str,
         retention: Retention,
         selection: &Selection,
-        decode: impl Fn(i64, u64, &[u8]) -> Option<T>,
-        emit: &mut impl FnMut(T) -> ControlFlow<()>,
+        wanted: impl Fn(&[u8]) -> bool,
+        emit: &mut impl FnMut(i64, u64, &[u8]) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
         let cf = self.cf(cf_name)?;
         let job = selection.job_id.as_str();
@@ -559,12 +561,9 @@ impl Store {
         options.set_iterate_upper_bound(upper);
         let mut iter = self.db.raw_iterator_cf_opt(cf, options);
 
-        let matching = |key: &[u8], value: &[u8]| -> Option<T> {
+        let matching = |key: &[u8], value: &[u8]| -> Option<(i64, u64)> {
             let (_, timestamp, sequence) = keys::decode(key)?;
-            if sequence <= selection.after_sequence {
-                return None;
-            }
-            decode(timestamp, sequence, value)
+            (sequence > selection.after_sequence && wanted(value)).then_some((timestamp, sequence))
         };
 
         if let Some(tail) = selection.tail {
@@ -572,16 +571,16 @@ impl Store {
             iter.seek_to_last();
             while iter.valid() && newest.len() < tail {
                 if let (Some(key), Some(value)) = (iter.key(), iter.value())
-                    && let Some(record) = matching(key, value)
+                    && let Some((timestamp, sequence)) = matching(key, value)
                 {
-                    newest.push_front(record);
+                    newest.push_front((timestamp, sequence, value.to_vec()));
                 }
                 iter.prev();
             }
             iter.status()?;
             let take = selection.limit.unwrap_or(usize::MAX);
-            for record in newest.into_iter().skip(selection.offset).take(take) {
-                if emit(record).is_break() {
+            for (timestamp, sequence, value) in newest.iter().skip(selection.offset).take(take) {
+                if emit(*timestamp, *sequence, value).is_break() {
                     break;
                 }
             }
@@ -593,13 +592,13 @@ impl Store {
         iter.seek_to_first();
         while iter.valid() && remaining > 0 {
             if let (Some(key), Some(value)) = (iter.key(), iter.value())
-                && let Some(record) = matching(key, value)
+                && let Some((timestamp, sequence)) = matching(key, value)
             {
                 if skip > 0 {
                     skip -= 1;
                 } else {
                     remaining -= 1;
-                    if emit(record).is_break() {
+                    if emit(timestamp, sequence, value).is_break() {
                         return Ok(());
                     }
                 }
@@ -641,6 +640,13 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// A log value: its stream byte, then the content.
+fn parse_log_value(value: &[u8]) -> Option<(joblet_ipc::Stream, &[u8])> {
+    let (&stream_byte, content) = value.split_first()?;
+    let stream = joblet_ipc::Stream::try_from(i32::from(stream_byte)).ok()?;
+    Some((stream, content))
 }
 
 /// Bytes used by all files under `dir`.
