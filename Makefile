@@ -49,6 +49,7 @@ bench: deps
 	$(CARGO) build --release --workspace --bins
 	./target/release/ipc
 	./target/release/persist
+	./target/release/persist --direct-io
 	./target/release/core
 
 clean-run:

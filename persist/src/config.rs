@@ -213,6 +213,10 @@ pub struct RocksDbConfig {
     /// Memtable size per column family before it is flushed.
     pub write_buffer_size: ByteSize,
     pub compression: Compression,
+    /// Flushes and compactions write with O_DIRECT, past the page cache: less CPU per stored
+    /// line and no job's cached pages evicted for them, but recent history is then read from
+    /// disk rather than memory. The filesystem must support O_DIRECT (tmpfs does not).
+    pub direct_io: bool,
 }
 
 impl Default for RocksDbConfig {
@@ -221,6 +225,7 @@ impl Default for RocksDbConfig {
             block_cache_size: ByteSize::mib(128),
             write_buffer_size: ByteSize::mib(64),
             compression: Compression::Lz4,
+            direct_io: false,
         }
     }
 }

@@ -192,6 +192,7 @@ impl Store {
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
         db_options.increase_parallelism(2);
+        db_options.set_use_direct_io_for_flush_and_compaction(config.rocksdb.direct_io);
         let db = DB::open_cf_descriptors(
             &db_options,
             path,
@@ -801,6 +802,31 @@ mod tests {
         drop(store_with_old_and_new_lines(dir.path()));
         let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
         assert_eq!(count_all(&store, "job"), 5);
+    }
+
+    #[test]
+    fn with_direct_io_flushed_lines_are_stored_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut direct = config(dir.path(), Retention(None));
+        direct.rocksdb.direct_io = true;
+        let store = Store::open(&direct).unwrap();
+        let batch: Vec<_> = (1..=1000)
+            .map(|s| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into()))
+            .collect();
+        store.ingest(&batch).unwrap();
+        store.flush().unwrap();
+        assert_eq!(count_all(&store, "job"), 1000);
+        // RocksDB records the options it runs with.
+        let options_file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+            .expect("an OPTIONS file");
+        let options = std::fs::read_to_string(options_file.path()).unwrap();
+        assert!(
+            options.contains("use_direct_io_for_flush_and_compaction=true"),
+            "{options}"
+        );
     }
 
     #[test]

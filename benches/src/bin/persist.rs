@@ -36,6 +36,9 @@ struct Args {
     line_interval_ns: i64,
     #[arg(long, default_value_t = 500)]
     window_queries: usize,
+    /// Both stores with `rocksdb.direct_io` on (flushes and compactions past the page cache).
+    #[arg(long)]
+    direct_io: bool,
 }
 
 const JOB: &str = "b3c1e0f2-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
@@ -64,7 +67,7 @@ fn main() -> anyhow::Result<()> {
 
     // Baseline 1: raw WriteBatch writes, same options, in a store of its own.
     let baseline_dir = tempfile::tempdir()?;
-    let baseline_store = Store::open(&config(baseline_dir.path()))?;
+    let baseline_store = Store::open(&config(&args, baseline_dir.path()))?;
     let started = Instant::now();
     let mut batch = rocksdb::WriteBatch::default();
     let logs = baseline_store
@@ -156,15 +159,17 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         table.render(&format!(
-            "persist: {} lines of {} bytes, durability sync, baseline = raw RocksDB, same options; \
-             queries run once flushes and compactions settled, for both",
-            args.lines, args.line_bytes
+            "persist: {} lines of {} bytes, durability sync, direct_io {}, baseline = raw RocksDB, \
+             same options; queries run once flushes and compactions settled, for both",
+            args.lines,
+            args.line_bytes,
+            if args.direct_io { "on" } else { "off" }
         ))
     );
     Ok(())
 }
 
-fn config(dir: &std::path::Path) -> Config {
+fn config(args: &Args, dir: &std::path::Path) -> Config {
     let mut config = Config {
         data_dir: dir.join("data"),
         ..Default::default()
@@ -173,6 +178,7 @@ fn config(dir: &std::path::Path) -> Config {
     config.retention.logs = Retention(None);
     config.metrics.listen = None;
     config.grpc.insecure = true;
+    config.rocksdb.direct_io = args.direct_io;
     config
 }
 
@@ -231,7 +237,7 @@ async fn real(
     dir: &std::path::Path,
     client: &Client,
 ) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
-    let config = config(dir);
+    let config = config(args, dir);
     let shutdown = CancellationToken::new();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = grpc.local_addr()?;
