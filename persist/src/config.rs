@@ -213,9 +213,10 @@ pub struct RocksDbConfig {
     /// Memtable size per column family before it is flushed.
     pub write_buffer_size: ByteSize,
     pub compression: Compression,
-    /// Flushes and compactions write with O_DIRECT, past the page cache: less CPU per stored
-    /// line and no job's cached pages evicted for them, but recent history is then read from
-    /// disk rather than memory. The filesystem must support O_DIRECT (tmpfs does not).
+    /// RocksDB reads and writes its files with O_DIRECT, past the page cache: less CPU per
+    /// stored line and no job's cached pages evicted for persist's, but the block cache is then
+    /// the only cache, so recent history is read from disk. The filesystem must support
+    /// O_DIRECT (tmpfs does not).
     pub direct_io: bool,
 }
 

@@ -193,6 +193,7 @@ impl Store {
         db_options.create_missing_column_families(true);
         db_options.increase_parallelism(2);
         db_options.set_use_direct_io_for_flush_and_compaction(config.rocksdb.direct_io);
+        db_options.set_use_direct_reads(config.rocksdb.direct_io);
         let db = DB::open_cf_descriptors(
             &db_options,
             path,
@@ -823,10 +824,12 @@ mod tests {
             .find(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
             .expect("an OPTIONS file");
         let options = std::fs::read_to_string(options_file.path()).unwrap();
-        assert!(
-            options.contains("use_direct_io_for_flush_and_compaction=true"),
-            "{options}"
-        );
+        for option in [
+            "use_direct_io_for_flush_and_compaction=true",
+            "use_direct_reads=true",
+        ] {
+            assert!(options.contains(option), "{option} in {options}");
+        }
     }
 
     #[test]
