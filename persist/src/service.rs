@@ -30,6 +30,9 @@ use crate::store::{Selection, Store, StoreError, StreamFilter};
 /// Records per chunk handed from a scan to the response stream. The first chunk holds one
 /// record so that the first line reaches the client at once; chunks then double up to this.
 const CHUNK_RECORDS: usize = 512;
+/// Records QueryLogs examines on the answering worker for the first line (see
+/// `query_logs_encoded`) before the blocking pool takes over.
+const FIRST_EXAMINED: usize = 64;
 /// Chunks buffered per query; when full, the scan waits for the client to read.
 const CHUNKS_IN_FLIGHT: usize = 8;
 
@@ -101,6 +104,7 @@ impl PersistApi {
             offset: offset as usize,
             limit,
             tail: (tail > 0).then_some(tail as usize),
+            ..Default::default()
         })
     }
 }
@@ -130,16 +134,52 @@ impl PersistApi {
             })?;
             Ok((streams, selection))
         })();
-        let (streams, selection) = parsed.inspect_err(|s| count_rejection("QueryLogs", s))?;
+        let (streams, mut selection) = parsed.inspect_err(|s| count_rejection("QueryLogs", s))?;
         tracing::debug!(job_id = %selection.job_id, "QueryLogs");
-        let store = self.store.clone();
         let contains = request.contains.into_bytes();
-        Ok(stream_scan("QueryLogs", move |emit| {
-            let mut lines = LineEncoder::new(&selection.job_id);
-            store.scan_logs(&selection, streams, &contains, |record| {
-                emit(lines.encode(&record))
-            })
-        }))
+        let mut lines = LineEncoder::new(&selection.job_id);
+
+        // The first line is read here, on the worker answering the call: the client waits for
+        // it, and bringing it from the blocking pool would cost two thread wake-ups. This looks
+        // at no more than FIRST_EXAMINED records; the blocking pool goes on from there.
+        let mut first = None;
+        if selection.tail.is_none() && selection.offset == 0 {
+            let probe = Selection {
+                examine_at_most: Some(FIRST_EXAMINED),
+                ..selection.clone()
+            };
+            let mut found = None;
+            let stopped = self
+                .store
+                .scan_logs(&probe, streams, &contains, |record| {
+                    first = Some(lines.encode(&record));
+                    found = Some((record.timestamp, record.sequence));
+                    ControlFlow::Break(())
+                })
+                .map_err(|error| {
+                    metrics::counter!(m::QUERY_ERRORS, "rpc" => "QueryLogs", "code" => "internal")
+                        .increment(1);
+                    status_of(error)
+                })?;
+            selection.resume_after = found.or(stopped);
+            if selection.resume_after.is_none() {
+                selection.limit = Some(0); // nothing matches
+            } else if first.is_some() {
+                selection.limit = selection.limit.map(|limit| limit - 1);
+            }
+        }
+        let store = self.store.clone();
+        let rest = stream_scan("QueryLogs", move |emit| {
+            if selection.limit == Some(0) {
+                return Ok(());
+            }
+            store
+                .scan_logs(&selection, streams, &contains, |record| {
+                    emit(lines.encode(&record))
+                })
+                .map(drop)
+        });
+        Ok(Box::pin(futures::stream::iter(first.map(Ok)).chain(rest)))
     }
 }
 
@@ -271,28 +311,30 @@ impl PersistService for PersistApi {
         let store = self.store.clone();
         Ok(Response::new(stream_scan("QueryMetrics", move |emit| {
             let job_id = selection.job_id.clone();
-            store.scan_metrics(&selection, |record| {
-                let sample = record.sample;
-                emit(Metric {
-                    job_id: job_id.clone(),
-                    timestamp: record.timestamp,
-                    sequence: record.sequence,
-                    sample: Some(JobMetricsEvent {
+            store
+                .scan_metrics(&selection, |record| {
+                    let sample = record.sample;
+                    emit(Metric {
+                        job_id: job_id.clone(),
                         timestamp: record.timestamp,
-                        job_uuid: job_id.clone(),
-                        cpu_percent: sample.cpu_percent,
-                        memory_bytes: sample.memory_bytes,
-                        memory_limit: sample.memory_limit,
-                        disk_read_bytes: sample.io_read_bytes,
-                        disk_write_bytes: sample.io_write_bytes,
-                        net_recv_bytes: sample.net_recv_bytes,
-                        net_sent_bytes: sample.net_sent_bytes,
-                        pids: sample.pids,
                         sequence: record.sequence,
-                        ..Default::default()
-                    }),
+                        sample: Some(JobMetricsEvent {
+                            timestamp: record.timestamp,
+                            job_uuid: job_id.clone(),
+                            cpu_percent: sample.cpu_percent,
+                            memory_bytes: sample.memory_bytes,
+                            memory_limit: sample.memory_limit,
+                            disk_read_bytes: sample.io_read_bytes,
+                            disk_write_bytes: sample.io_write_bytes,
+                            net_recv_bytes: sample.net_recv_bytes,
+                            net_sent_bytes: sample.net_sent_bytes,
+                            pids: sample.pids,
+                            sequence: record.sequence,
+                            ..Default::default()
+                        }),
+                    })
                 })
-            })
+                .map(drop)
         })))
     }
 

@@ -83,6 +83,12 @@ pub struct Selection {
     pub limit: Option<usize>,
     /// Only the newest N matching records, still delivered oldest first.
     pub tail: Option<usize>,
+    /// Forward scans: start strictly after this (timestamp, sequence), where an earlier scan
+    /// of the same selection stopped.
+    pub resume_after: Option<(i64, u64)>,
+    /// Forward scans: stop after examining this many records (matching or not); the scan then
+    /// returns the (timestamp, sequence) of the last one, to resume after.
+    pub examine_at_most: Option<usize>,
 }
 
 /// A stored log line, its content borrowed from the store.
@@ -476,14 +482,15 @@ impl Store {
     }
 
     /// Streams matching log lines in (timestamp, sequence) order to `emit` until it breaks.
-    /// Lines are lent: their content is borrowed from RocksDB's block.
+    /// Lines are lent: their content is borrowed from RocksDB's block. Returns where to resume
+    /// when the scan stopped at `examine_at_most`.
     pub fn scan_logs(
         &self,
         selection: &Selection,
         streams: StreamFilter,
         contains: &[u8],
         mut emit: impl FnMut(LogRecord<'_>) -> ControlFlow<()>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<(i64, u64)>, StoreError> {
         let finder = (!contains.is_empty()).then(|| memchr::memmem::Finder::new(contains));
         self.scan(
             CF_LOGS,
@@ -516,7 +523,7 @@ impl Store {
         &self,
         selection: &Selection,
         mut emit: impl FnMut(MetricRecord) -> ControlFlow<()>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<(i64, u64)>, StoreError> {
         self.scan(
             CF_METRICS,
             self.retention_metrics,
@@ -543,20 +550,27 @@ impl Store {
         selection: &Selection,
         wanted: impl Fn(&[u8]) -> bool,
         emit: &mut impl FnMut(i64, u64, &[u8]) -> ControlFlow<()>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<(i64, u64)>, StoreError> {
         let cf = self.cf(cf_name)?;
         let job = selection.job_id.as_str();
         let start = selection
             .start
             .unwrap_or(i64::MIN)
             .max(oldest_kept_ns(retention));
-        let lower = keys::lower_bound(job, start);
+        let mut lower = keys::lower_bound(job, start);
+        if let Some((timestamp, sequence)) = selection.resume_after {
+            // The key right after that record's: keys have a fixed length, so appending a byte
+            // gives the next possible one.
+            let mut after = keys::encode(job, timestamp, sequence);
+            after.push(0);
+            lower = lower.max(after);
+        }
         let upper = match selection.end {
             Some(end) => keys::lower_bound(job, end),
             None => keys::job_end(job),
         };
         if lower >= upper {
-            return Ok(());
+            return Ok(None);
         }
         let mut options = ReadOptions::default();
         options.set_iterate_lower_bound(lower);
@@ -586,29 +600,36 @@ impl Store {
                     break;
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
 
         let mut skip = selection.offset;
         let mut remaining = selection.limit.unwrap_or(usize::MAX);
+        let mut budget = selection.examine_at_most.unwrap_or(usize::MAX);
         iter.seek_to_first();
         while iter.valid() && remaining > 0 {
-            if let (Some(key), Some(value)) = (iter.key(), iter.value())
-                && let Some((timestamp, sequence)) = matching(key, value)
-            {
-                if skip > 0 {
-                    skip -= 1;
-                } else {
-                    remaining -= 1;
-                    if emit(timestamp, sequence, value).is_break() {
-                        return Ok(());
+            if let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+                if let Some((timestamp, sequence)) = matching(key, value) {
+                    if skip > 0 {
+                        skip -= 1;
+                    } else {
+                        remaining -= 1;
+                        if emit(timestamp, sequence, value).is_break() {
+                            return Ok(None);
+                        }
                     }
+                }
+                budget -= 1;
+                if budget == 0 {
+                    return Ok(
+                        keys::decode(key).map(|(_, timestamp, sequence)| (timestamp, sequence))
+                    );
                 }
             }
             iter.next();
         }
         iter.status()?;
-        Ok(())
+        Ok(None)
     }
 
     /// Compacts every column family now (retention filters run during compaction).
@@ -830,6 +851,46 @@ mod tests {
         ] {
             assert!(options.contains(option), "{option} in {options}");
         }
+    }
+
+    #[test]
+    fn a_scan_resumed_where_its_budget_stopped_it_misses_and_repeats_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
+        // Same timestamp for runs of lines: resuming must go by (timestamp, sequence).
+        let batch: Vec<_> = (1..=500u64)
+            .map(|s| {
+                let content = if s % 7 == 0 { "match" } else { "other" };
+                log_message(
+                    "job",
+                    s,
+                    1000 + (s / 10) as i64,
+                    Stream::Stdout,
+                    content.into(),
+                )
+            })
+            .collect();
+        store.ingest(&batch).unwrap();
+        let mut selection = Selection {
+            job_id: "job".into(),
+            examine_at_most: Some(9),
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        loop {
+            let stopped = store
+                .scan_logs(&selection, StreamFilter::Both, b"match", |record| {
+                    seen.push(record.sequence);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            match stopped {
+                Some(resume) => selection.resume_after = Some(resume),
+                None => break,
+            }
+        }
+        let expected: Vec<u64> = (1..=500).filter(|s| s % 7 == 0).collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]

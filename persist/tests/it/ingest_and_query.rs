@@ -158,6 +158,26 @@ async fn replicated_lines_and_metrics_are_queryable_with_every_filter() {
         sequences(&grep),
         [7, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79]
     );
+    // The first line is looked for on the answering worker among the first 64 records; past
+    // them the scan goes on in the blocking pool from where that search stopped.
+    for (contains, limit, expected) in [
+        ("line 66", 0, vec![66]),
+        ("line 9", 2, vec![9, 90]),
+        ("line 1", 1, vec![1]),
+        ("no such line", 0, vec![]),
+    ] {
+        let found = query_logs(
+            &mut client,
+            QueryLogsRequest {
+                contains: contains.to_owned(),
+                limit,
+                ..request(JOB)
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(sequences(&found), expected, "{contains:?} limit {limit}");
+    }
 
     // Metrics with a time range and limit.
     let mut metrics = client
