@@ -76,9 +76,15 @@ async fn the_pids_limit_stops_a_fork_loop() {
     )
     .await;
     let mut client = core.client().await;
+    // The forks run in a subshell, which dies at the first fork refused; the job itself then
+    // stays (forking nothing) for about a second with the sleeps it got, so that samples see
+    // them, and fails.
     let id = run(
         &mut client,
-        shell("for i in $(seq 64); do sleep 3 & done; wait"),
+        shell(
+            "(for i in $(seq 64); do sleep 3 & done; wait); \
+             i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done; exit 1",
+        ),
     )
     .await;
     let output = logs(&mut client, &id).await;
