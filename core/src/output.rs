@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
 use joblet_proto::joblet::{LogRecord, LogStream};
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use joblet_proto::wire;
 use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 
@@ -202,34 +202,22 @@ fn encode_record(
     sequence: u64,
     content: &[u8],
 ) {
-    let varint_field = |value: u64| {
-        if value == 0 {
-            0
-        } else {
-            1 + encoded_len_varint(value)
-        }
-    };
-    let stream = stream as i32 as u64;
-    let timestamp = timestamp as u64;
-    let content_len = if content.is_empty() {
-        0
-    } else {
-        1 + encoded_len_varint(content.len() as u64) + content.len()
-    };
-    let len = varint_field(stream) + varint_field(timestamp) + varint_field(sequence) + content_len;
+    let varints = [
+        (1, stream as i32 as u64),
+        (2, timestamp as u64),
+        (3, sequence),
+    ];
+    let len = varints
+        .iter()
+        .map(|&(_, value)| wire::varint_field_len(value))
+        .sum::<usize>()
+        + wire::bytes_field_len(content);
     buf.reserve(4 + len);
     buf.put_u32(len as u32);
-    for (tag, value) in [(1, stream), (2, timestamp), (3, sequence)] {
-        if value != 0 {
-            encode_key(tag, WireType::Varint, buf);
-            encode_varint(value, buf);
-        }
+    for (tag, value) in varints {
+        wire::put_varint_field(tag, value, buf);
     }
-    if !content.is_empty() {
-        encode_key(4, WireType::LengthDelimited, buf);
-        encode_varint(content.len() as u64, buf);
-        buf.put_slice(content);
-    }
+    wire::put_bytes_field(4, content, buf);
 }
 
 pub struct SpoolReader {

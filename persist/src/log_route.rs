@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::{BufMut, Bytes, BytesMut};
 use joblet_proto::persist::persist_service_server::PersistServiceServer;
 use joblet_proto::persist::{QueryLogsRequest, StreamType};
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use joblet_proto::wire;
 use tonic::body::Body;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, Service, http};
@@ -40,11 +40,7 @@ pub struct LineEncoder {
 impl LineEncoder {
     pub fn new(job_id: &str) -> Self {
         let mut job_id_field = Vec::with_capacity(job_id.len() + 6);
-        if !job_id.is_empty() {
-            encode_key(1, WireType::LengthDelimited, &mut job_id_field);
-            encode_varint(job_id.len() as u64, &mut job_id_field);
-            job_id_field.extend_from_slice(job_id.as_bytes());
-        }
+        wire::put_bytes_field(1, job_id.as_bytes(), &mut job_id_field);
         LineEncoder {
             job_id_field,
             buffer: BytesMut::new(),
@@ -63,34 +59,21 @@ impl LineEncoder {
             (3, record.timestamp as u64),
             (4, record.sequence),
         ];
-        let content = record.content;
         let len = self.job_id_field.len()
             + varints
                 .iter()
-                .filter(|(_, value)| *value != 0)
-                .map(|(_, value)| 1 + encoded_len_varint(*value))
+                .map(|&(_, value)| wire::varint_field_len(value))
                 .sum::<usize>()
-            + if content.is_empty() {
-                0
-            } else {
-                1 + encoded_len_varint(content.len() as u64) + content.len()
-            };
+            + wire::bytes_field_len(record.content);
         if self.buffer.capacity() < len {
             self.buffer = BytesMut::with_capacity(len.max(BUFFER_BYTES));
         }
         let buf = &mut self.buffer;
         buf.put_slice(&self.job_id_field);
         for (tag, value) in varints {
-            if value != 0 {
-                encode_key(tag, WireType::Varint, buf);
-                encode_varint(value, buf);
-            }
+            wire::put_varint_field(tag, value, buf);
         }
-        if !content.is_empty() {
-            encode_key(5, WireType::LengthDelimited, buf);
-            encode_varint(content.len() as u64, buf);
-            buf.put_slice(content);
-        }
+        wire::put_bytes_field(5, record.content, buf);
         buf.split().freeze()
     }
 }
