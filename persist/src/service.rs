@@ -123,15 +123,7 @@ impl PersistApi {
                 Ok(StreamType::Stderr) => StreamFilter::Stderr,
                 Err(_) => return Err(invalid("stream", "must be STDOUT, STDERR or unspecified")),
             };
-            let selection = self.selection(Window {
-                job_id: &request.job_id,
-                start_time: request.start_time,
-                end_time: request.end_time,
-                limit: request.limit,
-                offset: request.offset,
-                after_sequence: request.after_sequence,
-                tail: request.tail,
-            })?;
+            let selection = self.selection(window_of!(request))?;
             Ok((streams, selection))
         })();
         let (streams, mut selection) = parsed.inspect_err(|s| count_rejection("QueryLogs", s))?;
@@ -193,6 +185,22 @@ struct Window<'a> {
     after_sequence: u64,
     tail: u32,
 }
+
+/// The [`Window`] of a QueryLogsRequest or QueryMetricsRequest (their fields share names).
+macro_rules! window_of {
+    ($request:expr) => {
+        Window {
+            job_id: &$request.job_id,
+            start_time: $request.start_time,
+            end_time: $request.end_time,
+            limit: $request.limit,
+            offset: $request.offset,
+            after_sequence: $request.after_sequence,
+            tail: $request.tail,
+        }
+    };
+}
+use window_of;
 
 /// Calls a viewer certificate may make: every query; not DeleteJob.
 pub fn read_only(path: &str) -> bool {
@@ -298,15 +306,7 @@ impl PersistService for PersistApi {
     ) -> Result<Response<Self::QueryMetricsStream>, Status> {
         let request = request.into_inner();
         let selection = self
-            .selection(Window {
-                job_id: &request.job_id,
-                start_time: request.start_time,
-                end_time: request.end_time,
-                limit: request.limit,
-                offset: request.offset,
-                after_sequence: request.after_sequence,
-                tail: request.tail,
-            })
+            .selection(window_of!(request))
             .inspect_err(|s| count_rejection("QueryMetrics", s))?;
         let store = self.store.clone();
         Ok(Response::new(stream_scan("QueryMetrics", move |emit| {
