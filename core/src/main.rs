@@ -66,16 +66,21 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    if let Some(address) = config.metrics.listen {
-        joblet_ipc::metrics::install_exporter(address)
-            .with_context(|| format!("metrics.listen: start Prometheus exporter on {address}"))?;
-    }
+    let metrics_address = match config.metrics.listen {
+        Some(address) => Some(
+            joblet_ipc::metrics::install_exporter(address)
+                .await
+                .with_context(|| {
+                    format!("metrics.listen: start Prometheus exporter on {address}")
+                })?,
+        ),
+        None => None,
+    };
     joblet_core::metrics::describe();
     let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
         .await
         .with_context(|| format!("grpc.listen: bind {}", config.grpc.listen))?;
     let grpc_address = grpc.local_addr()?;
-    let metrics_address = config.metrics.listen;
     let shutdown = CancellationToken::new();
     let core = Core::open(config, shutdown.clone()).await?;
     joblet_ipc::daemon::cancel_on_signals(shutdown.clone()).context("install signal handlers")?;

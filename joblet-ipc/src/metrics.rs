@@ -94,26 +94,44 @@ pub fn describe_receiver() {
     );
 }
 
+/// The Prometheus text exposition format, version 0.0.4.
+const EXPOSITION_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// How often process figures are refreshed.
 const PROCESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Starts the Prometheus endpoint on `address` (histograms with [`SECONDS_BUCKETS`]) and a task
-/// refreshing the process figures. Call inside a tokio runtime.
-pub fn install_exporter(
+/// Binds the Prometheus endpoint on `address` (port 0 picks a free port), installs the
+/// recorder (histograms with [`SECONDS_BUCKETS`]) and serves `GET /metrics` from it, with a task
+/// refreshing the process figures. Returns the address bound. Call inside a tokio runtime.
+pub async fn install_exporter(
     address: std::net::SocketAddr,
-) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(address)
-        .set_buckets(&SECONDS_BUCKETS)?
-        .install()?;
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&SECONDS_BUCKETS)
+        .and_then(|builder| builder.install_recorder())
+        .map_err(std::io::Error::other)?;
     let collector = metrics_process::Collector::default();
     collector.describe();
     collector.collect();
+    let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(PROCESS_REFRESH).await;
             collector.collect();
+            upkeep.run_upkeep();
         }
     });
-    Ok(())
+    let render = move || {
+        let content_type = (axum::http::header::CONTENT_TYPE, EXPOSITION_CONTENT_TYPE);
+        std::future::ready(([content_type], handle.render()))
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(render));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "Prometheus endpoint stopped");
+        }
+    });
+    Ok(bound)
 }

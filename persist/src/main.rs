@@ -76,17 +76,22 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    if let Some(address) = config.metrics.listen {
-        joblet_ipc::metrics::install_exporter(address)
-            .with_context(|| format!("metrics.listen: start Prometheus exporter on {address}"))?;
-    }
+    let metrics_address = match config.metrics.listen {
+        Some(address) => Some(
+            joblet_ipc::metrics::install_exporter(address)
+                .await
+                .with_context(|| {
+                    format!("metrics.listen: start Prometheus exporter on {address}")
+                })?,
+        ),
+        None => None,
+    };
     joblet_persist::metrics::describe();
     let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
         .await
         .with_context(|| format!("grpc.listen: bind {}", config.grpc.listen))?;
     let grpc_address = grpc.local_addr()?;
     let socket = config.ipc.socket.clone();
-    let metrics_address = config.metrics.listen;
     let persist = Persist::open(config).await?;
 
     let shutdown = CancellationToken::new();

@@ -27,14 +27,6 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start_binary(binary: &Path, config: &Path, log: PathBuf) -> (Child, String) {
     start_command(Command::new(binary), binary, config, log).await
 }
@@ -98,8 +90,7 @@ pub async fn start_core_with(command: Command, dir: &Path, extra: &str) -> Daemo
         None => ("", extra),
     };
     let config = format!(
-        "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\n{grpc_extra}metrics:\n  listen: 127.0.0.1:{port}\nstate_dir: {state}\n{extra}",
-        port = free_port(),
+        "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\n{grpc_extra}metrics:\n  listen: 127.0.0.1:0\nstate_dir: {state}\n{extra}",
         state = dir.join("state").display(),
     );
     // Each daemon gets its own cgroup parent: a test's core removes its parent at shutdown
@@ -158,12 +149,12 @@ pub fn persist_binary() -> PathBuf {
 
 /// Starts joblet-persist with data in `dir/persist-data` and socket `dir/persist.sock`.
 pub async fn start_persist(dir: &Path) -> Daemon {
-    start_persist_with_metrics(dir, None).await
+    start_persist_with_metrics(dir, false).await
 }
 
-pub async fn start_persist_with_metrics(dir: &Path, metrics_port: Option<u16>) -> Daemon {
+pub async fn start_persist_with_metrics(dir: &Path, metrics: bool) -> Daemon {
     let path = dir.join("persist-config.yml");
-    let metrics = metrics_port.map_or("null".to_owned(), |port| format!("127.0.0.1:{port}"));
+    let metrics = if metrics { "127.0.0.1:0" } else { "null" };
     std::fs::write(
         &path,
         format!(

@@ -272,7 +272,7 @@ fn names_in_alert_rules() -> Vec<String> {
 #[tokio::test]
 async fn every_metric_in_the_alert_rules_and_dashboard_is_exported_by_a_real_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let persist = harness::start_persist_with_metrics(dir.path(), Some(harness::free_port())).await;
+    let persist = harness::start_persist_with_metrics(dir.path(), true).await;
     let core = harness::start_core(dir.path(), "").await;
     let mut client = core.client().await;
     let id = run(&mut client, shell("echo hello")).await;

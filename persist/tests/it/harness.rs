@@ -26,9 +26,8 @@ pub struct Daemon {
 /// Writes a config into `dir` (data, socket and log there; ports chosen free) with `extra`
 /// YAML appended, and starts the daemon.
 pub async fn start(dir: &Path, extra: &str) -> Daemon {
-    let metrics_port = free_port();
     let config = format!(
-        "data_dir: {data}\nipc:\n  socket: {socket}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\n{extra}",
+        "data_dir: {data}\nipc:\n  socket: {socket}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: 127.0.0.1:0\n{extra}",
         data = dir.join("data").display(),
         socket = dir.join("persist.sock").display(),
     );
@@ -106,14 +105,6 @@ impl Daemon {
         stream.read_to_string(&mut body).await.unwrap();
         body
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub struct Replicator {

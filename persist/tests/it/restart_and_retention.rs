@@ -148,8 +148,48 @@ async fn invalid_payloads_are_counted_and_skipped_and_metrics_are_exported() {
     ] {
         assert!(scrape.contains(name), "missing {name} in:\n{scrape}");
     }
+    assert!(
+        scrape.starts_with("HTTP/1.0 200") || scrape.starts_with("HTTP/1.1 200"),
+        "{scrape}"
+    );
+    assert!(
+        scrape
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{scrape}"
+    );
     drop(replicator);
     daemon.terminate().await;
+}
+
+#[tokio::test]
+async fn a_metrics_address_in_use_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = harness::start(dir.path(), "").await;
+    let second_dir = tempfile::tempdir().unwrap();
+    let config = second_dir.path().join("persist-config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: {}\n",
+            second_dir.path().join("data").display(),
+            second_dir.path().join("persist.sock").display(),
+            first.metrics
+        ),
+    )
+    .unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_joblet-persist"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("metrics.listen") && stderr.contains("in use"),
+        "{stderr}"
+    );
+    first.terminate().await;
 }
 
 #[tokio::test]

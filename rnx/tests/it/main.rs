@@ -23,6 +23,8 @@ fn sibling(name: &str) -> PathBuf {
 struct Daemon {
     child: Child,
     address: String,
+    /// The Prometheus endpoint, when the config turns it on.
+    metrics: Option<String>,
 }
 
 impl Daemon {
@@ -41,12 +43,17 @@ impl Daemon {
             .unwrap()
             .unwrap()
             .unwrap_or_else(|| panic!("{binary} exited before ready"));
-        let address = ready
-            .split_whitespace()
-            .find_map(|p| p.strip_prefix("grpc="))
-            .unwrap()
-            .to_owned();
-        Daemon { child, address }
+        let field = |name: &str| {
+            ready
+                .split_whitespace()
+                .find_map(|p| p.strip_prefix(name))
+                .map(str::to_owned)
+        };
+        Daemon {
+            child,
+            address: field("grpc=").unwrap(),
+            metrics: field("metrics=").filter(|m| m != "off"),
+        }
     }
 
     async fn stop(mut self) {
@@ -411,7 +418,7 @@ fn help_and_errors_match_their_snapshots() {
 }
 
 /// Starts persist and core with mutual TLS from `rnx certs init` in `dir/certs`.
-async fn start_tls_node(dir: &Path) -> (Daemon, Daemon, u16) {
+async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
     let certs = dir.join("certs");
     let init = std::process::Command::new(env!("CARGO_BIN_EXE_rnx"))
         .args(["certs", "init", "--out"])
@@ -439,14 +446,9 @@ async fn start_tls_node(dir: &Path) -> (Daemon, Daemon, u16) {
         dir.join("persist-data").display(), socket.display(), tls("server")
     )).unwrap();
     let persist = Daemon::start("joblet-persist", &persist_config).await;
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let core_config = dir.join("core.yml");
     std::fs::write(&core_config, format!(
-        "grpc:\n  listen: 127.0.0.1:0\n  tls:\n{}metrics:\n  listen: 127.0.0.1:{metrics_port}\ncgroup:\n  parent: joblet-rnx-tls-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {}\n  query_tls:\n{}jobs:\n  work_root: {}\n",
+        "grpc:\n  listen: 127.0.0.1:0\n  tls:\n{}metrics:\n  listen: 127.0.0.1:0\ncgroup:\n  parent: joblet-rnx-tls-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {}\n  query_tls:\n{}jobs:\n  work_root: {}\n",
         tls("server"),
         dir.file_name().unwrap().to_string_lossy().trim_start_matches('.'),
         dir.join("state").display(), socket.display(), persist.address, tls("core-client"), dir.join("work").display()
@@ -470,7 +472,7 @@ async fn start_tls_node(dir: &Path) -> (Daemon, Daemon, u16) {
             );
         std::fs::write(dir.join(format!("{name}.yml")), text).unwrap();
     }
-    (persist, core, metrics_port)
+    (persist, core)
 }
 
 fn rnx_as(dir: &Path, role: &str, args: &[&str]) -> std::process::Output {
@@ -485,7 +487,7 @@ fn rnx_as(dir: &Path, role: &str, args: &[&str]) -> std::process::Output {
 #[tokio::test]
 async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (persist, core, metrics_port) = start_tls_node(dir.path()).await;
+    let (persist, core) = start_tls_node(dir.path()).await;
 
     let run = rnx_as(
         dir.path(),
@@ -585,7 +587,7 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
     assert_ne!(handshake.status.code(), Some(0));
 
     // Every denial is counted.
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+    let mut stream = tokio::net::TcpStream::connect(core.metrics.as_deref().unwrap())
         .await
         .unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n")
