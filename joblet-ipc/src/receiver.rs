@@ -63,7 +63,12 @@ impl ReceiverConfig {
 /// only then is the batch acknowledged. An error closes the connection without an ack, and the
 /// sender will send the data again after reconnecting.
 pub trait MessageSink: Send + Sync + 'static {
-    fn store(&self, batch: Vec<IpcMessage>) -> impl Future<Output = Result<(), String>> + Send;
+    /// Stores `batch` and hands the vector back, so that its buffer (hundreds of KiB at full
+    /// rate) is reused for a later batch instead of being allocated and faulted in again.
+    fn store(
+        &self,
+        batch: Vec<IpcMessage>,
+    ) -> impl Future<Output = Result<Vec<IpcMessage>, String>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -334,14 +339,21 @@ async fn store_and_ack<S: MessageSink>(
     // Up to BATCHES_IN_FLIGHT batches are stored at once (a sink may prepare one while it
     // writes another); they are acknowledged in order.
     let mut storing = FuturesOrdered::new();
+    // Batch vectors handed back by the sink, for the next batches.
+    let mut spare: Vec<Vec<IpcMessage>> = Vec::new();
     let mut open = true;
     loop {
-        let mut batch = Vec::new();
+        let mut batch = spare.pop().unwrap_or_default();
         tokio::select! {
             stored = storing.next(), if !storing.is_empty() => {
+                spare.push(batch);
                 let Some(stored) = stored else { continue };
                 let ack = match stored {
-                    Ok(ack) => ack,
+                    Ok((ack, mut done)) => {
+                        Vec::clear(&mut done);
+                        spare.push(done);
+                        ack
+                    }
                     Err(error) => {
                         stats.store_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(%error, "storing replicated data failed; closing the connection");
@@ -364,7 +376,7 @@ async fn store_and_ack<S: MessageSink>(
                 } else {
                     let ack = ack_for(&batch);
                     let sink = sink.clone();
-                    storing.push_back(async move { sink.store(batch).await.map(|()| ack) });
+                    storing.push_back(async move { sink.store(batch).await.map(|done| (ack, done)) });
                 }
             }
             else => return,

@@ -121,12 +121,12 @@ struct CountingSink {
 }
 
 impl MessageSink for CountingSink {
-    async fn store(&self, batch: Vec<IpcMessage>) -> Result<(), String> {
+    async fn store(&self, batch: Vec<IpcMessage>) -> Result<Vec<IpcMessage>, String> {
         let n = batch.len() as u64;
         if self.messages.fetch_add(n, Ordering::Relaxed) + n >= self.target {
             self.done.notify_one();
         }
-        Ok(())
+        Ok(batch)
     }
 }
 

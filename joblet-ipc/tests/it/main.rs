@@ -55,14 +55,14 @@ impl CollectingSink {
 }
 
 impl MessageSink for CollectingSink {
-    async fn store(&self, batch: Vec<IpcMessage>) -> Result<(), String> {
+    async fn store(&self, mut batch: Vec<IpcMessage>) -> Result<Vec<IpcMessage>, String> {
         if let Some(gate) = &self.gate {
             let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
         }
         let mut messages = self.messages.lock().unwrap();
-        messages.extend(batch);
+        messages.append(&mut batch);
         self.count.send_replace(messages.len());
-        Ok(())
+        Ok(batch)
     }
 }
 
