@@ -75,7 +75,8 @@ fn main() -> anyhow::Result<()> {
         .cf_handle(joblet_persist::store::CF_LOGS)
         .context("logs column family")?;
     for sequence in 1..=args.lines {
-        let key = joblet_persist::keys::encode(JOB, timestamp(&args, sequence), sequence);
+        let key =
+            joblet_persist::keys::encode(JOB, timestamp(args.line_interval_ns, sequence), sequence);
         let content = &contents[sequence as usize % contents.len()];
         let mut value = Vec::with_capacity(content.len() + 1);
         value.push(Stream::Stdout as u8);
@@ -207,8 +208,8 @@ fn settle(store: &Store) {
     }
 }
 
-fn timestamp(args: &Args, sequence: u64) -> i64 {
-    T0 + sequence as i64 * args.line_interval_ns
+fn timestamp(line_interval_ns: i64, sequence: u64) -> i64 {
+    T0 + sequence as i64 * line_interval_ns
 }
 
 /// Printable, varied lines so that compression sees something like real output.
@@ -245,28 +246,21 @@ async fn real(
     let store = persist.store();
     let server = tokio::spawn(persist.serve(grpc, shutdown.clone()));
 
-    let (sender, sender_task) =
-        IpcSender::start(SenderConfig::new(&config.ipc.socket), shutdown.clone());
-    let mut connections = sender.connections();
-    tokio::time::timeout(Duration::from_secs(10), connections.wait_for(|g| *g >= 1))
-        .await
-        .context("sender did not connect")??;
-    let started = Instant::now();
-    for sequence in 1..=args.lines {
-        let content = contents[sequence as usize % contents.len()].clone();
-        let message = log_message(
-            JOB,
-            sequence,
-            timestamp(args, sequence),
-            Stream::Stdout,
-            content,
-        );
-        sender.send(message).await.ok().context("sender closed")?;
-    }
-    while sender.acknowledged(JOB, MessageType::Log) < args.lines {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let ingest_rate = args.lines as f64 / started.elapsed().as_secs_f64();
+    let ingest_rate = {
+        let socket = config.ipc.socket.clone();
+        let (lines, contents, interval) = (args.lines, contents.to_vec(), args.line_interval_ns);
+        let nice = config.nice;
+        // Like joblet-core's replication: its own thread, a single-threaded runtime, the
+        // persist nice value (core's replication_nice has the same default).
+        tokio::task::spawn_blocking(move || {
+            let _ = joblet_ipc::daemon::set_thread_nice(nice);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(replicate(&socket, lines, &contents, interval))
+        })
+        .await??
+    };
     // Queries are measured on a store at rest, like the baseline's: not against the flushes
     // and compactions the ingest just caused.
     tokio::task::spawn_blocking(move || settle(&store)).await?;
@@ -276,9 +270,38 @@ async fn real(
         .await?;
 
     shutdown.cancel();
-    sender_task.await?;
     server.await??;
     Ok((ingest_rate, first_line, scan_rate))
+}
+
+/// Sends `lines` lines through a real `IpcSender` and returns the rate at which persist
+/// acknowledged them.
+async fn replicate(
+    socket: &std::path::Path,
+    lines: u64,
+    contents: &[bytes::Bytes],
+    line_interval_ns: i64,
+) -> anyhow::Result<f64> {
+    let shutdown = CancellationToken::new();
+    let (sender, sender_task) = IpcSender::start(SenderConfig::new(socket), shutdown.clone());
+    let mut connections = sender.connections();
+    tokio::time::timeout(Duration::from_secs(10), connections.wait_for(|g| *g >= 1))
+        .await
+        .context("sender did not connect")??;
+    let started = Instant::now();
+    for sequence in 1..=lines {
+        let content = contents[sequence as usize % contents.len()].clone();
+        let timestamp = timestamp(line_interval_ns, sequence);
+        let message = log_message(JOB, sequence, timestamp, Stream::Stdout, content);
+        sender.send(message).await.ok().context("sender closed")?;
+    }
+    while sender.acknowledged(JOB, MessageType::Log) < lines {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = lines as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    sender_task.await?;
+    Ok(rate)
 }
 
 fn span(args: &Args) -> i64 {
