@@ -83,6 +83,38 @@ fn envelope(
     }
 }
 
+/// The fields of an encoded `LogData`, borrowed from it: the stream (as sent, possibly not a
+/// known `Stream` value) and the content. Accepts and refuses exactly what `LogData::decode`
+/// does, using prost's own field decoders, without the reference-count traffic of decoding
+/// into `Bytes`: the receiver's thread still holds the buffer the payload points into.
+pub fn log_payload(mut buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
+    use prost::encoding::{
+        DecodeContext, WireType, check_wire_type, decode_key, decode_varint, skip_field,
+    };
+    let (mut stream, mut content): (i32, &[u8]) = (0, &[]);
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        match tag {
+            1 => {
+                check_wire_type(WireType::Varint, wire_type)?;
+                stream = decode_varint(&mut buf)? as i32;
+            }
+            2 => {
+                check_wire_type(WireType::LengthDelimited, wire_type)?;
+                // Skipping checks the length against what is left; the field is then its
+                // length prefix followed by the content.
+                let mut rest = buf;
+                skip_field(wire_type, tag, &mut rest, DecodeContext::default())?;
+                let mut field = &buf[..buf.len() - rest.len()];
+                decode_varint(&mut field)?;
+                (content, buf) = (field, rest);
+            }
+            _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default())?,
+        }
+    }
+    Ok((stream, content))
+}
+
 /// Why a received envelope was refused (each one is a `reason` label of the rejection counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidMessage {
@@ -121,6 +153,68 @@ pub fn validate(message: &IpcMessage) -> Result<MessageType, InvalidMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Payload-like bytes: fields with tags 1 to 4 and any wire type, well or badly formed,
+    /// sometimes cut short, plus plain garbage.
+    fn payload_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let field = (
+            1u64..5,
+            0u64..8,
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..40),
+        )
+            .prop_map(|(tag, wire_type, number, bytes)| {
+                let mut out = Vec::new();
+                prost::encoding::encode_varint(tag << 3 | wire_type, &mut out);
+                match wire_type {
+                    0 => prost::encoding::encode_varint(number, &mut out),
+                    2 => {
+                        prost::encoding::encode_varint(bytes.len() as u64, &mut out);
+                        out.extend_from_slice(&bytes);
+                    }
+                    _ => out.extend_from_slice(&bytes[..bytes.len().min(8)]),
+                }
+                out
+            });
+        let fields = (
+            prop::collection::vec(field, 0..6),
+            any::<prop::sample::Index>(),
+        )
+            .prop_map(|(fields, cut)| {
+                let all = fields.concat();
+                let keep = if cut.index(4) == 0 {
+                    cut.index(all.len() + 1)
+                } else {
+                    all.len()
+                };
+                all[..keep].to_vec()
+            });
+        prop_oneof![fields, prop::collection::vec(any::<u8>(), 0..60)]
+    }
+
+    proptest! {
+        #[test]
+        fn log_payload_reads_what_prost_reads(bytes in payload_bytes()) {
+            let ours = log_payload(&bytes);
+            match LogData::decode(bytes.as_slice()) {
+                Ok(data) => {
+                    let (stream, content) = ours.expect("prost accepted it");
+                    prop_assert_eq!(stream, data.stream);
+                    prop_assert_eq!(content, data.content.as_ref());
+                }
+                Err(_) => prop_assert!(ours.is_err(), "prost refused it, we read {:?}", ours),
+            }
+        }
+    }
+
+    #[test]
+    fn log_payload_of_an_encoded_line() {
+        let message = log_message("job", 1, 2, Stream::Stderr, Bytes::from_static(b"\xffline"));
+        let (stream, content) = log_payload(&message.data).unwrap();
+        assert_eq!(stream, Stream::Stderr as i32);
+        assert_eq!(content, b"\xffline");
+    }
 
     #[test]
     fn payloads_sharing_an_arena_decode_back_across_its_boundaries() {

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use joblet_ipc::{IpcMessage, LogData, MessageType, MetricData};
+use joblet_ipc::{IpcMessage, MessageType, MetricData};
 use joblet_proto::persist::JobSummary;
 use prost::Message;
 use rocksdb::compaction_filter::Decision;
@@ -327,18 +327,18 @@ impl Store {
                 }
                 value.clear();
                 if kind == 0 {
-                    let Ok(data) = LogData::decode(message.data.clone()) else {
+                    let Ok((stream, content)) = joblet_ipc::log_payload(&message.data) else {
                         outcome.invalid += 1;
                         continue;
                     };
-                    value.push(data.stream as u8);
-                    value.extend_from_slice(&data.content);
+                    value.push(stream as u8);
+                    value.extend_from_slice(content);
                     summary.log_lines += 1;
-                    summary.log_bytes += data.content.len() as u64;
+                    summary.log_bytes += content.len() as u64;
                     summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
                     outcome.lines += 1;
                 } else {
-                    if MetricData::decode(message.data.clone()).is_err() {
+                    if MetricData::decode(message.data.as_ref()).is_err() {
                         outcome.invalid += 1;
                         continue;
                     }
