@@ -66,16 +66,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let metrics_address = match config.metrics.listen {
-        Some(address) => Some(
-            joblet_ipc::metrics::install_exporter(address)
-                .await
-                .with_context(|| {
-                    format!("metrics.listen: start Prometheus exporter on {address}")
-                })?,
-        ),
-        None => None,
-    };
+    let metrics_address = joblet_ipc::metrics::serve_exporter(config.metrics.listen).await?;
     joblet_core::metrics::describe();
     let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
         .await

@@ -2,7 +2,7 @@
 //!
 //! The sender's metrics are joblet-core's (`joblet_ipc_*`); the receiver's are joblet-persist's
 //! (`joblet_persist_ipc_*`). Alert rules in `deploy/prometheus/` refer to these names.
-//! [`install_exporter`] is the Prometheus endpoint both daemons share, with their process
+//! [`serve_exporter`] is the Prometheus endpoint both daemons share, with their process
 //! figures (`process_*`: resident memory, CPU seconds, open file descriptors).
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -100,12 +100,25 @@ const EXPOSITION_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8"
 /// How often process figures are refreshed.
 const PROCESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Binds the Prometheus endpoint on `address` (port 0 picks a free port), installs the
-/// recorder (histograms with [`SECONDS_BUCKETS`]) and serves `GET /metrics` from it, with a task
-/// refreshing the process figures. Returns the address bound. Call inside a tokio runtime.
-pub async fn install_exporter(
-    address: std::net::SocketAddr,
-) -> std::io::Result<std::net::SocketAddr> {
+/// Starts the Prometheus endpoint of `metrics.listen`, if set: binds `listen` (port 0 picks a
+/// free port), installs the recorder (histograms with [`SECONDS_BUCKETS`]), serves
+/// `GET /metrics` from it, and refreshes the process figures. Returns the address bound; an
+/// error names the config key. Call inside a tokio runtime.
+pub async fn serve_exporter(
+    listen: Option<std::net::SocketAddr>,
+) -> std::io::Result<Option<std::net::SocketAddr>> {
+    let Some(address) = listen else {
+        return Ok(None);
+    };
+    install_exporter(address).await.map(Some).map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("metrics.listen: start Prometheus exporter on {address}: {error}"),
+        )
+    })
+}
+
+async fn install_exporter(address: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     let bound = listener.local_addr()?;
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()

@@ -76,16 +76,7 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let metrics_address = match config.metrics.listen {
-        Some(address) => Some(
-            joblet_ipc::metrics::install_exporter(address)
-                .await
-                .with_context(|| {
-                    format!("metrics.listen: start Prometheus exporter on {address}")
-                })?,
-        ),
-        None => None,
-    };
+    let metrics_address = joblet_ipc::metrics::serve_exporter(config.metrics.listen).await?;
     joblet_persist::metrics::describe();
     let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
         .await
