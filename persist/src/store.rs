@@ -327,7 +327,12 @@ impl Store {
                 }
                 value.clear();
                 if kind == 0 {
-                    let Ok((stream, content)) = joblet_ipc::log_payload(&message.data) else {
+                    // The stream is stored in one byte: a value that is not a known stream
+                    // would be read back as another stream, or not at all.
+                    let Some((stream, content)) = joblet_ipc::log_payload(&message.data)
+                        .ok()
+                        .filter(|(stream, _)| joblet_ipc::Stream::try_from(*stream).is_ok())
+                    else {
                         outcome.invalid += 1;
                         continue;
                     };
@@ -905,6 +910,36 @@ mod tests {
         assert_eq!((outcome.lines, outcome.duplicates), (0, 6));
         assert_eq!(count_all(&store, "job"), 10);
         assert_eq!(store.list_jobs("")[0].log_lines, 10);
+    }
+
+    #[test]
+    fn lines_of_unknown_streams_are_refused_not_stored_as_another_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
+        let with_stream = |sequence: u64, stream: i32| {
+            let mut message = log_message("job", sequence, 1000, Stream::Stdout, "x".into());
+            let data = joblet_ipc::LogData {
+                stream,
+                content: "x".into(),
+            };
+            message.data = data.encode_to_vec().into();
+            message
+        };
+        let batch = [with_stream(1, 2), with_stream(2, 7), with_stream(3, 258)];
+        let outcome = store.ingest(&batch).unwrap();
+        assert_eq!((outcome.lines, outcome.invalid), (1, 2));
+        let mut streams = Vec::new();
+        let all = Selection {
+            job_id: "job".into(),
+            ..Default::default()
+        };
+        store
+            .scan_logs(&all, StreamFilter::Both, b"", |record| {
+                streams.push((record.sequence, record.stream));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(streams, [(1, Stream::Stderr)]);
     }
 
     #[test]
