@@ -26,14 +26,29 @@ pub struct Daemon {
 /// Writes a config into `dir` (data, socket and log there; ports chosen free) with `extra`
 /// YAML appended, and starts the daemon.
 pub async fn start(dir: &Path, extra: &str) -> Daemon {
+    let config_path = write_config(dir, "127.0.0.1:0", extra);
+    start_with_config(dir, &config_path).await
+}
+
+/// Writes `dir/persist-config.yml`: data and socket in `dir`, gRPC on a free port, the
+/// Prometheus endpoint on `metrics`, and `extra` YAML appended.
+pub fn write_config(dir: &Path, metrics: &str, extra: &str) -> PathBuf {
     let config = format!(
-        "data_dir: {data}\nipc:\n  socket: {socket}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: 127.0.0.1:0\n{extra}",
+        "data_dir: {data}\nipc:\n  socket: {socket}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: {metrics}\n{extra}",
         data = dir.join("data").display(),
         socket = dir.join("persist.sock").display(),
     );
     let config_path = dir.join("persist-config.yml");
     std::fs::write(&config_path, config).unwrap();
-    start_with_config(dir, &config_path).await
+    config_path
+}
+
+/// Runs the daemon with `args` to its end (for configurations it refuses), with its output.
+pub fn run_to_exit(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_joblet-persist"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 pub async fn start_with_config(dir: &Path, config_path: &Path) -> Daemon {

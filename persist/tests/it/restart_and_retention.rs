@@ -1,8 +1,6 @@
 //! Durability across kill -9, idempotent replays, retention, bad payloads, metrics, shutdown
 //! and configuration errors.
 
-use std::process::Command;
-
 use joblet_ipc::{MessageType, Stream, log_message};
 use joblet_proto::persist::{ListJobsRequest, QueryLogsRequest};
 
@@ -167,22 +165,8 @@ async fn a_metrics_address_in_use_is_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let first = harness::start(dir.path(), "").await;
     let second_dir = tempfile::tempdir().unwrap();
-    let config = second_dir.path().join("persist-config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: {}\n",
-            second_dir.path().join("data").display(),
-            second_dir.path().join("persist.sock").display(),
-            first.metrics
-        ),
-    )
-    .unwrap();
-    let refused = Command::new(env!("CARGO_BIN_EXE_joblet-persist"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let config = harness::write_config(second_dir.path(), &first.metrics.to_string(), "");
+    let refused = harness::run_to_exit(&["--config".as_ref(), config.as_ref()]);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -214,10 +198,7 @@ fn configuration_errors_name_the_key_and_the_reference_config_is_valid() {
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/config/persist-config.yml"
     );
-    let ok = Command::new(env!("CARGO_BIN_EXE_joblet-persist"))
-        .args(["--config", reference, "--check-config"])
-        .output()
-        .unwrap();
+    let ok = harness::run_to_exit(&["--config", reference, "--check-config"].map(AsRef::as_ref));
     assert!(
         ok.status.success(),
         "{}",
@@ -227,11 +208,7 @@ fn configuration_errors_name_the_key_and_the_reference_config_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yml");
     std::fs::write(&bad, "retention:\n  logs: -1d\n").unwrap();
-    let refused = Command::new(env!("CARGO_BIN_EXE_joblet-persist"))
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let refused = harness::run_to_exit(&["--config".as_ref(), bad.as_ref()]);
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -239,10 +216,7 @@ fn configuration_errors_name_the_key_and_the_reference_config_is_valid() {
         "{stderr}"
     );
 
-    let missing = Command::new(env!("CARGO_BIN_EXE_joblet-persist"))
-        .args(["--config", "/no/such/file.yml"])
-        .output()
-        .unwrap();
+    let missing = harness::run_to_exit(&["--config", "/no/such/file.yml"].map(AsRef::as_ref));
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/no/such/file.yml"));
 }
