@@ -25,6 +25,8 @@ pub enum FrameError {
     Truncated { remaining: usize },
     #[error("frame does not decode: {0}")]
     Decode(#[from] prost::DecodeError),
+    #[error("frame is not an IPCMessage: {0}")]
+    Envelope(#[from] crate::batch::EnvelopeError),
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
@@ -35,7 +37,7 @@ impl FrameError {
         match self {
             FrameError::Oversized { .. } => "oversized",
             FrameError::Truncated { .. } => "truncated",
-            FrameError::Decode(_) => "decode",
+            FrameError::Decode(_) | FrameError::Envelope(_) => "decode",
             FrameError::Io(_) => "io",
         }
     }

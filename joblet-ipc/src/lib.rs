@@ -26,6 +26,7 @@
 //! `joblet_ipc_messages_dropped_total{reason}` (`queue_full` while connected, `disconnected`
 //! while persist is unreachable).
 
+pub mod batch;
 pub mod codec;
 pub mod daemon;
 pub mod message;
@@ -35,6 +36,7 @@ pub mod receiver;
 pub mod sender;
 pub mod tls;
 
+pub use batch::{Batch, Envelope};
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError};
 pub use joblet_proto::ipc::{IpcAck, IpcMessage, LogData, MessageType, MetricData, Stream};
 pub use message::{PROTOCOL_VERSION, log_message, log_payload, metric_message};

@@ -88,31 +88,36 @@ fn envelope(
 /// does, using prost's own field decoders, without the reference-count traffic of decoding
 /// into `Bytes`: the receiver's thread still holds the buffer the payload points into.
 pub fn log_payload(mut buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
-    use prost::encoding::{
-        DecodeContext, WireType, check_wire_type, decode_key, decode_varint, skip_field,
-    };
+    use prost::encoding::{DecodeContext, decode_key, int32, skip_field};
     let (mut stream, mut content): (i32, &[u8]) = (0, &[]);
     while !buf.is_empty() {
         let (tag, wire_type) = decode_key(&mut buf)?;
         match tag {
-            1 => {
-                check_wire_type(WireType::Varint, wire_type)?;
-                stream = decode_varint(&mut buf)? as i32;
-            }
-            2 => {
-                check_wire_type(WireType::LengthDelimited, wire_type)?;
-                // Skipping checks the length against what is left; the field is then its
-                // length prefix followed by the content.
-                let mut rest = buf;
-                skip_field(wire_type, tag, &mut rest, DecodeContext::default())?;
-                let mut field = &buf[..buf.len() - rest.len()];
-                decode_varint(&mut field)?;
-                (content, buf) = (field, rest);
-            }
+            1 => int32::merge(wire_type, &mut stream, &mut buf, DecodeContext::default())?,
+            2 => content = length_delimited(wire_type, tag, &mut buf)?,
             _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default())?,
         }
     }
     Ok((stream, content))
+}
+
+/// The content of a length-delimited field whose key was just read from `buf`, borrowed, with
+/// the checks prost's own decoders make; `buf` moves past the field.
+pub(crate) fn length_delimited<'a>(
+    wire_type: prost::encoding::WireType,
+    tag: u32,
+    buf: &mut &'a [u8],
+) -> Result<&'a [u8], prost::DecodeError> {
+    use prost::encoding::{DecodeContext, WireType, check_wire_type, decode_varint, skip_field};
+    check_wire_type(WireType::LengthDelimited, wire_type)?;
+    // Skipping checks the length against what is left; the field is then its length prefix
+    // followed by the content.
+    let mut rest = *buf;
+    skip_field(wire_type, tag, &mut rest, DecodeContext::default())?;
+    let mut field = &buf[..buf.len() - rest.len()];
+    decode_varint(&mut field)?;
+    *buf = rest;
+    Ok(field)
 }
 
 /// Why a received envelope was refused (each one is a `reason` label of the rejection counter).
@@ -133,20 +138,6 @@ impl InvalidMessage {
             InvalidMessage::EmptyJobId => "empty_job_id",
             InvalidMessage::Type => "type",
         }
-    }
-}
-
-/// Checks the envelope fields a receiver relies on; the payload is checked by whoever decodes it.
-pub fn validate(message: &IpcMessage) -> Result<MessageType, InvalidMessage> {
-    if message.version != PROTOCOL_VERSION {
-        return Err(InvalidMessage::Version);
-    }
-    if message.job_id.is_empty() {
-        return Err(InvalidMessage::EmptyJobId);
-    }
-    match MessageType::try_from(message.r#type) {
-        Ok(kind @ (MessageType::Log | MessageType::Metric)) => Ok(kind),
-        _ => Err(InvalidMessage::Type),
     }
 }
 

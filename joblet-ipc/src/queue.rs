@@ -87,36 +87,6 @@ impl<T> Queue<T> {
         }
     }
 
-    /// Pushes all of `items` in order (draining it), waiting for room as needed. Fails only
-    /// when the queue is closed; what was not pushed then stays in `items`.
-    pub async fn push_all(&self, items: &mut Vec<T>) -> Result<(), ()> {
-        loop {
-            let room = self.writable.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            let (was_empty, fit) = {
-                let mut state = self.lock();
-                if state.closed {
-                    return Err(());
-                }
-                let was_empty = state.items.is_empty();
-                let fit = self
-                    .capacity
-                    .saturating_sub(state.items.len())
-                    .min(items.len());
-                state.items.extend(items.drain(..fit));
-                (was_empty, fit)
-            };
-            if was_empty && fit > 0 {
-                self.readable.notify_one();
-            }
-            if items.is_empty() {
-                return Ok(());
-            }
-            room.await;
-        }
-    }
-
     /// Moves up to `max` queued messages into `into`, waiting while the queue is empty.
     /// Returns 0 once the queue is closed and empty.
     pub async fn take(&self, into: &mut Vec<T>, max: usize) -> usize {
@@ -172,24 +142,8 @@ mod tests {
         assert!(waiting.await.unwrap().is_ok());
         assert_eq!(queue.take(&mut taken, 10).await, 1);
         assert_eq!(taken, [1, 2, 3]);
-        // A burst larger than the room waits for it and keeps its order.
-        let mut burst = vec![4, 5, 6];
-        let pushing = tokio::spawn({
-            let queue = queue.clone();
-            async move {
-                let result = queue.push_all(&mut burst).await;
-                (result, burst)
-            }
-        });
-        let mut more = Vec::new();
-        while more.len() < 3 {
-            queue.take(&mut more, 10).await;
-        }
-        assert_eq!(more, [4, 5, 6]);
-        assert_eq!(pushing.await.unwrap(), (Ok(()), vec![]));
         queue.close();
         assert!(matches!(queue.try_push(4), Err(PushError::Closed(4))));
-        assert_eq!(queue.push_all(&mut vec![7]).await, Err(()));
         assert_eq!(queue.take(&mut taken, 10).await, 0);
     }
 }

@@ -2,12 +2,13 @@
 //!
 //! [`IpcReceiver::bind`] creates the Unix socket (mode 0600), replacing a stale socket file left
 //! by a crashed process but refusing to steal a socket another process still serves.
-//! [`IpcReceiver::run`] accepts connections, one task pair each: a reader decodes frames into a
-//! bounded queue; a store task takes everything queued (up to `max_batch_messages`) as one
-//! batch, hands it to the [`MessageSink`] (up to [`BATCHES_IN_FLIGHT`] at once) and
-//! acknowledges batches in order once stored. While the store is busy the next batch grows, so
-//! the slower the store (an fsync per batch), the larger its batches: group commit. When the queue is full the reader stops, the socket buffer fills and
-//! the sender slows down: memory does not grow.
+//! [`IpcReceiver::run`] accepts connections, one task pair each: a reader checks the frames it
+//! reads and queues them, as read, in runs of valid frames (see [`crate::batch`]); a store task
+//! takes everything queued (up to about `max_batch_messages`) as one [`Batch`], hands it to the
+//! [`MessageSink`] (up to [`BATCHES_IN_FLIGHT`] at once) and acknowledges batches in order once
+//! stored. While the store is busy the next batch grows, so the slower the store (an fsync per
+//! batch), the larger its batches: group commit. When the queue is full the reader stops, the
+//! socket buffer fills and the sender slows down: memory does not grow.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,29 +18,32 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use futures::{FutureExt, StreamExt};
-use joblet_proto::ipc::{IpcAck, IpcMessage, JobAck, MessageType};
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
+use joblet_proto::ipc::{IpcAck, JobAck};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio_util::codec::FramedRead;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError, encode_frame};
-use crate::message::validate;
+use crate::batch::{self, Batch, Envelope, Stop};
+use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, LENGTH_PREFIX_BYTES, encode_frame};
 use crate::metrics as m;
-use crate::queue::Queue;
 
 /// Batches handed to the sink at once per connection (a sink may prepare one while it writes
-/// the other); the queue holds as many batches again while they are stored.
+/// the other).
 pub const BATCHES_IN_FLIGHT: usize = 2;
-/// Decoded messages moved into the queue under one lock.
-const BURST_MESSAGES: usize = 256;
-/// Read buffer per connection: large reads mean few syscalls at high rates.
-const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// Runs of frames queued per connection while batches are stored. A run is what one read
+/// returned (at most the socket's buffer, about 200 KiB): the queue holds a few MiB.
+const QUEUED_RUNS: usize = 32;
+/// Reads go into buffers of this size (larger when a frame needs it), shared by the runs split
+/// off them: one allocation per several reads.
+const READ_BUFFER_BYTES: usize = 1024 * 1024;
+/// A buffer with less room than this left is replaced before the next read.
+const MIN_READ_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -63,12 +67,7 @@ impl ReceiverConfig {
 /// only then is the batch acknowledged. An error closes the connection without an ack, and the
 /// sender will send the data again after reconnecting.
 pub trait MessageSink: Send + Sync + 'static {
-    /// Stores `batch` and hands the vector back, so that its buffer (hundreds of KiB at full
-    /// rate) is reused for a later batch instead of being allocated and faulted in again.
-    fn store(
-        &self,
-        batch: Vec<IpcMessage>,
-    ) -> impl Future<Output = Result<Vec<IpcMessage>, String>> + Send;
+    fn store(&self, batch: Batch) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,29 +217,69 @@ struct Connection<S> {
     shutdown: CancellationToken,
 }
 
+/// A run of whole, valid frames as read from the socket, how many messages it holds and the
+/// acknowledgement it earns once stored.
+struct Run {
+    frames: Bytes,
+    messages: usize,
+    highest: Highest,
+}
+
+/// The highest sequence per job and type of the messages seen, noted while they are scanned
+/// (messages come in runs of one job and type: one entry per run).
+#[derive(Default)]
+struct Highest(Vec<JobAck>);
+
+impl Highest {
+    fn see(&mut self, envelope: &Envelope<'_>) {
+        match self.0.last_mut() {
+            Some(last) if last.job_id == envelope.job_id && last.r#type == envelope.r#type => {
+                last.sequence = last.sequence.max(envelope.sequence);
+            }
+            _ => self.0.push(JobAck {
+                job_id: envelope.job_id.to_owned(),
+                r#type: envelope.r#type,
+                sequence: envelope.sequence,
+            }),
+        }
+    }
+
+    /// One acknowledgement for all of `runs`.
+    fn ack(runs: Vec<Highest>) -> IpcAck {
+        let mut highest: HashMap<(String, i32), u64> = HashMap::new();
+        for ack in runs.into_iter().flat_map(|run| run.0) {
+            let entry = highest.entry((ack.job_id, ack.r#type)).or_default();
+            *entry = (*entry).max(ack.sequence);
+        }
+        IpcAck {
+            jobs: highest
+                .into_iter()
+                .map(|((job_id, r#type), sequence)| JobAck {
+                    job_id,
+                    r#type,
+                    sequence,
+                })
+                .collect(),
+        }
+    }
+}
+
 impl<S: MessageSink> Connection<S> {
     async fn serve(self, stream: UnixStream) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::PERSIST_IPC_CONNECTIONS).increment(1.0);
         let (read_half, write_half) = stream.into_split();
-        let queue = Arc::new(Queue::new(
-            self.config.max_batch_messages * BATCHES_IN_FLIGHT,
-        ));
+        let (runs, queued) = mpsc::channel(QUEUED_RUNS);
         let store = tokio::spawn(store_and_ack(
             self.sink.clone(),
-            queue.clone(),
+            queued,
             self.config.max_batch_messages,
             write_half,
             self.stats.clone(),
             self.config.max_frame_bytes,
         ));
-        let frames = FramedRead::with_capacity(
-            read_half,
-            FrameCodec::<IpcMessage>::new(self.config.max_frame_bytes),
-            READ_BUFFER_BYTES,
-        );
-        self.read_frames(frames, &queue).await;
-        queue.close();
+        self.read_frames(read_half, &runs).await;
+        drop(runs);
         if let Err(error) = store.await {
             tracing::error!(%error, "IPC store task failed");
         }
@@ -248,77 +287,77 @@ impl<S: MessageSink> Connection<S> {
         metrics::gauge!(m::PERSIST_IPC_CONNECTIONS).decrement(1.0);
     }
 
-    async fn read_frames(
-        &self,
-        mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec<IpcMessage>>,
-        queue: &Queue<IpcMessage>,
-    ) {
-        let mut burst = Vec::with_capacity(BURST_MESSAGES);
+    /// Reads the socket and queues what it read as runs of valid frames, until the sender
+    /// closes the connection, a frame cannot be trusted, the store fails or shutdown.
+    async fn read_frames(&self, mut socket: OwnedReadHalf, runs: &mpsc::Sender<Run>) {
+        let max_frame_bytes = self.config.max_frame_bytes;
+        let mut buffer = BytesMut::new();
         loop {
-            let first = tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                frame = frames.next() => frame,
-            };
-            // Take everything already buffered before counting: counters are updated per
-            // burst, not per message.
-            let mut received = 0u64;
-            let mut open = true;
-            burst.clear();
-            let mut next = Some(first);
-            while let Some(frame) = next {
-                match self.accept(frame) {
-                    None => {
-                        open = false;
-                        break;
+            // Queue the valid frames at the front; skip an invalid one alone and go on.
+            let need = loop {
+                let mut highest = Highest::default();
+                let scan = batch::scan(&buffer, max_frame_bytes, |e| highest.see(e));
+                if scan.messages > 0 {
+                    let run = Run {
+                        frames: buffer.split_to(scan.bytes).freeze(),
+                        messages: scan.messages,
+                        highest,
+                    };
+                    self.stats
+                        .received
+                        .fetch_add(scan.messages as u64, Ordering::Relaxed);
+                    metrics::counter!(m::PERSIST_IPC_MESSAGES_RECEIVED)
+                        .increment(scan.messages as u64);
+                    if runs.send(run).await.is_err() {
+                        return; // the store task failed and closed the connection
                     }
-                    Some(Some(message)) => {
-                        received += 1;
-                        burst.push(message);
-                        if burst.len() == BURST_MESSAGES
-                            && queue.push_all(&mut burst).await.is_err()
-                        {
-                            open = false; // the store task failed and closed the connection
-                            break;
-                        }
-                    }
-                    Some(None) => {}
                 }
-                next = frames.next().now_or_never();
+                match scan.stop {
+                    Stop::NeedMore(bytes) => break bytes,
+                    Stop::Invalid { frame_bytes, why } => {
+                        let envelope = Envelope::read(&buffer[LENGTH_PREFIX_BYTES..frame_bytes]);
+                        let job_id = envelope.map(|e| e.job_id).unwrap_or_default();
+                        tracing::warn!(job_id, reason = why.reason(), "rejected IPC message");
+                        self.reject(why.reason());
+                        buffer.advance(frame_bytes);
+                    }
+                    Stop::Oversized { len } => {
+                        let error = FrameError::Oversized {
+                            len,
+                            max: max_frame_bytes,
+                        };
+                        return self.close_on(error);
+                    }
+                    Stop::Undecodable(error) => return self.close_on(error.into()),
+                }
+            };
+            // Room for the rest of the frame, and for a large read: one allocation serves
+            // several reads, and the runs split off it share it.
+            if buffer.capacity() - buffer.len() < need.max(MIN_READ_BYTES) {
+                buffer.reserve(need.max(READ_BUFFER_BYTES));
             }
-            if open && queue.push_all(&mut burst).await.is_err() {
-                open = false;
-            }
-            self.stats.received.fetch_add(received, Ordering::Relaxed);
-            metrics::counter!(m::PERSIST_IPC_MESSAGES_RECEIVED).increment(received);
-            if !open {
-                return;
+            let read = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                read = socket.read_buf(&mut buffer) => read,
+            };
+            match read {
+                Ok(0) if buffer.is_empty() => return,
+                Ok(0) => {
+                    let remaining = buffer.len();
+                    return self.close_on(FrameError::Truncated { remaining });
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "IPC connection closed");
+                    return;
+                }
             }
         }
     }
 
-    /// The message of a decoded frame: `Some(None)` for a message rejected alone, `None` when
-    /// the connection must close.
-    fn accept(&self, frame: Option<Result<IpcMessage, FrameError>>) -> Option<Option<IpcMessage>> {
-        match frame {
-            None => None,
-            Some(Ok(message)) => match validate(&message) {
-                Ok(_) => Some(Some(message)),
-                Err(invalid) => {
-                    self.reject(invalid.reason());
-                    tracing::warn!(job_id = %message.job_id, reason = invalid.reason(), "rejected IPC message");
-                    Some(None)
-                }
-            },
-            Some(Err(FrameError::Io(error))) => {
-                tracing::debug!(%error, "IPC connection closed");
-                None
-            }
-            Some(Err(error)) => {
-                self.reject(error.reason());
-                tracing::warn!(%error, "bad IPC frame; closing the connection");
-                None
-            }
-        }
+    fn close_on(&self, error: FrameError) {
+        self.reject(error.reason());
+        tracing::warn!(%error, "bad IPC frame; closing the connection");
     }
 
     fn reject(&self, reason: &'static str) {
@@ -329,7 +368,7 @@ impl<S: MessageSink> Connection<S> {
 
 async fn store_and_ack<S: MessageSink>(
     sink: Arc<S>,
-    queue: Arc<Queue<IpcMessage>>,
+    mut queued: mpsc::Receiver<Run>,
     max_batch: usize,
     mut socket: OwnedWriteHalf,
     stats: Arc<ReceiverStats>,
@@ -339,70 +378,87 @@ async fn store_and_ack<S: MessageSink>(
     // Up to BATCHES_IN_FLIGHT batches are stored at once (a sink may prepare one while it
     // writes another); they are acknowledged in order.
     let mut storing = FuturesOrdered::new();
-    // Batch vectors handed back by the sink, for the next batches.
-    let mut spare: Vec<Vec<IpcMessage>> = Vec::new();
     let mut open = true;
     loop {
-        let mut batch = spare.pop().unwrap_or_default();
         tokio::select! {
             stored = storing.next(), if !storing.is_empty() => {
-                spare.push(batch);
                 let Some(stored) = stored else { continue };
                 let ack = match stored {
-                    Ok((ack, mut done)) => {
-                        Vec::clear(&mut done);
-                        spare.push(done);
-                        ack
-                    }
+                    Ok(ack) => ack,
                     Err(error) => {
                         stats.store_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(%error, "storing replicated data failed; closing the connection");
-                        queue.close();
-                        return;
+                        return; // dropping `queued` stops the reader
                     }
                 };
                 buffer.clear();
                 if encode_frame(&ack, max_frame_bytes, &mut buffer).is_err() {
                     tracing::error!("acknowledgement too large to frame");
-                    queue.close();
                     return;
                 }
                 // If the sender went away, keep storing what was already read.
                 let _ = socket.write_all(&buffer).await;
             }
-            taken = queue.take(&mut batch, max_batch), if open && storing.len() < BATCHES_IN_FLIGHT => {
-                if taken == 0 {
-                    open = false; // closed and empty: finish what is being stored
-                } else {
-                    let ack = ack_for(&batch);
-                    let sink = sink.clone();
-                    storing.push_back(async move { sink.store(batch).await.map(|done| (ack, done)) });
+            run = queued.recv(), if open && storing.len() < BATCHES_IN_FLIGHT => {
+                let Some(run) = run else {
+                    open = false; // the reader is done: finish what is being stored
+                    continue;
+                };
+                // Everything queued, up to about `max_batch` messages, goes as one batch.
+                let mut batch = Batch::default();
+                let mut highest = vec![run.highest];
+                batch.push(run.frames, run.messages);
+                while batch.len() < max_batch {
+                    let Ok(run) = queued.try_recv() else { break };
+                    batch.push(run.frames, run.messages);
+                    highest.push(run.highest);
                 }
+                let ack = Highest::ack(highest);
+                let sink = sink.clone();
+                storing.push_back(async move { sink.store(batch).await.map(|()| ack) });
             }
             else => return,
         }
     }
 }
 
-/// The highest sequence per job and type in a batch.
-fn ack_for(batch: &[IpcMessage]) -> IpcAck {
-    let mut highest: HashMap<(&str, i32), u64> = HashMap::new();
-    // Messages come in runs of one job and type: one lookup per run.
-    for run in batch.chunk_by(|a, b| a.job_id == b.job_id && a.r#type == b.r#type) {
-        let top = run.iter().map(|m| m.sequence).max().unwrap_or(0);
-        let entry = highest
-            .entry((run[0].job_id.as_str(), run[0].r#type))
-            .or_default();
-        *entry = (*entry).max(top);
-    }
-    IpcAck {
-        jobs: highest
-            .into_iter()
-            .map(|((job_id, kind), sequence)| JobAck {
-                job_id: job_id.to_owned(),
-                r#type: MessageType::try_from(kind).unwrap_or_default() as i32,
-                sequence,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{log_message, metric_message};
+    use joblet_proto::ipc::{MessageType, MetricData, Stream};
+
+    #[test]
+    fn an_ack_holds_the_highest_sequence_per_job_and_type_across_runs() {
+        let log = |job: &str, sequence| log_message(job, sequence, 1, Stream::Stdout, "x".into());
+        let metric = |job: &str, sequence| metric_message(job, sequence, 1, &MetricData::default());
+        let runs = [
+            vec![log("a", 7), log("a", 8), metric("a", 2), log("b", 1)],
+            vec![log("a", 6), metric("a", 3), log("a", 9), metric("b", 5)],
+        ];
+        let highest = runs
+            .iter()
+            .map(|run| {
+                let mut highest = Highest::default();
+                Batch::from_messages(run)
+                    .iter()
+                    .for_each(|e| highest.see(&e));
+                highest
             })
-            .collect(),
+            .collect();
+        let mut acks: Vec<(String, MessageType, u64)> = Highest::ack(highest)
+            .jobs
+            .into_iter()
+            .map(|ack| (ack.job_id.clone(), ack.r#type(), ack.sequence))
+            .collect();
+        acks.sort();
+        let expected = [
+            ("a", MessageType::Log, 9),
+            ("a", MessageType::Metric, 3),
+            ("b", MessageType::Log, 1),
+            ("b", MessageType::Metric, 5),
+        ]
+        .map(|(job, kind, sequence)| (job.to_owned(), kind, sequence));
+        assert_eq!(acks, expected);
     }
 }

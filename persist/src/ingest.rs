@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use joblet_ipc::{IpcMessage, MessageSink};
+use joblet_ipc::{Batch, MessageSink};
 
 use crate::store::Store;
 
@@ -19,23 +19,19 @@ impl StoreSink {
 }
 
 impl MessageSink for StoreSink {
-    async fn store(&self, mut batch: Vec<IpcMessage>) -> Result<Vec<IpcMessage>, String> {
+    async fn store(&self, batch: Batch) -> Result<(), String> {
         let store = self.store.clone();
-        let (outcome, batch) = tokio::task::spawn_blocking(move || {
-            let outcome = store.ingest(&batch);
-            // Dropped here, off the IPC workers; the emptied vector goes back for reuse.
-            batch.clear();
-            (outcome, batch)
-        })
-        .await
-        .map_err(|e| format!("ingest task failed: {e}"))?;
-        let outcome = outcome.map_err(|e| e.to_string())?;
+        // The batch is dropped with the task, off the IPC workers.
+        let outcome = tokio::task::spawn_blocking(move || store.ingest(&batch))
+            .await
+            .map_err(|e| format!("ingest task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         if outcome.invalid > 0 {
             tracing::warn!(
                 count = outcome.invalid,
                 "skipped replicated records with invalid payloads"
             );
         }
-        Ok(batch)
+        Ok(())
     }
 }

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use joblet_ipc::{IpcMessage, MessageType, MetricData};
+use joblet_ipc::{Batch, MessageType, MetricData};
 use joblet_proto::persist::JobSummary;
 use prost::Message;
 use rocksdb::compaction_filter::Decision;
@@ -260,7 +260,7 @@ impl Store {
     /// Stores a batch atomically and durably (per the configured durability). Records already
     /// stored are skipped; invalid payloads are skipped and counted. Two calls at a time
     /// overlap: one prepares while the other writes (see the module docs).
-    pub fn ingest(&self, batch: &[IpcMessage]) -> Result<IngestOutcome, StoreError> {
+    pub fn ingest(&self, batch: &Batch) -> Result<IngestOutcome, StoreError> {
         let started = Instant::now();
         let cfs = [self.cf(CF_LOGS)?, self.cf(CF_METRICS)?];
         let summaries_cf = self.cf(CF_SUMMARIES)?;
@@ -271,100 +271,116 @@ impl Store {
             *pending = lock(&self.durable).clone();
             self.resync.store(false, Ordering::Release);
         }
-        let mut changed: HashMap<&str, JobChanges> = HashMap::new();
+        // The jobs of this batch, and where each is in `changed`.
+        let mut changed: Vec<JobChanges> = Vec::new();
+        let mut jobs: HashMap<&str, usize> = HashMap::new();
         let mut write = WriteBatch::default();
         let mut outcome = IngestOutcome::default();
         let mut key = Vec::new();
         let mut value = Vec::new();
+        // Messages come in runs of one job: its summary is looked up once per run. `None`
+        // stands for a job id the keys cannot hold.
+        let mut current: Option<(&str, Option<usize>)> = None;
 
-        // Messages come in runs of one job: its summary is looked up once per run.
-        for run in batch.chunk_by(|a, b| a.job_id == b.job_id) {
-            let job_id = run[0].job_id.as_str();
-            if job_id.contains('\0') {
-                outcome.invalid += run.len() as u64;
+        for message in batch.iter() {
+            let job_id = message.job_id;
+            let index = match current {
+                Some((id, index)) if id == job_id => index,
+                _ => {
+                    let index = (!job_id.contains('\0')).then(|| {
+                        *jobs.entry(job_id).or_insert_with(|| {
+                            // A job whose messages all turn out invalid keeps first_timestamp ==
+                            // i64::MAX and is not written.
+                            changed.push(JobChanges {
+                                summary: pending.get(job_id).cloned().unwrap_or_else(|| {
+                                    JobSummary {
+                                        job_id: job_id.to_owned(),
+                                        first_timestamp: i64::MAX,
+                                        last_timestamp: i64::MIN,
+                                        ..Default::default()
+                                    }
+                                }),
+                                new: [Vec::new(), Vec::new()],
+                                replayed: HashSet::new(),
+                            });
+                            changed.len() - 1
+                        })
+                    });
+                    current = Some((job_id, index));
+                    index
+                }
+            };
+            let Some(index) = index else {
+                outcome.invalid += 1;
                 continue;
+            };
+            let job = &mut changed[index];
+            let kind = match message.kind() {
+                MessageType::Log => 0,
+                MessageType::Metric => 1,
+                MessageType::Unspecified => {
+                    outcome.invalid += 1;
+                    continue;
+                }
+            };
+            let summary = &mut job.summary;
+            let highest = [summary.last_log_sequence, summary.last_metric_sequence][kind];
+            keys::encode_into(&mut key, job_id, message.timestamp, message.sequence);
+            // A sequence above the highest stored one is new (the sender keeps each job's
+            // order); only replays need looking up: earlier in this batch, or stored.
+            let replay = message.sequence <= highest;
+            if replay {
+                if job.new[kind].binary_search(&message.sequence).is_ok()
+                    || job.replayed.contains(&(kind, message.sequence))
+                {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                // What was prepared before must be written before it can be looked up.
+                commit.get_or_insert_with(|| lock(&self.commit));
+                if self.db.get_pinned_cf(cfs[kind], &key)?.is_some() {
+                    outcome.duplicates += 1;
+                    continue;
+                }
             }
-            // A job whose messages all turn out invalid keeps first_timestamp == i64::MAX and
-            // is not written.
-            let job = changed.entry(job_id).or_insert_with(|| JobChanges {
-                summary: pending.get(job_id).cloned().unwrap_or_else(|| JobSummary {
-                    job_id: job_id.to_owned(),
-                    first_timestamp: i64::MAX,
-                    last_timestamp: i64::MIN,
-                    ..Default::default()
-                }),
-                new: [Vec::new(), Vec::new()],
-                replayed: HashSet::new(),
-            });
-            for message in run {
-                let kind = match message.r#type() {
-                    MessageType::Log => 0,
-                    MessageType::Metric => 1,
-                    MessageType::Unspecified => {
-                        outcome.invalid += 1;
-                        continue;
-                    }
+            value.clear();
+            if kind == 0 {
+                // The stream is stored in one byte: a value that is not a known stream
+                // would be read back as another stream, or not at all.
+                let Some((stream, content)) = joblet_ipc::log_payload(message.data)
+                    .ok()
+                    .filter(|(stream, _)| joblet_ipc::Stream::try_from(*stream).is_ok())
+                else {
+                    outcome.invalid += 1;
+                    continue;
                 };
-                let summary = &mut job.summary;
-                let highest = [summary.last_log_sequence, summary.last_metric_sequence][kind];
-                keys::encode_into(&mut key, job_id, message.timestamp, message.sequence);
-                // A sequence above the highest stored one is new (the sender keeps each job's
-                // order); only replays need looking up: earlier in this batch, or stored.
-                let replay = message.sequence <= highest;
-                if replay {
-                    if job.new[kind].binary_search(&message.sequence).is_ok()
-                        || job.replayed.contains(&(kind, message.sequence))
-                    {
-                        outcome.duplicates += 1;
-                        continue;
-                    }
-                    // What was prepared before must be written before it can be looked up.
-                    commit.get_or_insert_with(|| lock(&self.commit));
-                    if self.db.get_pinned_cf(cfs[kind], &key)?.is_some() {
-                        outcome.duplicates += 1;
-                        continue;
-                    }
+                value.push(stream as u8);
+                value.extend_from_slice(content);
+                summary.log_lines += 1;
+                summary.log_bytes += content.len() as u64;
+                summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
+                outcome.lines += 1;
+            } else {
+                if MetricData::decode(message.data).is_err() {
+                    outcome.invalid += 1;
+                    continue;
                 }
-                value.clear();
-                if kind == 0 {
-                    // The stream is stored in one byte: a value that is not a known stream
-                    // would be read back as another stream, or not at all.
-                    let Some((stream, content)) = joblet_ipc::log_payload(&message.data)
-                        .ok()
-                        .filter(|(stream, _)| joblet_ipc::Stream::try_from(*stream).is_ok())
-                    else {
-                        outcome.invalid += 1;
-                        continue;
-                    };
-                    value.push(stream as u8);
-                    value.extend_from_slice(content);
-                    summary.log_lines += 1;
-                    summary.log_bytes += content.len() as u64;
-                    summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
-                    outcome.lines += 1;
-                } else {
-                    if MetricData::decode(message.data.as_ref()).is_err() {
-                        outcome.invalid += 1;
-                        continue;
-                    }
-                    value.extend_from_slice(&message.data);
-                    summary.metric_samples += 1;
-                    summary.last_metric_sequence =
-                        summary.last_metric_sequence.max(message.sequence);
-                    outcome.samples += 1;
-                }
-                if replay {
-                    job.replayed.insert((kind, message.sequence));
-                } else {
-                    job.new[kind].push(message.sequence);
-                }
-                summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
-                summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
-                write.put_cf(cfs[kind], &key, &value);
+                value.extend_from_slice(message.data);
+                summary.metric_samples += 1;
+                summary.last_metric_sequence = summary.last_metric_sequence.max(message.sequence);
+                outcome.samples += 1;
             }
+            if replay {
+                job.replayed.insert((kind, message.sequence));
+            } else {
+                job.new[kind].push(message.sequence);
+            }
+            summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
+            summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
+            write.put_cf(cfs[kind], &key, &value);
         }
         let summaries: Vec<JobSummary> = changed
-            .into_values()
+            .into_iter()
             .map(|job| job.summary)
             .filter(|summary| summary.first_timestamp != i64::MAX)
             .collect();
@@ -774,6 +790,11 @@ mod tests {
         config
     }
 
+    /// Ingests `messages` as the receiver would hand them over.
+    fn ingest(store: &Store, messages: &[joblet_ipc::IpcMessage]) -> IngestOutcome {
+        store.ingest(&Batch::from_messages(messages)).unwrap()
+    }
+
     fn count_all(store: &Store, job: &str) -> usize {
         let mut count = 0;
         store
@@ -801,7 +822,7 @@ mod tests {
             .map(|s| log_message("job", s, old + s as i64, Stream::Stdout, "old".into()))
             .chain((4..=5).map(|s| log_message("job", s, now_ns(), Stream::Stdout, "new".into())))
             .collect();
-        store.ingest(&batch).unwrap();
+        ingest(&store, &batch);
         store.flush().unwrap();
         store
     }
@@ -840,7 +861,7 @@ mod tests {
         let batch: Vec<_> = (1..=1000)
             .map(|s| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into()))
             .collect();
-        store.ingest(&batch).unwrap();
+        ingest(&store, &batch);
         store.flush().unwrap();
         assert_eq!(count_all(&store, "job"), 1000);
         // RocksDB records the options it runs with.
@@ -875,7 +896,7 @@ mod tests {
                 )
             })
             .collect();
-        store.ingest(&batch).unwrap();
+        ingest(&store, &batch);
         let mut selection = Selection {
             job_id: "job".into(),
             examine_at_most: Some(9),
@@ -905,8 +926,8 @@ mod tests {
         let batch: Vec<_> = (1..=10)
             .map(|s| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into()))
             .collect();
-        assert_eq!(store.ingest(&batch).unwrap().lines, 10);
-        let outcome = store.ingest(&batch[4..]).unwrap();
+        assert_eq!(ingest(&store, &batch).lines, 10);
+        let outcome = ingest(&store, &batch[4..]);
         assert_eq!((outcome.lines, outcome.duplicates), (0, 6));
         assert_eq!(count_all(&store, "job"), 10);
         assert_eq!(store.list_jobs("")[0].log_lines, 10);
@@ -926,7 +947,7 @@ mod tests {
             message
         };
         let batch = [with_stream(1, 2), with_stream(2, 7), with_stream(3, 258)];
-        let outcome = store.ingest(&batch).unwrap();
+        let outcome = ingest(&store, &batch);
         assert_eq!((outcome.lines, outcome.invalid), (1, 2));
         let mut streams = Vec::new();
         let all = Selection {
@@ -953,7 +974,7 @@ mod tests {
             .into_iter()
             .map(line)
             .collect();
-        let outcome = store.ingest(&batch).unwrap();
+        let outcome = ingest(&store, &batch);
         assert_eq!((outcome.lines, outcome.duplicates), (6, 4));
         assert_eq!(count_all(&store, "job"), 6);
         let summary = &store.list_jobs("")[0];
@@ -982,7 +1003,7 @@ mod tests {
                 let store = &store;
                 scope.spawn(move || {
                     for batch in half {
-                        store.ingest(batch).unwrap();
+                        ingest(store, batch);
                     }
                 });
             }
@@ -997,8 +1018,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
         let line = |s: u64| log_message("job", s, 1000 + s as i64, Stream::Stdout, "x".into());
-        store.ingest(&[line(1), line(2), line(4)]).unwrap();
-        assert_eq!(store.ingest(&[line(3)]).unwrap().lines, 1);
+        ingest(&store, &[line(1), line(2), line(4)]);
+        assert_eq!(ingest(&store, &[line(3)]).lines, 1);
         assert_eq!(count_all(&store, "job"), 4);
         assert_eq!(store.list_jobs("")[0].log_lines, 4);
     }

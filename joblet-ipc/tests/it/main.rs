@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BufMut;
 use joblet_ipc::receiver::BindError;
 use joblet_ipc::{
-    IpcMessage, IpcReceiver, IpcSender, MessageSink, MessageType, ReceiverConfig, SendError,
+    Batch, IpcMessage, IpcReceiver, IpcSender, MessageSink, MessageType, ReceiverConfig, SendError,
     SenderConfig, Stream, log_message,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,14 +55,14 @@ impl CollectingSink {
 }
 
 impl MessageSink for CollectingSink {
-    async fn store(&self, mut batch: Vec<IpcMessage>) -> Result<Vec<IpcMessage>, String> {
+    async fn store(&self, batch: Batch) -> Result<(), String> {
         if let Some(gate) = &self.gate {
             let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
         }
         let mut messages = self.messages.lock().unwrap();
-        messages.append(&mut batch);
+        messages.extend(batch.iter().map(|envelope| envelope.to_message()));
         self.count.send_replace(messages.len());
-        Ok(batch)
+        Ok(())
     }
 }
 
