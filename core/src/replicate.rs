@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use joblet_ipc::{IpcSender, MessageType, SendError, SenderConfig};
+use joblet_ipc::{Frame, IpcSender, MessageType, SendError, SenderConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -258,14 +258,14 @@ async fn send_logs(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u64, 
                 joblet_proto::joblet::LogStream::Stderr => joblet_ipc::Stream::Stderr,
                 _ => joblet_ipc::Stream::Stdout,
             };
-            let message = joblet_ipc::log_message(
+            let frame = Frame::log(
                 &job.id,
                 record.sequence,
                 record.timestamp,
                 stream,
-                record.content,
+                &record.content,
             );
-            sender.send(message).await?;
+            sender.send(frame).await?;
         }
     }
 }
@@ -280,13 +280,8 @@ async fn send_metrics(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u6
             if job.is_deleted() {
                 return Ok(0);
             }
-            let message = joblet_ipc::metric_message(
-                &job.id,
-                sample.sequence,
-                sample.timestamp,
-                &sample.data,
-            );
-            sender.send(message).await?;
+            let frame = Frame::metric(&job.id, sample.sequence, sample.timestamp, &sample.data);
+            sender.send(frame).await?;
             next = sample.sequence + 1;
         }
         if now.finished || job.is_deleted() {

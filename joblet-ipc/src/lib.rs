@@ -39,6 +39,6 @@ pub mod tls;
 pub use batch::{Batch, Envelope};
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError};
 pub use joblet_proto::ipc::{IpcAck, IpcMessage, LogData, MessageType, MetricData, Stream};
-pub use message::{PROTOCOL_VERSION, log_message, log_payload, metric_message};
+pub use message::{Frame, PROTOCOL_VERSION, log_message, log_payload, metric_message};
 pub use receiver::{IpcReceiver, MessageSink, ReceiverConfig, ReceiverStats};
 pub use sender::{IpcSender, SendError, SenderConfig, SenderStats};

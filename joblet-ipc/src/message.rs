@@ -2,28 +2,149 @@
 
 use std::cell::RefCell;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use joblet_proto::ipc::{IpcMessage, LogData, MessageType, MetricData, Stream};
+use joblet_proto::wire;
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-/// Payloads are encoded one after another into a per-thread buffer of this size and split
-/// off it: many messages share one allocation instead of one each.
-const PAYLOAD_ARENA_BYTES: usize = 256 * 1024;
+use crate::codec::LENGTH_PREFIX_BYTES;
+
+/// Frames and payloads are encoded one after another into a per-thread buffer of this size
+/// and split off it: many messages share one allocation instead of one each.
+const ARENA_BYTES: usize = 256 * 1024;
 
 thread_local! {
-    static PAYLOADS: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// `len` bytes written by `write` into the arena, as one `Bytes`.
+fn in_arena(len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+    ARENA.with_borrow_mut(|arena| {
+        if arena.capacity() - arena.len() < len {
+            *arena = BytesMut::with_capacity(ARENA_BYTES.max(len));
+        }
+        write(arena);
+        arena.split().freeze()
+    })
 }
 
 fn encode_payload(message: &impl Message) -> Bytes {
-    let len = message.encoded_len();
-    PAYLOADS.with_borrow_mut(|arena| {
-        if arena.capacity() - arena.len() < len {
-            *arena = BytesMut::with_capacity(PAYLOAD_ARENA_BYTES.max(len));
-        }
-        // Room was made above, so the unchecked encoding cannot run out of space.
-        message.encode_raw(arena);
-        arena.split().freeze()
-    })
+    // Room is made first, so the unchecked encoding cannot run out of space.
+    in_arena(message.encoded_len(), |arena| message.encode_raw(arena))
+}
+
+/// One frame of the replication stream, encoded and ready to write: the length prefix and an
+/// `IPCMessage`. Built straight from borrowed data on the sender's hot path (no `IpcMessage`,
+/// no allocation of its own), or from an [`IpcMessage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame(Bytes);
+
+impl Frame {
+    /// The frame of one log line.
+    pub fn log(
+        job_id: &str,
+        sequence: u64,
+        timestamp_ns: i64,
+        stream: Stream,
+        content: &[u8],
+    ) -> Frame {
+        // Enums are encoded as int32: sign-extended to 64 bits, as prost does.
+        let stream = i64::from(stream as i32) as u64;
+        let payload_len = wire::varint_field_len(stream) + wire::bytes_field_len(content);
+        Frame::envelope(
+            MessageType::Log,
+            job_id,
+            sequence,
+            timestamp_ns,
+            payload_len,
+            |buf| {
+                wire::put_varint_field(1, stream, buf);
+                wire::put_bytes_field(2, content, buf);
+            },
+        )
+    }
+
+    /// The frame of one metric sample.
+    pub fn metric(job_id: &str, sequence: u64, timestamp_ns: i64, sample: &MetricData) -> Frame {
+        Frame::envelope(
+            MessageType::Metric,
+            job_id,
+            sequence,
+            timestamp_ns,
+            sample.encoded_len(),
+            |buf| sample.encode_raw(buf),
+        )
+    }
+
+    /// Writes the envelope fields as prost does (in field order, defaults left out), with a
+    /// payload of `payload_len` bytes that `payload` writes.
+    fn envelope(
+        kind: MessageType,
+        job_id: &str,
+        sequence: u64,
+        timestamp_ns: i64,
+        payload_len: usize,
+        payload: impl FnOnce(&mut BytesMut),
+    ) -> Frame {
+        let (version, kind, timestamp) = (
+            u64::from(PROTOCOL_VERSION),
+            i64::from(kind as i32) as u64,
+            timestamp_ns as u64,
+        );
+        let data_len = if payload_len == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(payload_len as u64) + payload_len
+        };
+        let body_len = wire::varint_field_len(version)
+            + wire::varint_field_len(kind)
+            + wire::bytes_field_len(job_id.as_bytes())
+            + wire::varint_field_len(timestamp)
+            + wire::varint_field_len(sequence)
+            + data_len;
+        Frame(in_arena(LENGTH_PREFIX_BYTES + body_len, |buf| {
+            // A body over 4 GiB is refused by every sender before it is written.
+            buf.put_u32(u32::try_from(body_len).unwrap_or(u32::MAX));
+            wire::put_varint_field(1, version, buf);
+            wire::put_varint_field(2, kind, buf);
+            wire::put_bytes_field(3, job_id.as_bytes(), buf);
+            wire::put_varint_field(4, timestamp, buf);
+            wire::put_varint_field(5, sequence, buf);
+            if payload_len > 0 {
+                encode_key(6, WireType::LengthDelimited, buf);
+                encode_varint(payload_len as u64, buf);
+                payload(buf);
+            }
+        }))
+    }
+
+    /// The frame's bytes, length prefix included.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length of the `IPCMessage`, without the prefix (what a receiver checks against its
+    /// maximum frame size).
+    pub fn body_len(&self) -> usize {
+        self.0.len() - LENGTH_PREFIX_BYTES
+    }
+}
+
+impl From<&IpcMessage> for Frame {
+    fn from(message: &IpcMessage) -> Frame {
+        let len = message.encoded_len();
+        Frame(in_arena(LENGTH_PREFIX_BYTES + len, |buf| {
+            buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+            message.encode_raw(buf);
+        }))
+    }
+}
+
+impl From<IpcMessage> for Frame {
+    fn from(message: IpcMessage) -> Frame {
+        Frame::from(&message)
+    }
 }
 
 /// The protocol version this crate speaks. A receiver rejects other versions.
@@ -184,7 +305,36 @@ mod tests {
         prop_oneof![fields, prop::collection::vec(any::<u8>(), 0..60)]
     }
 
+    fn framed(message: &IpcMessage) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        crate::codec::encode_frame(message, usize::MAX >> 33, &mut buf).unwrap();
+        buf.to_vec()
+    }
+
     proptest! {
+        /// Frames built from borrowed data are byte for byte what prost writes.
+        #[test]
+        fn frames_are_what_prost_encodes(
+            job_id in ".{0,40}",
+            sequence in prop_oneof![Just(0u64), any::<u64>()],
+            timestamp in prop_oneof![Just(0i64), any::<i64>()],
+            stream in 0i32..3,
+            content in prop::collection::vec(any::<u8>(), 0..300),
+            memory in any::<i64>(),
+        ) {
+            let stream = Stream::try_from(stream).unwrap();
+            let log = log_message(&job_id, sequence, timestamp, stream, content.clone().into());
+            let frame = Frame::log(&job_id, sequence, timestamp, stream, &content);
+            prop_assert_eq!(frame.as_bytes().to_vec(), framed(&log));
+            prop_assert_eq!(&frame, &Frame::from(&log));
+            prop_assert_eq!(frame.body_len(), log.encoded_len());
+
+            let sample = MetricData { memory_bytes: memory, cpu_percent: 1.5, ..Default::default() };
+            let metric = metric_message(&job_id, sequence, timestamp, &sample);
+            let frame = Frame::metric(&job_id, sequence, timestamp, &sample);
+            prop_assert_eq!(frame.as_bytes().to_vec(), framed(&metric));
+        }
+
         #[test]
         fn log_payload_reads_what_prost_reads(bytes in payload_bytes()) {
             let ours = log_payload(&bytes);

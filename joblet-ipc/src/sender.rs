@@ -1,12 +1,14 @@
 //! The core side of the replication stream.
 //!
-//! Messages go into a bounded queue (`buffer_size`). [`IpcSender::send`] waits for room (core's
-//! replication, which reads the spool behind the job, uses it: nothing is dropped);
-//! [`IpcSender::try_send`] never waits and, when the queue is full, drops the message and counts
-//! the drop by reason, for callers that must never wait. One writer task drains the queue in batches, encodes many frames
-//! into one buffer and writes it with a single call, reconnecting with exponential backoff and
-//! jitter when the socket is missing or breaks. A batch whose write failed is written again first
-//! after the reconnect (persist stores idempotently, so a partial write is harmless).
+//! Messages go into a bounded queue (`buffer_size`) as encoded [`Frame`]s, built by the caller
+//! (straight from borrowed data with [`Frame::log`] and [`Frame::metric`]). [`IpcSender::send`]
+//! waits for room (core's replication, which reads the spool behind the job, uses it: nothing
+//! is dropped); [`IpcSender::try_send`] never waits and, when the queue is full, drops the
+//! message and counts the drop by reason, for callers that must never wait. One writer task
+//! drains the queue in batches, copies many frames into one buffer and writes it with a single
+//! call, reconnecting with exponential backoff and jitter when the socket is missing or breaks.
+//! A batch whose write failed is written again first after the reconnect (persist stores
+//! idempotently, so a partial write is harmless).
 //!
 //! A second task per connection reads persist's acknowledgements and records, per job and type,
 //! the highest acknowledged sequence (see the crate docs for what an ack promises).
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use joblet_proto::ipc::{IpcAck, IpcMessage, MessageType};
+use joblet_proto::ipc::{IpcAck, MessageType};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -29,7 +31,8 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, encode_frame};
+use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec};
+use crate::message::Frame;
 use crate::metrics as m;
 use crate::queue::{PushError, Queue};
 
@@ -131,7 +134,7 @@ struct Shared {
 /// Handle to the replication stream. Cheap to clone; all clones feed the same queue.
 #[derive(Clone)]
 pub struct IpcSender {
-    queue: Arc<Queue<IpcMessage>>,
+    queue: Arc<Queue<Frame>>,
     shared: Arc<Shared>,
 }
 
@@ -161,9 +164,10 @@ impl IpcSender {
     }
 
     /// Queues `message` without waiting. On error the message is dropped and counted.
-    pub fn try_send(&self, message: IpcMessage) -> Result<(), SendError> {
-        let result = self.check_size(&message).and_then(|()| {
-            self.queue.try_push(message).map_err(|error| match error {
+    pub fn try_send(&self, message: impl Into<Frame>) -> Result<(), SendError> {
+        let frame = message.into();
+        let result = self.check_size(&frame).and_then(|()| {
+            self.queue.try_push(frame).map_err(|error| match error {
                 PushError::Full(_) if self.is_connected() => SendError::QueueFull,
                 PushError::Full(_) => SendError::Disconnected,
                 PushError::Closed(_) => SendError::Closed,
@@ -177,13 +181,10 @@ impl IpcSender {
 
     /// Queues `message`, waiting for room. For replay and bulk transfers that may wait; the job
     /// path uses [`IpcSender::try_send`].
-    pub async fn send(&self, message: IpcMessage) -> Result<(), SendError> {
-        let result = match self.check_size(&message) {
-            Ok(()) => self
-                .queue
-                .push(message)
-                .await
-                .map_err(|_| SendError::Closed),
+    pub async fn send(&self, message: impl Into<Frame>) -> Result<(), SendError> {
+        let frame = message.into();
+        let result = match self.check_size(&frame) {
+            Ok(()) => self.queue.push(frame).await.map_err(|_| SendError::Closed),
             Err(error) => Err(error),
         };
         if let Err(error) = result {
@@ -192,15 +193,10 @@ impl IpcSender {
         result
     }
 
-    fn check_size(&self, message: &IpcMessage) -> Result<(), SendError> {
-        // The envelope's fixed fields take at most 40 bytes; only near the limit is it worth
-        // computing the exact size.
-        let rough = message.data.len() + message.job_id.len() + 40;
-        if rough > self.shared.config.max_frame_bytes {
-            let len = prost::Message::encoded_len(message);
-            if len > self.shared.config.max_frame_bytes {
-                return Err(SendError::Oversized { len });
-            }
+    fn check_size(&self, frame: &Frame) -> Result<(), SendError> {
+        let len = frame.body_len();
+        if len > self.shared.config.max_frame_bytes {
+            return Err(SendError::Oversized { len });
         }
         Ok(())
     }
@@ -246,9 +242,9 @@ fn ack_slot(kind: MessageType) -> usize {
 
 struct Writer {
     shared: Arc<Shared>,
-    queue: Arc<Queue<IpcMessage>>,
+    queue: Arc<Queue<Frame>>,
     /// The batch being written; kept across a reconnect when its write failed.
-    pending: Vec<IpcMessage>,
+    pending: Vec<Frame>,
     buffer: BytesMut,
     shutdown: CancellationToken,
 }
@@ -361,15 +357,9 @@ impl Writer {
 
     async fn write_pending(&mut self, socket: &mut OwnedWriteHalf) -> std::io::Result<()> {
         self.buffer.clear();
-        for message in &self.pending {
-            // Sizes were checked when the message was queued.
-            if let Err(error) = encode_frame(
-                message,
-                self.shared.config.max_frame_bytes,
-                &mut self.buffer,
-            ) {
-                tracing::error!(%error, "dropping a message that cannot be framed");
-            }
+        for frame in &self.pending {
+            // Sizes were checked when the frame was queued.
+            self.buffer.extend_from_slice(frame.as_bytes());
         }
         let started = Instant::now();
         socket.write_all(&self.buffer).await?;

@@ -9,11 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::BytesMut;
 use clap::Parser;
 use joblet_benches::Table;
 use joblet_ipc::{
-    Batch, IpcReceiver, IpcSender, MessageSink, ReceiverConfig, SenderConfig, Stream, log_message,
+    Batch, Frame, IpcReceiver, IpcSender, MessageSink, ReceiverConfig, SenderConfig, Stream,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -38,15 +37,9 @@ const JOB_ID: &str = "4f1c2a7e-9b3d-4c5e-8f60-1a2b3c4d5e6f";
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let content = bytes::Bytes::from(vec![b'x'; args.line_bytes]);
-    let frame = {
-        let mut buf = BytesMut::new();
-        joblet_ipc::codec::encode_frame(
-            &log_message(JOB_ID, 1, 1, Stream::Stdout, content.clone()),
-            joblet_ipc::DEFAULT_MAX_FRAME_BYTES,
-            &mut buf,
-        )?;
-        buf.freeze()
-    };
+    let frame = bytes::Bytes::copy_from_slice(
+        Frame::log(JOB_ID, 1, 1, Stream::Stdout, &content).as_bytes(),
+    );
 
     let baseline = raw_socket(&frame, args.messages)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -160,14 +153,8 @@ async fn through_joblet_ipc(content: bytes::Bytes, messages: u64) -> anyhow::Res
         let sender = sender.clone();
         tokio::spawn(async move {
             for sequence in 1..=messages {
-                let message = log_message(
-                    JOB_ID,
-                    sequence,
-                    sequence as i64,
-                    Stream::Stdout,
-                    content.clone(),
-                );
-                if sender.send(message).await.is_err() {
+                let frame = Frame::log(JOB_ID, sequence, sequence as i64, Stream::Stdout, &content);
+                if sender.send(frame).await.is_err() {
                     break;
                 }
             }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use joblet_benches::Table;
-use joblet_ipc::{IpcSender, MessageType, SenderConfig, Stream, log_message};
+use joblet_ipc::{Frame, IpcSender, MessageType, SenderConfig, Stream};
 use joblet_persist::Persist;
 use joblet_persist::config::{Config, Retention};
 use joblet_persist::store::Store;
@@ -291,10 +291,11 @@ async fn replicate(
         .context("sender did not connect")??;
     let started = Instant::now();
     for sequence in 1..=lines {
-        let content = contents[sequence as usize % contents.len()].clone();
+        let content = &contents[sequence as usize % contents.len()];
         let timestamp = timestamp(line_interval_ns, sequence);
-        let message = log_message(JOB, sequence, timestamp, Stream::Stdout, content);
-        sender.send(message).await.ok().context("sender closed")?;
+        // As joblet-core's replication builds them.
+        let frame = Frame::log(JOB, sequence, timestamp, Stream::Stdout, content);
+        sender.send(frame).await.ok().context("sender closed")?;
     }
     while sender.acknowledged(JOB, MessageType::Log) < lines {
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -3,14 +3,15 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BufMut;
 use joblet_ipc::receiver::BindError;
 use joblet_ipc::{
-    Batch, IpcMessage, IpcReceiver, IpcSender, MessageSink, MessageType, ReceiverConfig, SendError,
-    SenderConfig, Stream, log_message,
+    Batch, Frame, IpcMessage, IpcReceiver, IpcSender, MessageSink, MessageType, ReceiverConfig,
+    SendError, SenderConfig, Stream, log_message,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -181,6 +182,42 @@ async fn per_job_order_is_preserved_end_to_end_and_acked() {
         line("job-a", 1).data,
         "payload arrives unchanged"
     );
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_over_the_frame_limit_is_refused_and_counted_and_the_rest_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_in(&dir);
+    let sink = CollectingSink::new();
+    let receiver = RunningReceiver::start(&path, sink.clone()).await;
+    let shutdown = CancellationToken::new();
+    let mut config = SenderConfig::new(&path);
+    config.max_frame_bytes = 1024;
+    let (sender, _task) = IpcSender::start(config, shutdown.clone());
+    wait_connected(&sender, 1).await;
+
+    let big = Frame::log("job", 1, 1, Stream::Stdout, &[b'x'; 1100]);
+    let refused = sender.send(big.clone()).await;
+    assert!(
+        matches!(refused, Err(SendError::Oversized { len }) if len == big.body_len() && len > 1024),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        sender.try_send(big),
+        Err(SendError::Oversized { .. })
+    ));
+    sender
+        .send(Frame::log("job", 2, 2, Stream::Stdout, b"fits"))
+        .await
+        .unwrap();
+    wait_acked(&sender, "job", 2).await;
+    assert_eq!(
+        sink.messages(),
+        [log_message("job", 2, 2, Stream::Stdout, "fits".into())]
+    );
+    assert_eq!(sender.stats().dropped_oversized.load(Ordering::Relaxed), 2);
+    shutdown.cancel();
     receiver.stop().await;
 }
 
