@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use joblet_proto::ipc::{IpcMessage, MessageType};
 
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, encode_frame};
-use crate::message::{InvalidMessage, PROTOCOL_VERSION, length_delimited};
+use crate::message::{InvalidMessage, PROTOCOL_VERSION, field, length_delimited, next_is, varint};
 
 /// An `IPCMessage` read in place: the fields borrow the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,13 +49,6 @@ impl<'a> Envelope<'a> {
     fn read_canonical(mut buf: &'a [u8]) -> Option<Envelope<'a>> {
         let mut envelope = Envelope::EMPTY;
         // The key of field n with wire type w is the byte n << 3 | w.
-        fn next_is(key: u8, buf: &mut &[u8]) -> bool {
-            let here = buf.first() == Some(&key);
-            if here {
-                *buf = &buf[1..];
-            }
-            here
-        }
         if next_is(0x08, &mut buf) {
             envelope.version = varint(&mut buf)? as u32;
         }
@@ -142,35 +135,6 @@ impl<'a> Envelope<'a> {
             data: Bytes::copy_from_slice(self.data),
         }
     }
-}
-
-/// A varint that fits in 64 bits, as prost reads it; `None` for anything else, which
-/// [`Envelope::read_any`] then refuses.
-#[inline]
-fn varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (i, &byte) in buf.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte < 0x80 {
-            // The tenth byte holds the 64th bit only.
-            if i == 9 && byte > 1 {
-                return None;
-            }
-            *buf = &buf[i + 1..];
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// A length-delimited field's content, when it is all there.
-#[inline]
-fn field<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let mut rest = *buf;
-    let len = usize::try_from(varint(&mut rest)?).ok()?;
-    let (content, rest) = rest.split_at_checked(len)?;
-    *buf = rest;
-    Some(content)
 }
 
 /// What [`scan`] found after the valid frames at the front of a buffer.

@@ -6,7 +6,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use joblet_proto::ipc::{IpcMessage, LogData, MessageType, MetricData, Stream};
 use joblet_proto::wire;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::encoded_len_varint;
 
 use crate::codec::LENGTH_PREFIX_BYTES;
 
@@ -112,8 +112,7 @@ impl Frame {
             wire::put_varint_field(4, timestamp, buf);
             wire::put_varint_field(5, sequence, buf);
             if payload_len > 0 {
-                encode_key(6, WireType::LengthDelimited, buf);
-                encode_varint(payload_len as u64, buf);
+                wire::put_length_delimited_key(6, payload_len, buf);
                 payload(buf);
             }
         }))
@@ -206,9 +205,29 @@ fn envelope(
 
 /// The fields of an encoded `LogData`, borrowed from it: the stream (as sent, possibly not a
 /// known `Stream` value) and the content. Accepts and refuses exactly what `LogData::decode`
-/// does, using prost's own field decoders, without the reference-count traffic of decoding
-/// into `Bytes`: the receiver's thread still holds the buffer the payload points into.
-pub fn log_payload(mut buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
+/// does; what senders write is read directly, anything else with prost's own field decoders.
+pub fn log_payload(buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
+    // As senders write it (stream, then content, each at most once) it is read straight
+    // through; anything else by prost's decoders.
+    let canonical = || {
+        let mut rest = buf;
+        let mut stream = 0;
+        if next_is(0x08, &mut rest) {
+            stream = varint(&mut rest)? as i32;
+        }
+        let mut content: &[u8] = &[];
+        if next_is(0x12, &mut rest) {
+            content = field(&mut rest)?;
+        }
+        rest.is_empty().then_some((stream, content))
+    };
+    match canonical() {
+        Some(read) => Ok(read),
+        None => log_payload_any(buf),
+    }
+}
+
+fn log_payload_any(mut buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
     use prost::encoding::{DecodeContext, decode_key, int32, skip_field};
     let (mut stream, mut content): (i32, &[u8]) = (0, &[]);
     while !buf.is_empty() {
@@ -220,6 +239,45 @@ pub fn log_payload(mut buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
         }
     }
     Ok((stream, content))
+}
+
+/// A varint that fits in 64 bits, as prost reads it; `None` for anything else, which
+/// the general decoder then refuses.
+#[inline]
+pub(crate) fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, &byte) in buf.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            // The tenth byte holds the 64th bit only.
+            if i == 9 && byte > 1 {
+                return None;
+            }
+            *buf = &buf[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// A length-delimited field's content, when it is all there.
+#[inline]
+pub(crate) fn field<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let mut rest = *buf;
+    let len = usize::try_from(varint(&mut rest)?).ok()?;
+    let (content, rest) = rest.split_at_checked(len)?;
+    *buf = rest;
+    Some(content)
+}
+
+/// Whether `buf` starts with the one-byte `key`; if so, moves past it.
+#[inline]
+pub(crate) fn next_is(key: u8, buf: &mut &[u8]) -> bool {
+    let here = buf.first() == Some(&key);
+    if here {
+        *buf = &buf[1..];
+    }
+    here
 }
 
 /// The content of a length-delimited field whose key was just read from `buf`, borrowed, with

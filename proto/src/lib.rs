@@ -24,12 +24,37 @@ pub use joblet::ipc;
 pub use joblet::persist;
 
 /// Proto3 fields written by hand, as prost writes them (a field at its default value is left
-/// out), for hot paths that encode a message straight from borrowed data.
+/// out), for hot paths that encode a message straight from borrowed data. Field numbers are 1
+/// to 15 (one-byte keys). A field's key and varint are put with one `put_slice`, not a byte at
+/// a time as `prost::encoding::encode_varint` does.
 pub mod wire {
     use bytes::BufMut;
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    use prost::encoding::encoded_len_varint;
 
-    /// Encoded length of a varint field with a one-byte key (field numbers 1 to 15).
+    const VARINT: u8 = 0;
+    const LENGTH_DELIMITED: u8 = 2;
+
+    /// The one-byte key of field `tag` (1 to 15).
+    fn key(tag: u32, wire_type: u8) -> u8 {
+        debug_assert!((1..16).contains(&tag), "field {tag} needs a longer key");
+        (tag as u8) << 3 | wire_type
+    }
+
+    /// Puts `key` and the varint `value` with one `put_slice`.
+    fn put_key_and_varint(key: u8, mut value: u64, buf: &mut impl BufMut) {
+        let mut bytes = [0u8; 11];
+        bytes[0] = key;
+        let mut len = 1;
+        while value >= 0x80 {
+            bytes[len] = value as u8 | 0x80;
+            value >>= 7;
+            len += 1;
+        }
+        bytes[len] = value as u8;
+        buf.put_slice(&bytes[..=len]);
+    }
+
+    /// Encoded length of a varint field.
     pub fn varint_field_len(value: u64) -> usize {
         if value == 0 {
             0
@@ -40,12 +65,11 @@ pub mod wire {
 
     pub fn put_varint_field(tag: u32, value: u64, buf: &mut impl BufMut) {
         if value != 0 {
-            encode_key(tag, WireType::Varint, buf);
-            encode_varint(value, buf);
+            put_key_and_varint(key(tag, VARINT), value, buf);
         }
     }
 
-    /// Encoded length of a bytes (or string) field with a one-byte key.
+    /// Encoded length of a bytes (or string) field.
     pub fn bytes_field_len(bytes: &[u8]) -> usize {
         if bytes.is_empty() {
             0
@@ -56,9 +80,49 @@ pub mod wire {
 
     pub fn put_bytes_field(tag: u32, bytes: &[u8], buf: &mut impl BufMut) {
         if !bytes.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(bytes.len() as u64, buf);
+            put_length_delimited_key(tag, bytes.len(), buf);
             buf.put_slice(bytes);
+        }
+    }
+
+    /// The key and length of a length-delimited field (a nested message) of `len` bytes,
+    /// which the caller writes next.
+    pub fn put_length_delimited_key(tag: u32, len: usize, buf: &mut impl BufMut) {
+        put_key_and_varint(key(tag, LENGTH_DELIMITED), len as u64, buf);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use prost::encoding::{WireType, encode_key, encode_varint};
+
+        #[test]
+        fn fields_are_what_prost_writes() {
+            let mut values = vec![0u64, 1, 127, 128, 300, u64::MAX, i64::MIN as u64];
+            values.extend((0..64).map(|shift| 1u64 << shift));
+            values.extend((0..64).map(|shift| (1u64 << shift) - 1));
+            for tag in 1..16 {
+                for &value in &values {
+                    let (mut ours, mut prost) = (Vec::new(), Vec::new());
+                    put_varint_field(tag, value, &mut ours);
+                    if value != 0 {
+                        encode_key(tag, WireType::Varint, &mut prost);
+                        encode_varint(value, &mut prost);
+                    }
+                    assert_eq!(ours, prost, "field {tag} = {value}");
+                    assert_eq!(ours.len(), varint_field_len(value));
+                }
+                for len in [0usize, 1, 127, 128, 20_000] {
+                    let bytes = vec![7u8; len];
+                    let (mut ours, mut prost) = (Vec::new(), Vec::new());
+                    put_bytes_field(tag, &bytes, &mut ours);
+                    if len > 0 {
+                        prost::encoding::bytes::encode(tag, &bytes, &mut prost);
+                    }
+                    assert_eq!(ours, prost, "field {tag}, {len} bytes");
+                    assert_eq!(ours.len(), bytes_field_len(&bytes));
+                }
+            }
         }
     }
 }
