@@ -1,7 +1,5 @@
 //! Building and checking the envelopes that travel on the replication stream.
 
-use std::cell::RefCell;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use joblet_proto::ipc::{IpcMessage, LogData, MessageType, MetricData, Stream};
 use joblet_proto::wire;
@@ -10,139 +8,166 @@ use prost::encoding::encoded_len_varint;
 
 use crate::codec::LENGTH_PREFIX_BYTES;
 
-/// Frames and payloads are encoded one after another into a per-thread buffer of this size
-/// and split off it: many messages share one allocation instead of one each.
-const ARENA_BYTES: usize = 256 * 1024;
-
-thread_local! {
-    static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+/// One message to send, described by borrowed data and encoded as one frame (the length prefix
+/// and an `IPCMessage`) straight into the sender's queue: on the hot path ([`Frame::log`],
+/// [`Frame::metric`]) no `IpcMessage` is built and nothing is allocated per message.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    body: Body<'a>,
+    /// Length of the encoded `IPCMessage`.
+    body_len: usize,
 }
 
-/// `len` bytes written by `write` into the arena, as one `Bytes`.
-fn in_arena(len: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
-    ARENA.with_borrow_mut(|arena| {
-        if arena.capacity() - arena.len() < len {
-            *arena = BytesMut::with_capacity(ARENA_BYTES.max(len));
+#[derive(Debug, Clone, Copy)]
+enum Body<'a> {
+    Log {
+        envelope: Fields<'a>,
+        /// Stream as its int32 wire value, sign-extended as prost does.
+        stream: u64,
+        content: &'a [u8],
+    },
+    Metric {
+        envelope: Fields<'a>,
+        sample: &'a MetricData,
+    },
+    Message(&'a IpcMessage),
+}
+
+/// The envelope fields of a frame built from borrowed data, in wire form.
+#[derive(Debug, Clone, Copy)]
+struct Fields<'a> {
+    kind: u64,
+    job_id: &'a str,
+    timestamp: u64,
+    sequence: u64,
+    payload_len: usize,
+}
+
+impl Fields<'_> {
+    const VERSION: u64 = PROTOCOL_VERSION as u64;
+
+    fn data_field_len(&self) -> usize {
+        if self.payload_len == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(self.payload_len as u64) + self.payload_len
         }
-        write(arena);
-        arena.split().freeze()
-    })
+    }
+
+    fn body_len(&self) -> usize {
+        wire::varint_field_len(Self::VERSION)
+            + wire::varint_field_len(self.kind)
+            + wire::bytes_field_len(self.job_id.as_bytes())
+            + wire::varint_field_len(self.timestamp)
+            + wire::varint_field_len(self.sequence)
+            + self.data_field_len()
+    }
+
+    /// The fields as prost writes them (in field order, defaults left out), up to the
+    /// payload's key and length; the payload follows.
+    fn put(&self, buf: &mut impl BufMut) {
+        wire::put_varint_field(1, Self::VERSION, buf);
+        wire::put_varint_field(2, self.kind, buf);
+        wire::put_bytes_field(3, self.job_id.as_bytes(), buf);
+        wire::put_varint_field(4, self.timestamp, buf);
+        wire::put_varint_field(5, self.sequence, buf);
+        if self.payload_len > 0 {
+            wire::put_length_delimited_key(6, self.payload_len, buf);
+        }
+    }
 }
 
-fn encode_payload(message: &impl Message) -> Bytes {
-    // Room is made first, so the unchecked encoding cannot run out of space.
-    in_arena(message.encoded_len(), |arena| message.encode_raw(arena))
-}
-
-/// One frame of the replication stream, encoded and ready to write: the length prefix and an
-/// `IPCMessage`. Built straight from borrowed data on the sender's hot path (no `IpcMessage`,
-/// no allocation of its own), or from an [`IpcMessage`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame(Bytes);
-
-impl Frame {
-    /// The frame of one log line.
+impl<'a> Frame<'a> {
+    /// One log line.
     pub fn log(
-        job_id: &str,
+        job_id: &'a str,
         sequence: u64,
         timestamp_ns: i64,
         stream: Stream,
-        content: &[u8],
-    ) -> Frame {
-        // Enums are encoded as int32: sign-extended to 64 bits, as prost does.
+        content: &'a [u8],
+    ) -> Frame<'a> {
         let stream = i64::from(stream as i32) as u64;
-        let payload_len = wire::varint_field_len(stream) + wire::bytes_field_len(content);
-        Frame::envelope(
-            MessageType::Log,
+        let envelope = Fields {
+            kind: MessageType::Log as u64,
             job_id,
+            timestamp: timestamp_ns as u64,
             sequence,
-            timestamp_ns,
-            payload_len,
-            |buf| {
-                wire::put_varint_field(1, stream, buf);
-                wire::put_bytes_field(2, content, buf);
+            payload_len: wire::varint_field_len(stream) + wire::bytes_field_len(content),
+        };
+        Frame {
+            body_len: envelope.body_len(),
+            body: Body::Log {
+                envelope,
+                stream,
+                content,
             },
-        )
+        }
     }
 
-    /// The frame of one metric sample.
-    pub fn metric(job_id: &str, sequence: u64, timestamp_ns: i64, sample: &MetricData) -> Frame {
-        Frame::envelope(
-            MessageType::Metric,
-            job_id,
-            sequence,
-            timestamp_ns,
-            sample.encoded_len(),
-            |buf| sample.encode_raw(buf),
-        )
-    }
-
-    /// Writes the envelope fields as prost does (in field order, defaults left out), with a
-    /// payload of `payload_len` bytes that `payload` writes.
-    fn envelope(
-        kind: MessageType,
-        job_id: &str,
+    /// One metric sample.
+    pub fn metric(
+        job_id: &'a str,
         sequence: u64,
         timestamp_ns: i64,
-        payload_len: usize,
-        payload: impl FnOnce(&mut BytesMut),
-    ) -> Frame {
-        let (version, kind, timestamp) = (
-            u64::from(PROTOCOL_VERSION),
-            i64::from(kind as i32) as u64,
-            timestamp_ns as u64,
-        );
-        let data_len = if payload_len == 0 {
-            0
-        } else {
-            1 + encoded_len_varint(payload_len as u64) + payload_len
+        sample: &'a MetricData,
+    ) -> Frame<'a> {
+        let envelope = Fields {
+            kind: MessageType::Metric as u64,
+            job_id,
+            timestamp: timestamp_ns as u64,
+            sequence,
+            payload_len: sample.encoded_len(),
         };
-        let body_len = wire::varint_field_len(version)
-            + wire::varint_field_len(kind)
-            + wire::bytes_field_len(job_id.as_bytes())
-            + wire::varint_field_len(timestamp)
-            + wire::varint_field_len(sequence)
-            + data_len;
-        Frame(in_arena(LENGTH_PREFIX_BYTES + body_len, |buf| {
-            // A body over 4 GiB is refused by every sender before it is written.
-            buf.put_u32(u32::try_from(body_len).unwrap_or(u32::MAX));
-            wire::put_varint_field(1, version, buf);
-            wire::put_varint_field(2, kind, buf);
-            wire::put_bytes_field(3, job_id.as_bytes(), buf);
-            wire::put_varint_field(4, timestamp, buf);
-            wire::put_varint_field(5, sequence, buf);
-            if payload_len > 0 {
-                wire::put_length_delimited_key(6, payload_len, buf);
-                payload(buf);
-            }
-        }))
+        Frame {
+            body_len: envelope.body_len(),
+            body: Body::Metric { envelope, sample },
+        }
     }
 
-    /// The frame's bytes, length prefix included.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// Length of the `IPCMessage`, without the prefix (what a receiver checks against its
-    /// maximum frame size).
+    /// Length of the encoded `IPCMessage`, without the prefix (what a receiver checks against
+    /// its maximum frame size).
     pub fn body_len(&self) -> usize {
-        self.0.len() - LENGTH_PREFIX_BYTES
+        self.body_len
+    }
+
+    /// Appends the frame to `buf`, byte for byte what [`crate::codec::encode_frame`] writes
+    /// for the same message.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        buf.reserve(LENGTH_PREFIX_BYTES + self.body_len);
+        // A body over 4 GiB is refused by every sender before it is encoded.
+        buf.put_u32(u32::try_from(self.body_len).unwrap_or(u32::MAX));
+        match self.body {
+            Body::Log {
+                envelope,
+                stream,
+                content,
+            } => {
+                envelope.put(buf);
+                wire::put_varint_field(1, stream, buf);
+                wire::put_bytes_field(2, content, buf);
+            }
+            Body::Metric { envelope, sample } => {
+                envelope.put(buf);
+                sample.encode_raw(buf);
+            }
+            Body::Message(message) => message.encode_raw(buf),
+        }
+    }
+
+    /// The encoded frame, on its own.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        self.encode(&mut buf);
+        buf.freeze()
     }
 }
 
-impl From<&IpcMessage> for Frame {
-    fn from(message: &IpcMessage) -> Frame {
-        let len = message.encoded_len();
-        Frame(in_arena(LENGTH_PREFIX_BYTES + len, |buf| {
-            buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-            message.encode_raw(buf);
-        }))
-    }
-}
-
-impl From<IpcMessage> for Frame {
-    fn from(message: IpcMessage) -> Frame {
-        Frame::from(&message)
+impl<'a> From<&'a IpcMessage> for Frame<'a> {
+    fn from(message: &'a IpcMessage) -> Frame<'a> {
+        Frame {
+            body_len: message.encoded_len(),
+            body: Body::Message(message),
+        }
     }
 }
 
@@ -166,7 +191,7 @@ pub fn log_message(
         job_id,
         sequence,
         timestamp_ns,
-        encode_payload(&data),
+        data.encode_to_vec().into(),
     )
 }
 
@@ -182,7 +207,7 @@ pub fn metric_message(
         job_id,
         sequence,
         timestamp_ns,
-        encode_payload(sample),
+        sample.encode_to_vec().into(),
     )
 }
 
@@ -383,14 +408,15 @@ mod tests {
             let stream = Stream::try_from(stream).unwrap();
             let log = log_message(&job_id, sequence, timestamp, stream, content.clone().into());
             let frame = Frame::log(&job_id, sequence, timestamp, stream, &content);
-            prop_assert_eq!(frame.as_bytes().to_vec(), framed(&log));
-            prop_assert_eq!(&frame, &Frame::from(&log));
+            prop_assert_eq!(frame.to_bytes().to_vec(), framed(&log));
+            prop_assert_eq!(Frame::from(&log).to_bytes().to_vec(), framed(&log));
             prop_assert_eq!(frame.body_len(), log.encoded_len());
 
             let sample = MetricData { memory_bytes: memory, cpu_percent: 1.5, ..Default::default() };
             let metric = metric_message(&job_id, sequence, timestamp, &sample);
             let frame = Frame::metric(&job_id, sequence, timestamp, &sample);
-            prop_assert_eq!(frame.as_bytes().to_vec(), framed(&metric));
+            prop_assert_eq!(frame.to_bytes().to_vec(), framed(&metric));
+            prop_assert_eq!(frame.body_len(), metric.encoded_len());
         }
 
         #[test]
@@ -413,29 +439,5 @@ mod tests {
         let (stream, content) = log_payload(&message.data).unwrap();
         assert_eq!(stream, Stream::Stderr as i32);
         assert_eq!(content, b"\xffline");
-    }
-
-    #[test]
-    fn payloads_sharing_an_arena_decode_back_across_its_boundaries() {
-        let contents: Vec<Vec<u8>> = (0..6000u32)
-            .map(|i| {
-                let len = if i == 3000 {
-                    300 * 1024
-                } else {
-                    (i % 200) as usize
-                };
-                vec![(i % 251) as u8; len]
-            })
-            .collect();
-        let messages: Vec<IpcMessage> = contents
-            .iter()
-            .enumerate()
-            .map(|(i, c)| log_message("job", i as u64, 0, Stream::Stderr, c.clone().into()))
-            .collect();
-        for (message, content) in messages.iter().zip(&contents) {
-            let data = LogData::decode(message.data.clone()).unwrap();
-            assert_eq!(data.content.as_ref(), content.as_slice());
-            assert_eq!(data.stream, Stream::Stderr as i32);
-        }
     }
 }

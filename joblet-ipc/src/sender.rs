@@ -1,11 +1,11 @@
 //! The core side of the replication stream.
 //!
-//! Messages go into a bounded queue (`buffer_size`) as encoded [`Frame`]s, built by the caller
-//! (straight from borrowed data with [`Frame::log`] and [`Frame::metric`]). [`IpcSender::send`]
-//! waits for room (core's replication, which reads the spool behind the job, uses it: nothing
-//! is dropped); [`IpcSender::try_send`] never waits and, when the queue is full, drops the
-//! message and counts the drop by reason, for callers that must never wait. One writer task
-//! drains the queue in batches, copies many frames into one buffer and writes it with a single
+//! Messages go into a bounded queue (`buffer_size` messages), encoded as frames straight into
+//! its buffer from a [`Frame`] (borrowed data: [`Frame::log`], [`Frame::metric`], or an
+//! `&IpcMessage`). [`IpcSender::send`] waits for room (core's replication, which reads the spool
+//! behind the job, uses it: nothing is dropped); [`IpcSender::try_send`] never waits and, when
+//! the queue is full, drops the message and counts the drop by reason, for callers that must
+//! never wait. One writer task takes everything queued at once and writes it with a single
 //! call, reconnecting with exponential backoff and jitter when the socket is missing or breaks.
 //! A batch whose write failed is written again first after the reconnect (persist stores
 //! idempotently, so a partial write is harmless).
@@ -34,11 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec};
 use crate::message::Frame;
 use crate::metrics as m;
-use crate::queue::{PushError, Queue};
+use crate::queue::{FrameQueue, PushError};
 
-/// Messages the writer takes from the queue per batch. Larger batches mean fewer syscalls; this
-/// size keeps one batch of 150-byte lines around 200 KiB.
-const MAX_BATCH_MESSAGES: usize = 1024;
 /// First reconnect delay; it doubles up to `reconnect_delay`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// How long shutdown waits to flush what is still queued.
@@ -134,7 +131,7 @@ struct Shared {
 /// Handle to the replication stream. Cheap to clone; all clones feed the same queue.
 #[derive(Clone)]
 pub struct IpcSender {
-    queue: Arc<Queue<Frame>>,
+    queue: Arc<FrameQueue>,
     shared: Arc<Shared>,
 }
 
@@ -142,7 +139,7 @@ impl IpcSender {
     /// Starts the writer task. It runs until `shutdown` is cancelled, then flushes what is
     /// queued (if connected, for at most a few seconds) and ends.
     pub fn start(config: SenderConfig, shutdown: CancellationToken) -> (IpcSender, JoinHandle<()>) {
-        let queue = Arc::new(Queue::new(config.buffer_size.max(1)));
+        let queue = Arc::new(FrameQueue::new(config.buffer_size.max(1)));
         metrics::gauge!(m::IPC_QUEUE_CAPACITY).set(config.buffer_size as f64);
         metrics::gauge!(m::IPC_CONNECTED).set(0.0);
         let shared = Arc::new(Shared {
@@ -155,8 +152,8 @@ impl IpcSender {
         let writer = Writer {
             shared: shared.clone(),
             queue: queue.clone(),
-            pending: Vec::with_capacity(MAX_BATCH_MESSAGES),
-            buffer: BytesMut::with_capacity(256 * 1024),
+            pending: BytesMut::new(),
+            pending_messages: 0,
             shutdown,
         };
         let task = tokio::spawn(writer.run());
@@ -164,13 +161,13 @@ impl IpcSender {
     }
 
     /// Queues `message` without waiting. On error the message is dropped and counted.
-    pub fn try_send(&self, message: impl Into<Frame>) -> Result<(), SendError> {
+    pub fn try_send<'a>(&self, message: impl Into<Frame<'a>>) -> Result<(), SendError> {
         let frame = message.into();
         let result = self.check_size(&frame).and_then(|()| {
-            self.queue.try_push(frame).map_err(|error| match error {
-                PushError::Full(_) if self.is_connected() => SendError::QueueFull,
-                PushError::Full(_) => SendError::Disconnected,
-                PushError::Closed(_) => SendError::Closed,
+            self.queue.try_push(&frame).map_err(|error| match error {
+                PushError::Full if self.is_connected() => SendError::QueueFull,
+                PushError::Full => SendError::Disconnected,
+                PushError::Closed => SendError::Closed,
             })
         });
         if let Err(error) = result {
@@ -181,10 +178,10 @@ impl IpcSender {
 
     /// Queues `message`, waiting for room. For replay and bulk transfers that may wait; the job
     /// path uses [`IpcSender::try_send`].
-    pub async fn send(&self, message: impl Into<Frame>) -> Result<(), SendError> {
+    pub async fn send<'a>(&self, message: impl Into<Frame<'a>>) -> Result<(), SendError> {
         let frame = message.into();
         let result = match self.check_size(&frame) {
-            Ok(()) => self.queue.push(frame).await.map_err(|_| SendError::Closed),
+            Ok(()) => self.queue.push(&frame).await.map_err(|_| SendError::Closed),
             Err(error) => Err(error),
         };
         if let Err(error) = result {
@@ -242,10 +239,11 @@ fn ack_slot(kind: MessageType) -> usize {
 
 struct Writer {
     shared: Arc<Shared>,
-    queue: Arc<Queue<Frame>>,
-    /// The batch being written; kept across a reconnect when its write failed.
-    pending: Vec<Frame>,
-    buffer: BytesMut,
+    queue: Arc<FrameQueue>,
+    /// The frames being written, and how many; kept across a reconnect when their write
+    /// failed.
+    pending: BytesMut,
+    pending_messages: usize,
     shutdown: CancellationToken,
 }
 
@@ -316,12 +314,9 @@ impl Writer {
         }
         // Shut down while disconnected: whatever is queued cannot be delivered.
         self.queue.close();
-        let mut lost = std::mem::take(&mut self.pending);
-        self.queue.try_take(&mut lost, usize::MAX);
-        if !lost.is_empty() {
-            self.shared
-                .stats
-                .count_drop(SendError::Closed, lost.len() as u64);
+        let lost = self.take_all();
+        if lost > 0 {
+            self.shared.stats.count_drop(SendError::Closed, lost as u64);
         }
     }
 
@@ -331,13 +326,15 @@ impl Writer {
         mut ack_reader: JoinHandle<()>,
     ) -> ConnectionEnd {
         loop {
-            if self.pending.is_empty() {
+            if self.pending_messages == 0 {
+                self.pending.clear();
                 tokio::select! {
                     biased;
-                    received = self.queue.take(&mut self.pending, MAX_BATCH_MESSAGES) => {
+                    received = self.queue.take(&mut self.pending) => {
                         if received == 0 {
                             return ConnectionEnd::Shutdown;
                         }
+                        self.pending_messages = received;
                     }
                     _ = &mut ack_reader => return ConnectionEnd::Broken,
                     () = self.shutdown.cancelled() => {
@@ -356,15 +353,10 @@ impl Writer {
     }
 
     async fn write_pending(&mut self, socket: &mut OwnedWriteHalf) -> std::io::Result<()> {
-        self.buffer.clear();
-        for frame in &self.pending {
-            // Sizes were checked when the frame was queued.
-            self.buffer.extend_from_slice(frame.as_bytes());
-        }
         let started = Instant::now();
-        socket.write_all(&self.buffer).await?;
+        socket.write_all(&self.pending).await?;
         metrics::histogram!(m::IPC_WRITE_DURATION).record(started.elapsed().as_secs_f64());
-        let written = self.pending.len() as u64;
+        let written = std::mem::take(&mut self.pending_messages) as u64;
         self.pending.clear();
         self.shared.stats.sent.fetch_add(written, Ordering::Relaxed);
         metrics::counter!(m::IPC_MESSAGES_SENT).increment(written);
@@ -375,10 +367,12 @@ impl Writer {
         self.queue.close();
         let flush = async {
             loop {
-                if self.pending.is_empty()
-                    && self.queue.take(&mut self.pending, MAX_BATCH_MESSAGES).await == 0
-                {
-                    return Ok(());
+                if self.pending_messages == 0 {
+                    self.pending.clear();
+                    self.pending_messages = self.queue.take(&mut self.pending).await;
+                    if self.pending_messages == 0 {
+                        return Ok(());
+                    }
                 }
                 self.write_pending(&mut socket).await?;
             }
@@ -389,14 +383,19 @@ impl Writer {
                 Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
             };
         if let Err(error) = result {
-            let mut lost = std::mem::take(&mut self.pending);
-            self.queue.try_take(&mut lost, usize::MAX);
-            tracing::warn!(%error, lost = lost.len(), "could not flush the replication queue at shutdown");
-            self.shared
-                .stats
-                .count_drop(SendError::Closed, lost.len() as u64);
+            let lost = self.take_all();
+            tracing::warn!(%error, lost, "could not flush the replication queue at shutdown");
+            self.shared.stats.count_drop(SendError::Closed, lost as u64);
         }
         let _ = socket.shutdown().await;
+    }
+
+    /// Drops what is pending and queued (the queue is closed); returns how many messages.
+    fn take_all(&mut self) -> usize {
+        let mut rest = BytesMut::new();
+        let lost = std::mem::take(&mut self.pending_messages) + self.queue.try_take(&mut rest);
+        self.pending.clear();
+        lost
     }
 
     fn set_connected(&self, connected: bool) {

@@ -37,9 +37,7 @@ const JOB_ID: &str = "4f1c2a7e-9b3d-4c5e-8f60-1a2b3c4d5e6f";
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let content = bytes::Bytes::from(vec![b'x'; args.line_bytes]);
-    let frame = bytes::Bytes::copy_from_slice(
-        Frame::log(JOB_ID, 1, 1, Stream::Stdout, &content).as_bytes(),
-    );
+    let frame = Frame::log(JOB_ID, 1, 1, Stream::Stdout, &content).to_bytes();
 
     let baseline = raw_socket(&frame, args.messages)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -162,7 +162,7 @@ async fn per_job_order_is_preserved_end_to_end_and_acked() {
     let per_job = 20_000u64;
     for sequence in 1..=per_job {
         for job in jobs {
-            sender.send(line(job, sequence)).await.unwrap();
+            sender.send(&line(job, sequence)).await.unwrap();
         }
     }
     sink.wait_for(jobs.len() * per_job as usize).await;
@@ -198,7 +198,7 @@ async fn a_message_over_the_frame_limit_is_refused_and_counted_and_the_rest_flow
     wait_connected(&sender, 1).await;
 
     let big = Frame::log("job", 1, 1, Stream::Stdout, &[b'x'; 1100]);
-    let refused = sender.send(big.clone()).await;
+    let refused = sender.send(big).await;
     assert!(
         matches!(refused, Err(SendError::Oversized { len }) if len == big.body_len() && len > 1024),
         "{refused:?}"
@@ -229,7 +229,7 @@ async fn full_queue_while_disconnected_drops_exactly_the_overflow() {
 
     let mut refused = 0;
     for sequence in 1..=25 {
-        match sender.try_send(line("job", sequence)) {
+        match sender.try_send(&line("job", sequence)) {
             Ok(()) => {}
             Err(error) => {
                 assert_eq!(error, SendError::Disconnected);
@@ -270,7 +270,7 @@ async fn full_queue_while_connected_counts_every_drop_and_loses_nothing_accepted
     let mut accepted = Vec::new();
     let mut refused = 0u64;
     for sequence in 1..=200_000 {
-        match sender.try_send(line("job", sequence)) {
+        match sender.try_send(&line("job", sequence)) {
             Ok(()) => accepted.push(sequence),
             Err(SendError::QueueFull) => refused += 1,
             Err(other) => panic!("unexpected {other}"),
@@ -309,7 +309,7 @@ async fn sender_reconnects_after_receiver_restart_and_resumes() {
     let (sender, _shutdown) = start_sender(&path, 10_000);
     wait_connected(&sender, 1).await;
     for sequence in 1..=100 {
-        sender.try_send(line("job", sequence)).unwrap();
+        sender.try_send(&line("job", sequence)).unwrap();
     }
     first_sink.wait_for(100).await;
     wait_acked(&sender, "job", 100).await;
@@ -317,7 +317,7 @@ async fn sender_reconnects_after_receiver_restart_and_resumes() {
 
     // While persist is down, messages queue up.
     for sequence in 101..=200 {
-        sender.try_send(line("job", sequence)).unwrap();
+        sender.try_send(&line("job", sequence)).unwrap();
     }
     let second_sink = CollectingSink::new();
     let receiver = RunningReceiver::start(&path, second_sink.clone()).await;
@@ -375,7 +375,7 @@ async fn bad_frames_close_only_their_connection_and_are_counted() {
     // A healthy sender stays connected throughout.
     let (sender, _shutdown) = start_sender(&path, 1000);
     wait_connected(&sender, 1).await;
-    sender.try_send(line("good", 1)).unwrap();
+    sender.try_send(&line("good", 1)).unwrap();
     sink.wait_for(1).await;
 
     // Oversized: a length prefix far over the 8 MiB default.
@@ -416,7 +416,7 @@ async fn bad_frames_close_only_their_connection_and_are_counted() {
     mixed.write_all(&bytes).await.unwrap();
     sink.wait_for(2).await;
 
-    sender.try_send(line("good", 2)).unwrap();
+    sender.try_send(&line("good", 2)).unwrap();
     sink.wait_for(3).await;
     wait_acked(&sender, "good", 2).await;
 

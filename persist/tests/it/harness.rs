@@ -145,7 +145,7 @@ impl Replicator {
     /// sequence of each job and kind.
     pub async fn send_all_acked(&self, messages: Vec<IpcMessage>) {
         let mut last = std::collections::HashMap::new();
-        for message in messages {
+        for message in &messages {
             last.insert((message.job_id.clone(), message.r#type), message.sequence);
             self.sender.send(message).await.unwrap();
         }
