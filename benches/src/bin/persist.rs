@@ -5,6 +5,9 @@
 //! 2. on that data, time to the first line of random 1-minute window queries over gRPC,
 //!    against a raw RocksDB seek in-process;
 //! 3. a full scan streamed to a gRPC client, against a raw RocksDB iterator scan.
+//!
+//! After a warm-up round, the sides run in the order baseline, real, real, baseline; the table
+//! shows the means (see benches/README.md).
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 struct Args {
     #[arg(long, default_value_t = 10_000_000)]
     lines: u64,
@@ -48,13 +51,20 @@ const BATCH: usize = 8192;
 /// Pause between window queries (each is cancelled after its first line).
 const QUERY_GAP_MS: u64 = 20;
 
+/// What one round measured on one side.
+struct Round {
+    ingest_rate: f64,
+    first_line: Vec<Duration>,
+    scan_rate: f64,
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let contents = line_contents(args.line_bytes);
-    // The client is a thread of its own, started now at the default priority, like rnx.
+    // The client is a thread of its own at the default priority, like rnx.
     let client = Client::start();
     // The real side runs at the nice value joblet-persist (and core's replication) runs at by
-    // default; the baseline runs on this thread before it is lowered.
+    // default; the baseline on a thread of its own at the default priority.
     let nice = Config::default().nice;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -63,17 +73,103 @@ fn main() -> anyhow::Result<()> {
             let _ = joblet_ipc::daemon::set_thread_nice(nice);
         })
         .build()?;
-    let mut table = Table::default();
 
-    // Baseline 1: raw WriteBatch writes, same options, in a store of its own.
-    let baseline_dir = tempfile::tempdir()?;
-    let baseline_store = Store::open(&config(&args, baseline_dir.path()))?;
-    let started = Instant::now();
-    let mut batch = rocksdb::WriteBatch::default();
-    let logs = baseline_store
-        .raw_db()
+    // Two rounds per side, in the order baseline, real, real, baseline, so that neither side
+    // always runs first or last, after a baseline round that is not counted: a process's first
+    // round ran slower than its later ones. Each round writes into a new store and deletes it
+    // at its end, so every round starts with the pages its predecessor just freed (see the
+    // README).
+    let (mut raw, mut ours, mut warm_up) = (Vec::new(), Vec::new(), 0.0);
+    for (round, real_side) in [false, false, true, true, false].into_iter().enumerate() {
+        if real_side {
+            let (args, contents, client) = (args.clone(), contents.clone(), client.clone());
+            let round = runtime.spawn(real(args, contents, client));
+            ours.push(runtime.block_on(round)??);
+        } else {
+            let (args, contents) = (args.clone(), contents.clone());
+            let baseline = std::thread::spawn(move || baseline(&args, &contents));
+            let measured = baseline
+                .join()
+                .map_err(|_| anyhow::anyhow!("baseline panicked"))??;
+            if round == 0 {
+                warm_up = measured.ingest_rate;
+            } else {
+                raw.push(measured);
+            }
+        }
+    }
+
+    let mean = |rounds: &[Round], figure: fn(&Round) -> f64| {
+        rounds.iter().map(figure).sum::<f64>() / rounds.len() as f64
+    };
+    let first_lines = |rounds: &[Round]| -> Vec<Duration> {
+        rounds
+            .iter()
+            .flat_map(|r| r.first_line.iter().copied())
+            .collect()
+    };
+    let mut table = Table::default();
+    table.add(
+        "ingest lines/s (IPC → store, acked)",
+        mean(&ours, |r| r.ingest_rate),
+        Some(mean(&raw, |r| r.ingest_rate)),
+        "lines/s",
+        ">= 1,000,000 and >= 0.70 of raw",
+    );
+    for (name, p) in [("p50", 0.50), ("p99", 0.99)] {
+        table.add(
+            format!("window query first line {name} (gRPC)"),
+            percentile(&first_lines(&ours), p),
+            Some(percentile(&first_lines(&raw), p)),
+            "ms",
+            if name == "p99" { "<= 2 ms" } else { "" },
+        );
+    }
+    table.add(
+        "full scan lines/s to a gRPC client",
+        mean(&ours, |r| r.scan_rate),
+        Some(mean(&raw, |r| r.scan_rate)),
+        "lines/s",
+        ">= 2,000,000",
+    );
+    let each = |rounds: &[Round]| {
+        rounds
+            .iter()
+            .map(|r| format!("{:.2}M", r.ingest_rate / 1e6))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "{}",
+        table.render(&format!(
+            "persist: {} lines of {} bytes, durability sync, direct_io {}, baseline = raw RocksDB, \
+             same options; after a warm-up, rounds baseline, real, real, baseline (means; query \
+             percentiles over both rounds); queries run once flushes and compactions settled, for both",
+            args.lines,
+            args.line_bytes,
+            if args.direct_io { "on" } else { "off" }
+        ))
+    );
+    println!(
+        "ingest per round: real {}; baseline {} (warm-up round, not counted: {:.2}M)",
+        each(&ours),
+        each(&raw),
+        warm_up / 1e6
+    );
+    Ok(())
+}
+
+/// One baseline round: raw `WriteBatch` writes of the same keys and values with the same
+/// options and batch size; once settled, raw iterator seeks and a raw full scan.
+fn baseline(args: &Args, contents: &[bytes::Bytes]) -> anyhow::Result<Round> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(&config(args, dir.path()))?;
+    let db = store.raw_db();
+    let logs = db
         .cf_handle(joblet_persist::store::CF_LOGS)
         .context("logs column family")?;
+    let started = Instant::now();
+    let mut batch = rocksdb::WriteBatch::default();
     for sequence in 1..=args.lines {
         let key =
             joblet_persist::keys::encode(JOB, timestamp(args.line_interval_ns, sequence), sequence);
@@ -83,38 +179,17 @@ fn main() -> anyhow::Result<()> {
         value.extend_from_slice(content);
         batch.put_cf(logs, key, value);
         if batch.len() == BATCH {
-            baseline_store
-                .raw_db()
-                .write_opt(std::mem::take(&mut batch), baseline_store.write_options())?;
+            db.write_opt(std::mem::take(&mut batch), store.write_options())?;
         }
     }
-    baseline_store
-        .raw_db()
-        .write_opt(batch, baseline_store.write_options())?;
-    let baseline_rate = args.lines as f64 / started.elapsed().as_secs_f64();
-    // Its flushes and compactions finish before the real side starts, not during it.
-    settle(&baseline_store);
+    db.write_opt(batch, store.write_options())?;
+    let ingest_rate = args.lines as f64 / started.elapsed().as_secs_f64();
+    settle(&store);
 
-    // Real 1: through IPC into the daemon's store.
-    let dir = tempfile::tempdir()?;
-    let (ingest_rate, first_line, scan_rate) = {
-        joblet_ipc::daemon::set_thread_nice(nice)?;
-        runtime.block_on(real(&args, &contents, dir.path(), &client))?
-    };
-    table.add(
-        "ingest lines/s (IPC → store, acked)",
-        ingest_rate,
-        Some(baseline_rate),
-        "lines/s",
-        ">= 1,000,000 and >= 0.70 of raw",
-    );
-
-    // Baselines 2 and 3 on the baseline store's identical data.
     let mut rng = rand::rng();
-    let span = args.lines as i64 * args.line_interval_ns;
-    let mut raw_first = Vec::with_capacity(args.window_queries);
+    let mut first_line = Vec::with_capacity(args.window_queries);
     for _ in 0..args.window_queries {
-        let start = T0 + rng.random_range(0..span.max(1));
+        let start = T0 + rng.random_range(0..span(args).max(1));
         let began = Instant::now();
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_lower_bound(joblet_persist::keys::lower_bound(JOB, start));
@@ -122,53 +197,26 @@ fn main() -> anyhow::Result<()> {
             JOB,
             start + 60_000_000_000,
         ));
-        let mut iter = baseline_store.raw_db().raw_iterator_cf_opt(logs, options);
+        let mut iter = db.raw_iterator_cf_opt(logs, options);
         iter.seek_to_first();
         anyhow::ensure!(iter.valid(), "raw window query found nothing");
-        raw_first.push(began.elapsed());
+        first_line.push(began.elapsed());
     }
     let started = Instant::now();
-    let mut iter = baseline_store.raw_db().raw_iterator_cf(logs);
+    let mut iter = db.raw_iterator_cf(logs);
     iter.seek_to_first();
     let mut scanned = 0u64;
     while iter.valid() {
         scanned += 1;
         iter.next();
     }
-    let raw_scan_rate = scanned as f64 / started.elapsed().as_secs_f64();
-
-    table.add(
-        "window query first line p50 (gRPC)",
-        percentile(&first_line, 0.50),
-        Some(percentile(&raw_first, 0.50)),
-        "ms",
-        "",
-    );
-    table.add(
-        "window query first line p99 (gRPC)",
-        percentile(&first_line, 0.99),
-        Some(percentile(&raw_first, 0.99)),
-        "ms",
-        "<= 2 ms",
-    );
-    table.add(
-        "full scan lines/s to a gRPC client",
+    anyhow::ensure!(scanned == args.lines, "raw scan found {scanned} lines");
+    let scan_rate = scanned as f64 / started.elapsed().as_secs_f64();
+    Ok(Round {
+        ingest_rate,
+        first_line,
         scan_rate,
-        Some(raw_scan_rate),
-        "lines/s",
-        ">= 2,000,000",
-    );
-    println!(
-        "{}",
-        table.render(&format!(
-            "persist: {} lines of {} bytes, durability sync, direct_io {}, baseline = raw RocksDB, \
-             same options; queries run once flushes and compactions settled, for both",
-            args.lines,
-            args.line_bytes,
-            if args.direct_io { "on" } else { "off" }
-        ))
-    );
-    Ok(())
+    })
 }
 
 fn config(args: &Args, dir: &std::path::Path) -> Config {
@@ -233,13 +281,11 @@ fn percentile(samples: &[Duration], p: f64) -> f64 {
     sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
-async fn real(
-    args: &Args,
-    contents: &[bytes::Bytes],
-    dir: &std::path::Path,
-    client: &Client,
-) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
-    let config = config(args, dir);
+/// One round of the real side: ingest over IPC into a persist hosted in-process, then, once
+/// settled, window queries and a full scan over gRPC.
+async fn real(args: Args, contents: Vec<bytes::Bytes>, client: Client) -> anyhow::Result<Round> {
+    let dir = tempfile::tempdir()?;
+    let config = config(&args, dir.path());
     let shutdown = CancellationToken::new();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = grpc.local_addr()?;
@@ -249,7 +295,7 @@ async fn real(
 
     let ingest_rate = {
         let socket = config.ipc.socket.clone();
-        let (lines, contents, interval) = (args.lines, contents.to_vec(), args.line_interval_ns);
+        let (lines, interval) = (args.lines, args.line_interval_ns);
         let nice = config.nice;
         // Like joblet-core's replication: its own thread, a single-threaded runtime, the
         // persist nice value (core's replication_nice has the same default).
@@ -267,12 +313,16 @@ async fn real(
     tokio::task::spawn_blocking(move || settle(&store)).await?;
 
     let (first_line, scan_rate) = client
-        .run(address, args.lines, args.window_queries, span(args))
+        .run(address, args.lines, args.window_queries, span(&args))
         .await?;
 
     shutdown.cancel();
     server.await??;
-    Ok((ingest_rate, first_line, scan_rate))
+    Ok(Round {
+        ingest_rate,
+        first_line,
+        scan_rate,
+    })
 }
 
 /// Sends `lines` lines through a real `IpcSender` and returns the rate at which persist
@@ -323,6 +373,7 @@ type Request = (
 /// The gRPC client: a thread with a single-threaded runtime of its own, like rnx, as a
 /// separate process would be; on the server's runtime its tasks would queue behind the
 /// server's.
+#[derive(Clone)]
 struct Client {
     requests: std::sync::mpsc::Sender<Request>,
 }
