@@ -242,6 +242,11 @@ impl Batch {
         self.messages == 0
     }
 
+    /// Size of the frames, length prefixes included.
+    pub fn frame_bytes(&self) -> usize {
+        self.runs.iter().map(Bytes::len).sum()
+    }
+
     /// The envelopes, in the order they were received.
     pub fn iter(&self) -> impl Iterator<Item = Envelope<'_>> {
         self.runs.iter().flat_map(|run| Frames { rest: run })

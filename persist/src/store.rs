@@ -274,7 +274,9 @@ impl Store {
         // The jobs of this batch, and where each is in `changed`.
         let mut changed: Vec<JobChanges> = Vec::new();
         let mut jobs: HashMap<&str, usize> = HashMap::new();
-        let mut write = WriteBatch::default();
+        // A record takes about what its frame took: sized once, the batch's buffer is not
+        // grown (and copied) a dozen times over.
+        let mut write = WriteBatch::with_capacity_bytes(batch.frame_bytes() + 4096);
         let mut outcome = IngestOutcome::default();
         let mut key = Vec::new();
         let mut value = Vec::new();

@@ -169,7 +169,9 @@ fn baseline(args: &Args, contents: &[bytes::Bytes]) -> anyhow::Result<Round> {
         .cf_handle(joblet_persist::store::CF_LOGS)
         .context("logs column family")?;
     let started = Instant::now();
-    let mut batch = rocksdb::WriteBatch::default();
+    // Sized for a full batch once, as the store sizes its batches.
+    let batch_bytes = BATCH * (JOB.len() + 32 + args.line_bytes);
+    let mut batch = rocksdb::WriteBatch::with_capacity_bytes(batch_bytes);
     for sequence in 1..=args.lines {
         let key =
             joblet_persist::keys::encode(JOB, timestamp(args.line_interval_ns, sequence), sequence);
@@ -179,7 +181,11 @@ fn baseline(args: &Args, contents: &[bytes::Bytes]) -> anyhow::Result<Round> {
         value.extend_from_slice(content);
         batch.put_cf(logs, key, value);
         if batch.len() == BATCH {
-            db.write_opt(std::mem::take(&mut batch), store.write_options())?;
+            let full = std::mem::replace(
+                &mut batch,
+                rocksdb::WriteBatch::with_capacity_bytes(batch_bytes),
+            );
+            db.write_opt(full, store.write_options())?;
         }
     }
     db.write_opt(batch, store.write_options())?;
