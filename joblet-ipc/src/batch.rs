@@ -277,55 +277,15 @@ impl<'a> Iterator for Frames<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::test_support::protobuf_like;
     use crate::message::{log_message, metric_message};
     use joblet_proto::ipc::{MetricData, Stream};
     use proptest::prelude::*;
     use prost::Message;
 
-    /// Envelope-like bytes: fields with tags 1 to 7 and any wire type, well or badly formed,
-    /// sometimes cut short, plus plain garbage.
-    fn envelope_bytes() -> impl Strategy<Value = Vec<u8>> {
-        let field = (
-            1u64..8,
-            prop_oneof![Just(0u64), Just(2u64), 0u64..8],
-            any::<u64>(),
-            prop_oneof![
-                prop::collection::vec(any::<u8>(), 0..40),
-                "[a-z0-9-]{0,12}".prop_map(String::into_bytes)
-            ],
-        )
-            .prop_map(|(tag, wire_type, number, bytes)| {
-                let mut out = Vec::new();
-                prost::encoding::encode_varint(tag << 3 | wire_type, &mut out);
-                match wire_type {
-                    0 => prost::encoding::encode_varint(number, &mut out),
-                    2 => {
-                        prost::encoding::encode_varint(bytes.len() as u64, &mut out);
-                        out.extend_from_slice(&bytes);
-                    }
-                    _ => out.extend_from_slice(&bytes[..bytes.len().min(8)]),
-                }
-                out
-            });
-        let fields = (
-            prop::collection::vec(field, 0..8),
-            any::<prop::sample::Index>(),
-        )
-            .prop_map(|(fields, cut)| {
-                let all = fields.concat();
-                let keep = if cut.index(4) == 0 {
-                    cut.index(all.len() + 1)
-                } else {
-                    all.len()
-                };
-                all[..keep].to_vec()
-            });
-        prop_oneof![fields, prop::collection::vec(any::<u8>(), 0..60)]
-    }
-
     proptest! {
         #[test]
-        fn envelopes_read_what_prost_decodes(bytes in envelope_bytes()) {
+        fn envelopes_read_what_prost_decodes(bytes in protobuf_like(1..8, 8)) {
             let ours = Envelope::read(&bytes);
             match IpcMessage::decode(bytes.as_slice()) {
                 Ok(message) => {

@@ -346,18 +346,23 @@ impl InvalidMessage {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// Payload-like bytes: fields with tags 1 to 4 and any wire type, well or badly formed,
+pub(crate) mod test_support {
+    /// Protobuf-like bytes for property tests of decoders: up to `max_fields` fields with tags in
+    /// `tags` and any wire type (mostly varint and length-delimited), well or badly formed,
     /// sometimes cut short, plus plain garbage.
-    fn payload_bytes() -> impl Strategy<Value = Vec<u8>> {
+    pub fn protobuf_like(
+        tags: std::ops::Range<u64>,
+        max_fields: usize,
+    ) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
         let field = (
-            1u64..5,
-            0u64..8,
+            tags,
+            prop_oneof![Just(0u64), Just(2u64), 0u64..8],
             any::<u64>(),
-            prop::collection::vec(any::<u8>(), 0..40),
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..40),
+                "[a-z0-9-]{0,12}".prop_map(String::into_bytes)
+            ],
         )
             .prop_map(|(tag, wire_type, number, bytes)| {
                 let mut out = Vec::new();
@@ -373,7 +378,7 @@ mod tests {
                 out
             });
         let fields = (
-            prop::collection::vec(field, 0..6),
+            prop::collection::vec(field, 0..max_fields),
             any::<prop::sample::Index>(),
         )
             .prop_map(|(fields, cut)| {
@@ -387,6 +392,12 @@ mod tests {
             });
         prop_oneof![fields, prop::collection::vec(any::<u8>(), 0..60)]
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
 
     fn framed(message: &IpcMessage) -> Vec<u8> {
         let mut buf = BytesMut::new();
@@ -420,7 +431,7 @@ mod tests {
         }
 
         #[test]
-        fn log_payload_reads_what_prost_reads(bytes in payload_bytes()) {
+        fn log_payload_reads_what_prost_reads(bytes in test_support::protobuf_like(1..5, 6)) {
             let ours = log_payload(&bytes);
             match LogData::decode(bytes.as_slice()) {
                 Ok(data) => {
