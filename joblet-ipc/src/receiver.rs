@@ -33,9 +33,9 @@ use crate::batch::{self, Batch, Envelope, Stop};
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, LENGTH_PREFIX_BYTES, encode_frame};
 use crate::metrics as m;
 
-/// Batches handed to the sink at once per connection: a sink may prepare one while it writes
-/// another and waits for a third one's fsync.
-pub const BATCHES_IN_FLIGHT: usize = 3;
+/// Batches handed to the sink at once per connection (a sink may prepare one while it writes
+/// the other).
+pub const BATCHES_IN_FLIGHT: usize = 2;
 /// Runs of frames queued per connection while batches are stored. A run is what one read
 /// returned (at most the socket's buffer, about 200 KiB): the queue holds a few MiB.
 const QUEUED_RUNS: usize = 32;
@@ -375,7 +375,8 @@ async fn store_and_ack<S: MessageSink>(
     max_frame_bytes: usize,
 ) {
     let mut buffer = BytesMut::new();
-    // Up to BATCHES_IN_FLIGHT batches are stored at once; they are acknowledged in order.
+    // Up to BATCHES_IN_FLIGHT batches are stored at once (a sink may prepare one while it
+    // writes another); they are acknowledged in order.
     let mut storing = FuturesOrdered::new();
     let mut open = true;
     loop {

@@ -258,8 +258,8 @@ impl Store {
     }
 
     /// Stores a batch atomically and durably (per the configured durability). Records already
-    /// stored are skipped; invalid payloads are skipped and counted. Calls overlap: one
-    /// prepares while another writes and a third waits for its fsync (see the module docs).
+    /// stored are skipped; invalid payloads are skipped and counted. Two calls at a time
+    /// overlap: one prepares while the other writes (see the module docs).
     pub fn ingest(&self, batch: &Batch) -> Result<IngestOutcome, StoreError> {
         let started = Instant::now();
         let cfs = [self.cf(CF_LOGS)?, self.cf(CF_METRICS)?];
