@@ -124,6 +124,27 @@ impl CgroupRoot {
         paths
     }
 
+    /// Kills whatever still runs in the cgroup of `job_id` (left behind by a run of core that
+    /// crashed) and removes it, best effort.
+    pub fn remove_leftover(&self, job_id: &str) {
+        let name = format!("{}/{}", self.parent, job_id);
+        let cgroup =
+            Cgroup::load_with_relative_paths(hierarchies::auto(), &name, self.relative_paths());
+        if !cgroup.exists() {
+            return;
+        }
+        let job = JobCgroup {
+            cgroup,
+            v2: self.v2,
+        };
+        tracing::warn!(
+            job_id,
+            "killing what is left of a job interrupted by a crash of joblet-core"
+        );
+        job.kill_all();
+        job.delete();
+    }
+
     /// Removes the (empty) parent of the job cgroups, best effort.
     pub fn remove_parent(&self) {
         let parent = Cgroup::load_with_relative_paths(

@@ -166,6 +166,14 @@ pub struct JobsConfig {
     pub work_root: PathBuf,
     /// Largest total size of a job's uploads.
     pub max_upload_size: ByteSize,
+    /// How long a finished job stays in core (listed, its spool kept) once joblet-persist has
+    /// acknowledged all of its output; then it is only in persist's history.
+    #[serde(with = "humantime_serde")]
+    pub keep_finished: Duration,
+    /// With persist disabled, the most the spools of finished jobs may take: above it the
+    /// oldest finished jobs are dropped. (With persist enabled a spool is kept until persist
+    /// has acknowledged it, whatever its size.)
+    pub spool_max_bytes: ByteSize,
 }
 
 impl Default for JobsConfig {
@@ -181,6 +189,8 @@ impl Default for JobsConfig {
             max_line_length: ByteSize::kib(64),
             work_root: PathBuf::from("/var/lib/joblet/work"),
             max_upload_size: ByteSize::mib(64),
+            keep_finished: Duration::from_secs(3600),
+            spool_max_bytes: ByteSize::gib(10),
         }
     }
 }
@@ -257,6 +267,9 @@ impl Config {
         if self.jobs.max_memory_mb > 0 && self.jobs.default_max_memory_mb > self.jobs.max_memory_mb
         {
             bail!("jobs.default_max_memory_mb: exceeds jobs.max_memory_mb");
+        }
+        if self.jobs.spool_max_bytes.as_u64() == 0 {
+            bail!("jobs.spool_max_bytes: must be greater than zero");
         }
         if !self.jobs.work_root.is_absolute() {
             bail!("jobs.work_root: must be an absolute path");

@@ -1,11 +1,12 @@
 //! Reaching joblet-persist's query API from core: deleting a job's history with the job, and
-//! reading the history of a job core no longer holds (its spool is gone).
+//! reading the record and history of a job core no longer holds (evicted once replicated).
 
 use std::time::Duration;
 
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
 use joblet_proto::persist::{
-    DeleteJobRequest, LogLine, Metric, QueryLogsRequest, QueryMetricsRequest,
+    DeleteJobRequest, JobSummary, ListJobsRequest, LogLine, Metric, QueryLogsRequest,
+    QueryMetricsRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -75,4 +76,34 @@ pub async fn metrics(
         .query_metrics(request)
         .await?
         .into_inner())
+}
+
+/// The catalogue entry of the one job `id_or_prefix` names in persist (NOT_FOUND when none, or
+/// when persist cannot be reached: core does not know the job either way).
+pub async fn find_job(
+    address: &PersistAddress,
+    id_or_prefix: &str,
+) -> Result<JobSummary, tonic::Status> {
+    let not_found = || tonic::Status::not_found(format!("job {id_or_prefix:?} not found"));
+    let mut client = client(address).await.map_err(|_| not_found())?;
+    let jobs = client
+        .list_jobs(ListJobsRequest {
+            job_id_prefix: id_or_prefix.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| not_found())?
+        .into_inner()
+        .jobs;
+    if let Some(exact) = jobs.iter().find(|job| job.job_id == id_or_prefix) {
+        return Ok(exact.clone());
+    }
+    match <[JobSummary; 1]>::try_from(jobs) {
+        Ok([only]) => Ok(only),
+        Err(jobs) if jobs.is_empty() => Err(not_found()),
+        Err(jobs) => Err(tonic::Status::invalid_argument(format!(
+            "job id prefix {id_or_prefix:?} matches {} jobs; give more characters",
+            jobs.len()
+        ))),
+    }
 }

@@ -20,6 +20,7 @@ pub mod replicate;
 pub mod service;
 pub mod spawn;
 pub mod spec;
+pub mod state;
 
 use std::sync::Arc;
 
@@ -56,14 +57,16 @@ impl Core {
             .context("cgroup")?;
         let replication = if config.persist.enabled {
             Some(Arc::new(
-                Replication::start(&config.persist).context("start replication")?,
+                Replication::start(&config.persist, &config.node_id)
+                    .context("start replication")?,
             ))
         } else {
             tracing::warn!("persist.enabled is false: job output is not replicated");
             None
         };
-        let manager =
-            JobManager::new(config, cgroups, replication.clone(), shutdown).context("state_dir")?;
+        let manager = JobManager::open(config, cgroups, replication.clone(), shutdown)
+            .await
+            .context("state_dir")?;
         Ok(Core {
             manager,
             replication,

@@ -1,11 +1,22 @@
 //! The job manager: registers jobs, runs each through its life, stops, cancels and deletes
-//! them, and cleans everything up at shutdown (no leaked processes or cgroups).
+//! them, restores them at start, evicts finished ones, and cleans everything up at shutdown
+//! (no leaked processes or cgroups).
 //!
 //! Each running job has three threads (stdout pump, stderr pump, waiter) and two tasks
 //! (metrics sampler, supervisor). The supervisor marks the job finished only after both pipes
 //! reached end of file, so the output of a job that exits at once is always complete.
+//!
+//! Survival across restarts: every job is in core's journal ([`crate::state`]) and its output
+//! in its spools under `state_dir/spool`. At start the journal is read back: finished jobs are
+//! listed and readable as before, replication resumes for each job persist has not
+//! acknowledged in full, jobs that were running when core stopped (a crash) end FAILED with
+//! what they wrote kept, and scheduled jobs are scheduled again. A spool without a record is
+//! kept too, as a FAILED job of unknown command. A spool is deleted only when persist has
+//! acknowledged all of it and the job ended more than `jobs.keep_finished` ago — or, with
+//! persist disabled, when spools exceed `jobs.spool_max_bytes` (oldest finished jobs first).
+//! A finished job costs its record in memory (no open file, no buffers).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -21,61 +32,145 @@ use tokio_util::task::TaskTracker;
 use crate::cgroup::{CgroupRoot, Limits};
 use crate::config::Config;
 use crate::error::CoreError;
-use crate::job::{EndRequest, Job, Status};
+use crate::job::{EndRequest, Job, JobParts, Status, Transition};
 use crate::metrics as m;
 use crate::metrics_log::MetricsLog;
 use crate::output::{self, Output};
 use crate::replicate::Replication;
 use crate::spawn::{SpawnSpec, spawn};
 use crate::spec::JobSpec;
+use crate::state::{Journal, StoredJob};
 
 /// How long shutdown waits for killed jobs to finish their output.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// How long shutdown then waits for persist to acknowledge what is not yet replicated.
 const REPLICATION_DRAIN_WAIT: Duration = Duration::from_secs(30);
+/// Longest pause between two eviction passes.
+const EVICTION_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct JobManager {
     config: Config,
     cgroups: CgroupRoot,
     replication: Option<Arc<Replication>>,
+    journal: Arc<Journal>,
     jobs: RwLock<HashMap<String, Arc<Job>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     spool_dir: PathBuf,
 }
 
+fn log_spool(spool_dir: &Path, id: &str) -> PathBuf {
+    spool_dir.join(format!("{id}.log"))
+}
+
+fn metrics_spool(spool_dir: &Path, id: &str) -> PathBuf {
+    spool_dir.join(format!("{id}.metrics"))
+}
+
+/// Jobs read back from the journal and the spool directory, before they are started again.
+struct Restored {
+    journal: Arc<Journal>,
+    jobs: Vec<Arc<Job>>,
+}
+
 impl JobManager {
-    pub fn new(
+    /// Opens core's state: the journal and the spools of earlier runs (nothing is deleted),
+    /// then restores every job (see the module docs).
+    pub async fn open(
         config: Config,
         cgroups: CgroupRoot,
         replication: Option<Arc<Replication>>,
         shutdown: CancellationToken,
-    ) -> std::io::Result<Arc<JobManager>> {
+    ) -> anyhow::Result<Arc<JobManager>> {
+        use anyhow::Context;
         let spool_dir = config.state_dir.join("spool");
-        // Spools of a previous run belong to jobs that no longer exist here; their history
-        // is in joblet-persist.
-        if spool_dir.exists() {
-            std::fs::remove_dir_all(&spool_dir)?;
-        }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&spool_dir)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&config.jobs.work_root)?;
+        let state_dir = config.state_dir.clone();
+        let work_root = config.jobs.work_root.clone();
+        let restored = {
+            let spool_dir = spool_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                for (dir, mode) in [
+                    (&state_dir, 0o700),
+                    (&spool_dir, 0o700),
+                    (&work_root, 0o755),
+                ] {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(mode)
+                        .create(dir)
+                        .with_context(|| format!("create {}", dir.display()))?;
+                }
+                restore(&state_dir, &spool_dir)
+            })
+            .await??
+        };
         let manager = Arc::new(JobManager {
             config,
             cgroups,
             replication,
-            jobs: RwLock::new(HashMap::new()),
+            journal: restored.journal,
+            jobs: RwLock::new(
+                restored
+                    .jobs
+                    .iter()
+                    .map(|job| (job.id.clone(), job.clone()))
+                    .collect(),
+            ),
             tasks: TaskTracker::new(),
             shutdown,
             spool_dir,
         });
+        manager.resume(restored.jobs).await;
         manager.publish_job_gauges();
+        let evictor = manager.clone();
+        tokio::spawn(async move { evictor.evict_finished().await });
         Ok(manager)
+    }
+
+    /// Ends what a crash interrupted, schedules scheduled jobs again and resumes replication.
+    async fn resume(self: &Arc<Self>, jobs: Vec<Arc<Job>>) {
+        let mut resumed = 0;
+        for job in jobs {
+            match job.status() {
+                Status::Scheduled if resumable(&job.spec) => {
+                    let manager = self.clone();
+                    let supervised = job.clone();
+                    self.tasks
+                        .spawn(async move { manager.supervise(supervised).await });
+                }
+                Status::Scheduled => {
+                    let _ = job.transition(Transition::Ended {
+                        status: Status::Canceled,
+                        exit_code: 0,
+                        reason: "joblet-core restarted before the scheduled start, and the job's uploads or secret values are not kept on disk".into(),
+                    }).await;
+                }
+                Status::Initializing | Status::Running => {
+                    // Its processes may still run in its cgroup: nobody reads their output.
+                    let cgroups = self.cgroups.clone();
+                    let id = job.id.clone();
+                    let _ = tokio::task::spawn_blocking(move || cgroups.remove_leftover(&id)).await;
+                    let _ = job.transition(Transition::Ended {
+                        status: Status::Failed,
+                        exit_code: -1,
+                        reason: "lost: joblet-core stopped while the job ran; its output up to then is kept".into(),
+                    }).await;
+                }
+                _ => {}
+            }
+            if let Some(replication) = &self.replication
+                && !replication.is_complete(&job)
+            {
+                replication.resume(&job);
+                resumed += 1;
+            }
+        }
+        if resumed > 0 {
+            tracing::info!(
+                jobs = resumed,
+                "resuming replication of jobs joblet-persist has not acknowledged in full"
+            );
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -95,25 +190,7 @@ impl JobManager {
 
     /// Finds a job by full id or unique prefix.
     pub fn find(&self, id_or_prefix: &str) -> Result<Arc<Job>, CoreError> {
-        if id_or_prefix.is_empty() {
-            return Err(CoreError::InvalidArgument {
-                field: "uuid",
-                message: "must not be empty".into(),
-            });
-        }
-        if id_or_prefix.len() > 36
-            || !id_or_prefix
-                .chars()
-                .all(|c| c.is_ascii_hexdigit() || c == '-')
-        {
-            return Err(CoreError::InvalidArgument {
-                field: "uuid",
-                message: format!(
-                    "{:?} is not a job id (a UUID or a prefix of one)",
-                    id_or_prefix.chars().take(64).collect::<String>()
-                ),
-            });
-        }
+        check_id(id_or_prefix)?;
         let jobs = self.jobs.read().unwrap_or_else(|e| e.into_inner());
         if let Some(job) = jobs.get(id_or_prefix) {
             return Ok(job.clone());
@@ -133,27 +210,54 @@ impl JobManager {
         }
     }
 
-    /// Validates and registers a job, and starts it now or at its scheduled time.
-    pub fn run(self: &Arc<Self>, request: RunJobRequest) -> Result<Arc<Job>, CoreError> {
+    /// Validates and registers a job, records it durably, and starts it now or at its
+    /// scheduled time.
+    pub async fn run(self: &Arc<Self>, request: RunJobRequest) -> Result<Arc<Job>, CoreError> {
         if self.shutdown.is_cancelled() {
             return Err(CoreError::FailedPrecondition(
                 "joblet-core is shutting down".into(),
             ));
         }
         let spec = JobSpec::from_request(request, &self.config.jobs)?;
-        if let Some(dir) = &spec.work_dir {
-            refuse_symlinks(dir, &spec.uploads)?;
-        }
         let id = uuid::Uuid::new_v4().to_string();
         let work_dir = spec
             .work_dir
             .clone()
             .unwrap_or_else(|| self.config.jobs.work_root.join(&id));
-        let spool = self.spool_dir.join(format!("{id}.log"));
-        let output = Output::create(&id, &spool)
-            .map_err(|e| CoreError::Internal(format!("create spool {}: {e}", spool.display())))?;
-        let metrics = Arc::new(MetricsLog::new());
-        let job = Arc::new(Job::new(id.clone(), spec, work_dir, output, metrics));
+        let (spec, output, metrics) = {
+            let logs = log_spool(&self.spool_dir, &id);
+            let samples = metrics_spool(&self.spool_dir, &id);
+            let id = id.clone();
+            blocking(move || {
+                if let Some(dir) = &spec.work_dir {
+                    refuse_symlinks(dir, &spec.uploads)?;
+                }
+                let failed = |path: &Path, e: std::io::Error| {
+                    CoreError::Internal(format!("create spool {}: {e}", path.display()))
+                };
+                let output = Output::create(&id, &logs).map_err(|e| failed(&logs, e))?;
+                let metrics = MetricsLog::create(&samples).map_err(|e| {
+                    let _ = std::fs::remove_file(&logs);
+                    failed(&samples, e)
+                })?;
+                Ok((spec, output, metrics))
+            })
+            .await?
+        };
+        let job = Arc::new(Job::new(
+            id.clone(),
+            spec,
+            work_dir,
+            JobParts {
+                output,
+                metrics,
+                journal: self.journal.clone(),
+            },
+        ));
+        if let Err(error) = job.record_new().await {
+            self.remove_spools(&job).await;
+            return Err(error);
+        }
         if let Some(replication) = &self.replication {
             replication.watch(&job);
         }
@@ -174,10 +278,19 @@ impl JobManager {
             let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = job.cancel.cancelled() => return self.finish_unstarted(&job, Status::Canceled, "canceled before its scheduled start"),
-                () = self.shutdown.cancelled() => return self.finish_unstarted(&job, Status::Canceled, "joblet-core shut down before the scheduled start"),
+                () = job.cancel.cancelled() => return self.finish_unstarted(&job, Status::Canceled, "canceled before its scheduled start").await,
+                // It stays scheduled in the journal and is scheduled again at the next start,
+                // unless what it needs is not on disk.
+                () = self.shutdown.cancelled() => {
+                    if !resumable(&job.spec) {
+                        self.finish_unstarted(&job, Status::Canceled, "joblet-core shut down before the scheduled start, and the job's uploads or secret values are not kept on disk").await;
+                    }
+                    return;
+                }
             }
-            job.update(|s| s.status = Status::Initializing);
+            if job.transition(Transition::Initializing).await.is_err() {
+                return;
+            }
             self.publish_job_gauges();
         }
         let started = {
@@ -190,16 +303,19 @@ impl JobManager {
             Ok(Err(error)) => {
                 tracing::warn!(job_id = %job.id, %error, "job failed to start");
                 metrics::counter!(m::JOB_FAILURES).increment(1);
-                return self.finish_unstarted(&job, Status::Failed, &error.to_string());
+                return self
+                    .finish_unstarted(&job, Status::Failed, &error.to_string())
+                    .await;
             }
             Err(error) => {
-                return self.finish_unstarted(
-                    &job,
-                    Status::Failed,
-                    &format!("start task failed: {error}"),
-                );
+                return self
+                    .finish_unstarted(&job, Status::Failed, &format!("start task failed: {error}"))
+                    .await;
             }
         };
+        let _ = job.transition(Transition::Running).await;
+        self.publish_job_gauges();
+        tracing::info!(job_id = %job.id, command = %job.spec.command, pid = child.id(), "job started");
         metrics::counter!(m::JOBS_STARTED).increment(1);
         self.watch_running(job, child).await;
     }
@@ -252,12 +368,6 @@ impl JobManager {
             cgroup.delete();
             failed(&format!("start {:?}", spec.command), &e)
         })?;
-        job.update(|s| {
-            s.status = Status::Running;
-            s.start_time = Some(Utc::now());
-        });
-        self.publish_job_gauges();
-        tracing::info!(job_id = %job.id, command = %spec.command, pid = child.id(), "job started");
 
         let max_line = self.config.jobs.max_line_length.as_u64() as usize;
         for (stream, pipe) in [
@@ -308,15 +418,17 @@ impl JobManager {
         })
         .await;
         sampler.abort();
-        let cgroup = job.cgroup();
-        let usage = cgroup.as_ref().map(|c| c.usage()).unwrap_or_default();
-        if let Some(cgroup) = cgroup {
-            let _ = tokio::task::spawn_blocking(move || {
+        let usage = match job.cgroup() {
+            Some(cgroup) => tokio::task::spawn_blocking(move || {
+                let usage = cgroup.usage();
                 cgroup.kill_all();
                 cgroup.delete();
+                usage
             })
-            .await;
-        }
+            .await
+            .unwrap_or_default(),
+            None => Default::default(),
+        };
         let exit_code = match exit {
             Ok(Ok(status)) => exit_code_of(status),
             Ok(Err(error)) => {
@@ -354,25 +466,27 @@ impl JobManager {
         }
         job.metrics.finish();
         job.output.finish();
-        job.update(|s| {
-            s.status = status;
-            s.exit_code = exit_code;
-            s.end_time = Some(Utc::now());
-            s.reason = reason;
-        });
+        let _ = job
+            .transition(Transition::Ended {
+                status,
+                exit_code,
+                reason,
+            })
+            .await;
         self.publish_job_gauges();
         tracing::info!(job_id = %job.id, status = status.as_str(), exit_code, "job ended");
     }
 
-    fn finish_unstarted(&self, job: &Job, status: Status, reason: &str) {
+    async fn finish_unstarted(&self, job: &Job, status: Status, reason: &str) {
         job.output.finish();
         job.metrics.finish();
-        job.update(|s| {
-            s.status = status;
-            s.end_time = Some(Utc::now());
-            s.reason = reason.to_owned();
-            s.exit_code = if status == Status::Failed { -1 } else { 0 };
-        });
+        let _ = job
+            .transition(Transition::Ended {
+                status,
+                exit_code: if status == Status::Failed { -1 } else { 0 },
+                reason: reason.to_owned(),
+            })
+            .await;
         self.publish_job_gauges();
     }
 
@@ -427,8 +541,8 @@ impl JobManager {
         Ok(job.wait_terminal().await)
     }
 
-    /// Removes an ended job: its spool, the work dir joblet made for it, and (best effort)
-    /// its history in joblet-persist.
+    /// Removes an ended job: its record, its spools, the work dir joblet made for it, and (best
+    /// effort) its history in joblet-persist.
     pub async fn delete(&self, job: &Arc<Job>) -> Result<(), CoreError> {
         let status = job.status();
         if !status.is_terminal() {
@@ -438,42 +552,127 @@ impl JobManager {
                 status.as_str()
             )));
         }
-        self.jobs
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&job.id);
-        job.deleted.store(true, Ordering::Relaxed);
-        let spool = self.spool_dir.join(format!("{}.log", job.id));
-        let _ = std::fs::remove_file(spool);
-        if job.spec.work_dir.is_none() {
-            let _ = std::fs::remove_dir_all(&job.work_dir);
-        }
-        if let Some(sender) = self.replication() {
-            sender.forget_job(&job.id);
-        }
+        self.drop_job(job).await;
         if let Some(target) = self.config.persist.query_target()
             && let Err(error) = crate::history::delete(&target, &job.id).await
         {
             tracing::warn!(job_id = %job.id, %error, "could not delete the job's history in joblet-persist");
         }
-        self.publish_job_gauges();
         Ok(())
     }
 
-    /// Ends everything at shutdown: cancels scheduled jobs, kills running ones, waits for their
-    /// output, removes their cgroups.
+    /// Forgets a finished job in core: its record, spools and the work dir joblet made.
+    async fn drop_job(&self, job: &Arc<Job>) {
+        self.jobs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job.id);
+        job.deleted.store(true, Ordering::Relaxed);
+        let journal = self.journal.clone();
+        let id = job.id.clone();
+        if let Err(error) = blocking(move || {
+            journal
+                .forget(&id)
+                .map_err(|e| CoreError::Internal(e.to_string()))
+        })
+        .await
+        {
+            tracing::warn!(job_id = %job.id, %error, "cannot remove the job from the state journal; it is listed again after a restart");
+        }
+        self.remove_spools(job).await;
+        if job.spec.work_dir.is_none() {
+            let dir = job.work_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        }
+        if let Some(sender) = self.replication() {
+            sender.forget_job(&job.id);
+        }
+        self.publish_job_gauges();
+    }
+
+    async fn remove_spools(&self, job: &Job) {
+        let files = [job.output.path().to_owned(), job.metrics.path().to_owned()];
+        let _ = tokio::task::spawn_blocking(move || {
+            for file in files {
+                let _ = std::fs::remove_file(file);
+            }
+        })
+        .await;
+    }
+
+    /// Drops finished jobs whose spools are no longer needed (see the module docs), every
+    /// half `keep_finished` (at most [`EVICTION_INTERVAL`]), until shutdown.
+    async fn evict_finished(self: Arc<Self>) {
+        let interval = (self.config.jobs.keep_finished / 2)
+            .clamp(Duration::from_millis(100), EVICTION_INTERVAL);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            self.evict_pass().await;
+        }
+    }
+
+    async fn evict_pass(&self) {
+        let now = Utc::now();
+        let keep = chrono::Duration::from_std(self.config.jobs.keep_finished)
+            .unwrap_or(chrono::Duration::MAX);
+        let mut spooled_bytes = 0u64;
+        let mut finished: Vec<(chrono::DateTime<Utc>, u64, Arc<Job>)> = Vec::new();
+        for job in self.jobs() {
+            let bytes = job.output.progress().end_offset + job.metrics.progress().end_offset;
+            spooled_bytes += bytes;
+            let state = job.state();
+            if !state.status.is_terminal() {
+                continue;
+            }
+            let ended = state.end_time.unwrap_or(job.created);
+            match &self.replication {
+                Some(replication) if replication.is_complete(&job) => {
+                    if ended + keep <= now {
+                        self.evict(&job, "replicated", bytes).await;
+                        spooled_bytes -= bytes;
+                    } else {
+                        // A restart before the eviction then need not send it again.
+                        replication.checkpoint(&job).await;
+                    }
+                }
+                Some(_) => {}
+                None => finished.push((ended, bytes, job)),
+            }
+        }
+        let cap = self.config.jobs.spool_max_bytes.as_u64();
+        if spooled_bytes > cap {
+            finished.sort_by_key(|(ended, _, _)| *ended);
+            for (_, bytes, job) in finished {
+                if spooled_bytes <= cap {
+                    break;
+                }
+                self.evict(&job, "spool_max_bytes", bytes).await;
+                spooled_bytes -= bytes;
+            }
+        }
+        metrics::gauge!(m::SPOOL_BYTES).set(spooled_bytes as f64);
+    }
+
+    async fn evict(&self, job: &Arc<Job>, reason: &'static str, bytes: u64) {
+        tracing::info!(job_id = %job.id, reason, spool_bytes = bytes, "finished job dropped from joblet-core with its spool");
+        metrics::counter!(m::JOBS_EVICTED, "reason" => reason).increment(1);
+        self.drop_job(job).await;
+    }
+
+    /// Ends everything at shutdown: kills running jobs and waits for their output, leaves
+    /// scheduled jobs scheduled for the next start, waits a while for persist to acknowledge
+    /// what is left, records how far replication got, and says what is still unreplicated.
     pub async fn shutdown(&self) {
         let jobs = self.jobs();
         for job in &jobs {
-            match job.status() {
-                Status::Scheduled => job.cancel.cancel(),
-                Status::Initializing | Status::Running => {
-                    job.request_end(EndRequest::Shutdown);
-                    if let Some(cgroup) = job.cgroup() {
-                        let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
-                    }
+            if matches!(job.status(), Status::Initializing | Status::Running) {
+                job.request_end(EndRequest::Shutdown);
+                if let Some(cgroup) = job.cgroup() {
+                    let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
                 }
-                _ => {}
             }
         }
         self.tasks.close();
@@ -485,6 +684,24 @@ impl JobManager {
         }
         if let Some(replication) = &self.replication {
             replication.drain(REPLICATION_DRAIN_WAIT).await;
+            let (mut waiting_jobs, mut waiting_lines) = (0u64, 0u64);
+            for job in self.jobs() {
+                replication.checkpoint(&job).await;
+                let behind = replication.lines_behind(&job);
+                if behind > 0 || !replication.is_complete(&job) {
+                    tracing::warn!(job_id = %job.id, lines = behind, "job output waits in its spool for joblet-persist; it is sent after the next start");
+                    waiting_jobs += 1;
+                    waiting_lines += behind;
+                }
+            }
+            if waiting_jobs > 0 {
+                tracing::warn!(
+                    jobs = waiting_jobs,
+                    lines = waiting_lines,
+                    "joblet-persist has not acknowledged everything; the rest stays in the spools under {} and is sent after the next start",
+                    self.spool_dir.display()
+                );
+            }
         }
         self.cgroups.remove_parent();
     }
@@ -572,34 +789,198 @@ async fn sample_metrics(job: Arc<Job>, interval: Duration) {
     loop {
         ticker.tick().await;
         let Some(cgroup) = job.cgroup() else { continue };
-        let Ok(usage) = tokio::task::spawn_blocking(move || cgroup.usage()).await else {
+        let sampled = job.clone();
+        // The cgroup read and the spool append are blocking I/O.
+        let Ok(taken) = tokio::task::spawn_blocking(move || {
+            let usage = cgroup.usage();
+            let now = Instant::now();
+            let cpu_percent = match previous {
+                Some((at, cpu)) => {
+                    let wall = now.duration_since(at).as_nanos().max(1) as f64;
+                    usage.cpu_nanos.saturating_sub(cpu) as f64 / wall * 100.0
+                }
+                None => 0.0,
+            };
+            let limit = if usage.memory_limit <= 0 || usage.memory_limit >= i64::MAX / 2 {
+                0
+            } else {
+                usage.memory_limit
+            };
+            sampled.metrics.push(
+                output::now_ns(),
+                MetricData {
+                    cpu_percent,
+                    memory_bytes: usage.memory_bytes as i64,
+                    memory_limit: limit,
+                    io_read_bytes: usage.io_read_bytes as i64,
+                    io_write_bytes: usage.io_write_bytes as i64,
+                    pids: usage.pids as i64,
+                    ..Default::default()
+                },
+            );
+            (now, usage.cpu_nanos)
+        })
+        .await
+        else {
             continue;
         };
-        let now = Instant::now();
-        let cpu_percent = match previous {
-            Some((at, cpu)) => {
-                let wall = now.duration_since(at).as_nanos().max(1) as f64;
-                usage.cpu_nanos.saturating_sub(cpu) as f64 / wall * 100.0
-            }
-            None => 0.0,
-        };
-        previous = Some((now, usage.cpu_nanos));
-        let limit = if usage.memory_limit <= 0 || usage.memory_limit >= i64::MAX / 2 {
-            0
-        } else {
-            usage.memory_limit
-        };
-        job.metrics.push(
-            output::now_ns(),
-            MetricData {
-                cpu_percent,
-                memory_bytes: usage.memory_bytes as i64,
-                memory_limit: limit,
-                io_read_bytes: usage.io_read_bytes as i64,
-                io_write_bytes: usage.io_write_bytes as i64,
-                pids: usage.pids as i64,
-                ..Default::default()
-            },
-        );
+        previous = Some(taken);
     }
+}
+
+/// Runs blocking `work` on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, CoreError> + Send + 'static,
+) -> Result<T, CoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| CoreError::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// A job id or a prefix of one: hex digits and dashes, at most a UUID's length.
+fn check_id(id_or_prefix: &str) -> Result<(), CoreError> {
+    if id_or_prefix.is_empty() {
+        return Err(CoreError::InvalidArgument {
+            field: "uuid",
+            message: "must not be empty".into(),
+        });
+    }
+    if id_or_prefix.len() > 36
+        || !id_or_prefix
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == '-')
+    {
+        return Err(CoreError::InvalidArgument {
+            field: "uuid",
+            message: format!(
+                "{:?} is not a job id (a UUID or a prefix of one)",
+                id_or_prefix.chars().take(64).collect::<String>()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Whether a scheduled job can be started by a later run of core: the journal keeps neither
+/// upload contents nor secret values.
+fn resumable(spec: &JobSpec) -> bool {
+    spec.secret_environment.is_empty() && spec.uploads.iter().all(|u| u.is_directory)
+}
+
+/// Reads the journal and the spool directory back (blocking). Nothing is deleted: a spool
+/// without a record becomes a FAILED job of unknown command, so its output still reaches
+/// persist and stays readable.
+fn restore(state_dir: &Path, spool_dir: &Path) -> anyhow::Result<Restored> {
+    use anyhow::Context;
+    let path = state_dir.join("jobs.journal");
+    let (journal, loaded) =
+        Journal::open(&path).with_context(|| format!("state journal {}", path.display()))?;
+    if loaded.skipped_bytes > 0 {
+        tracing::warn!(
+            journal = %path.display(),
+            bytes = loaded.skipped_bytes,
+            places = loaded.skipped_regions,
+            "core's state journal had unreadable bytes; they were skipped and every readable record kept"
+        );
+        metrics::counter!(m::STATE_SKIPPED_BYTES).increment(loaded.skipped_bytes);
+    }
+    let journal = Arc::new(journal);
+    let mut jobs = Vec::with_capacity(loaded.jobs.len());
+    let mut known = HashSet::with_capacity(loaded.jobs.len());
+    for stored in loaded.jobs {
+        known.insert(stored.id.clone());
+        match restore_job(stored, spool_dir, &journal) {
+            Ok(job) => jobs.push(Arc::new(job)),
+            Err((id, error)) => {
+                tracing::error!(job_id = %id, %error, "cannot read the job's spools; it is not restored")
+            }
+        }
+    }
+    let orphans = std::fs::read_dir(spool_dir)
+        .with_context(|| format!("read {}", spool_dir.display()))?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let id = name.strip_suffix(".log")?;
+            (check_id(id).is_ok() && id.len() == 36 && !known.contains(id)).then(|| id.to_owned())
+        })
+        .collect::<Vec<_>>();
+    for id in orphans {
+        let stored = StoredJob {
+            id: id.clone(),
+            version: 1,
+            created: std::fs::metadata(log_spool(spool_dir, &id))
+                .and_then(|m| m.modified())
+                .map(chrono::DateTime::<Utc>::from)
+                .unwrap_or_else(|_| Utc::now()),
+            spec: JobSpec::unknown(),
+            work_dir: PathBuf::new(),
+            status: Status::Failed,
+            exit_code: -1,
+            start_time: None,
+            end_time: Some(Utc::now()),
+            reason: "lost: joblet-core kept no record of this job (its state journal was damaged); its output is kept".into(),
+            spooled: None,
+            replicated: Default::default(),
+        };
+        match restore_job(stored, spool_dir, &journal) {
+            Ok(job) => {
+                tracing::warn!(job_id = %id, "a spool without a record in the state journal is kept as a FAILED job");
+                if let Err(error) = journal.record(&job.stored()) {
+                    tracing::warn!(job_id = %id, %error, "cannot record the job");
+                }
+                jobs.push(Arc::new(job));
+            }
+            Err((id, error)) => {
+                tracing::error!(job_id = %id, %error, "cannot read the spool of an unrecorded job")
+            }
+        }
+    }
+    jobs.sort_by_key(|job| job.created);
+    metrics::counter!(m::JOBS_RESTORED).increment(jobs.len() as u64);
+    if !jobs.is_empty() {
+        tracing::info!(jobs = jobs.len(), "jobs restored from the state journal");
+    }
+    Ok(Restored { journal, jobs })
+}
+
+fn restore_job(
+    stored: StoredJob,
+    spool_dir: &Path,
+    journal: &Arc<Journal>,
+) -> Result<Job, (String, std::io::Error)> {
+    let id = stored.id.clone();
+    let spooled = stored.spooled;
+    if stored.status == Status::Scheduled {
+        // Not started yet, so nothing is spooled: new spools to write to once it starts.
+        let (logs, samples) = (log_spool(spool_dir, &id), metrics_spool(spool_dir, &id));
+        let _ = std::fs::remove_file(&logs);
+        let _ = std::fs::remove_file(&samples);
+        let output = Output::create(&id, &logs).map_err(|e| (id.clone(), e))?;
+        let metrics = MetricsLog::create(&samples).map_err(|e| (id.clone(), e))?;
+        let parts = JobParts {
+            output,
+            metrics,
+            journal: journal.clone(),
+        };
+        return Ok(Job::restore(stored, parts));
+    }
+    let output = Output::restore(
+        &id,
+        &log_spool(spool_dir, &id),
+        spooled.map(|s| (s.log_lines, s.log_bytes)),
+    )
+    .map_err(|e| (id.clone(), e))?;
+    let metrics = MetricsLog::restore(
+        &metrics_spool(spool_dir, &id),
+        spooled.map(|s| (s.samples, s.sample_bytes)),
+    )
+    .map_err(|e| (id.clone(), e))?;
+    Ok(Job::restore(
+        stored,
+        JobParts {
+            output,
+            metrics,
+            journal: journal.clone(),
+        },
+    ))
 }

@@ -8,6 +8,11 @@ pub const JOBS_STARTED: &str = "joblet_core_jobs_started_total";
 pub const JOB_FAILURES: &str = "joblet_core_job_failures_total";
 pub const UP: &str = "joblet_core_up";
 pub const REPLICATION_BEHIND: &str = "joblet_core_replication_behind_lines";
+pub const JOBS_EVICTED: &str = "joblet_core_jobs_evicted_total";
+pub const SPOOL_BYTES: &str = "joblet_core_spool_bytes";
+pub const STATE_SKIPPED_BYTES: &str = "joblet_core_state_skipped_bytes_total";
+pub const STATE_WRITE_ERRORS: &str = "joblet_core_state_write_errors_total";
+pub const JOBS_RESTORED: &str = "joblet_core_jobs_restored_total";
 
 pub fn describe() {
     joblet_ipc::metrics::describe_sender();
@@ -24,6 +29,35 @@ pub fn describe() {
         "Log lines in job spools that joblet-persist has not acknowledged yet (replication waits \
          rather than drop, so this, not the drop counter, shows persist falling behind)."
     );
+    describe_counter!(
+        JOBS_EVICTED,
+        "Finished jobs core dropped with their spools, by reason: replicated (acknowledged by \
+         joblet-persist and older than jobs.keep_finished) or spool_max_bytes (persist disabled, \
+         spools over the cap)."
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        "Bytes in the spools (log and metrics) of the jobs core holds."
+    );
+    describe_counter!(
+        STATE_SKIPPED_BYTES,
+        "Unreadable bytes skipped when core's state journal was read at start."
+    );
+    describe_counter!(
+        STATE_WRITE_ERRORS,
+        "State changes core could not record in its journal (lost if core restarts)."
+    );
+    describe_counter!(
+        JOBS_RESTORED,
+        "Jobs read back from core's state journal at start."
+    );
+    for reason in ["replicated", "spool_max_bytes"] {
+        metrics::counter!(JOBS_EVICTED, "reason" => reason).absolute(0);
+    }
+    metrics::counter!(STATE_SKIPPED_BYTES).absolute(0);
+    metrics::counter!(STATE_WRITE_ERRORS).absolute(0);
+    metrics::counter!(JOBS_RESTORED).absolute(0);
+    metrics::gauge!(SPOOL_BYTES).set(0.0);
     metrics::counter!(JOBS_STARTED).absolute(0);
     metrics::counter!(JOB_FAILURES).absolute(0);
     metrics::gauge!(REPLICATION_BEHIND).set(0.0);

@@ -44,7 +44,9 @@ pub struct Progress {
 }
 
 struct SpoolState {
-    file: File,
+    /// Open for appending while the job runs; closed when it finished, so a finished job
+    /// holds no file descriptor (readers open the spool themselves).
+    file: Option<File>,
     next_sequence: u64,
     last_timestamp: i64,
     end_offset: u64,
@@ -78,7 +80,7 @@ impl Output {
             job_id: job_id.to_owned(),
             path: path.to_owned(),
             state: Mutex::new(SpoolState {
-                file,
+                file: Some(file),
                 next_sequence: 1,
                 last_timestamp: 0,
                 end_offset: 0,
@@ -108,9 +110,52 @@ impl Output {
         }
     }
 
-    /// No more lines will come.
+    /// The spool of a job recorded by an earlier run of core. `spooled` is what the journal
+    /// says it holds (written when the job ended); without it (core stopped while the job ran)
+    /// the spool is read to find its last whole record. Either way no more lines will come.
+    pub fn restore(
+        job_id: &str,
+        path: &Path,
+        spooled: Option<(u64, u64)>,
+    ) -> io::Result<Arc<Output>> {
+        let (last_sequence, end_offset) = match spooled {
+            Some(known) => known,
+            None => scan_spool(path)?,
+        };
+        let output = Arc::new(Output {
+            job_id: job_id.to_owned(),
+            path: path.to_owned(),
+            state: Mutex::new(SpoolState {
+                file: None,
+                next_sequence: last_sequence + 1,
+                last_timestamp: 0,
+                end_offset,
+                index: Vec::new(),
+                buffer: BytesMut::new(),
+                write_failed: false,
+            }),
+            progress: watch::Sender::new(Progress {
+                last_sequence,
+                end_offset,
+                finished: true,
+            }),
+        });
+        Ok(output)
+    }
+
+    /// No more lines will come: closes the spool for writing and frees the write buffer.
     pub fn finish(&self) {
+        {
+            let mut state = self.lock();
+            state.file = None;
+            state.buffer = BytesMut::new();
+            state.index.shrink_to_fit();
+        }
         self.progress.send_modify(|p| p.finished = true);
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn progress(&self) -> Progress {
@@ -174,7 +219,11 @@ impl Drop for Append<'_> {
         if state.buffer.is_empty() {
             return;
         }
-        match state.file.write_all(&state.buffer) {
+        let written = match state.file.as_mut() {
+            Some(file) => file.write_all(&state.buffer),
+            None => Err(io::Error::other("the spool was closed")),
+        };
+        match written {
             Ok(()) => state.end_offset += state.buffer.len() as u64,
             Err(error) => {
                 if !state.write_failed {
@@ -268,6 +317,40 @@ impl SpoolReader {
             }
             if self.progress.changed().await.is_err() {
                 return Ok(None);
+            }
+        }
+    }
+}
+
+/// The last sequence and the end of the last whole record of a spool file (a record torn by a
+/// crash is not counted). A missing spool holds nothing.
+fn scan_spool(path: &Path) -> io::Result<(u64, u64)> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(error) => return Err(error),
+    };
+    let mut codec = joblet_ipc::FrameCodec::<LogRecord>::new(usize::MAX >> 1);
+    let mut buffer = BytesMut::new();
+    let mut chunk = vec![0u8; READ_CHUNK as usize];
+    let (mut last_sequence, mut end_offset, mut fed) = (0, 0, 0u64);
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            return Ok((last_sequence, end_offset));
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        fed += n as u64;
+        loop {
+            match codec.decode(&mut buffer) {
+                // After a whole frame the codec has consumed exactly up to its end.
+                Ok(Some(record)) => {
+                    last_sequence = last_sequence.max(record.sequence);
+                    end_offset = fed - buffer.len() as u64;
+                }
+                Ok(None) => break,
+                // A frame that does not decode ends what can be trusted.
+                Err(_) => return Ok((last_sequence, end_offset)),
             }
         }
     }

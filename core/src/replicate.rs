@@ -1,6 +1,13 @@
-//! Replication to joblet-persist: one task per job and kind (log lines, metric samples) reads
-//! the job's spool file or metric log from the first sequence persist has not acknowledged and
-//! queues it on the IPC sender, waiting for room when the queue is full.
+//! Replication to joblet-persist: one task per job and kind (log lines, metric samples, the
+//! job's record for persist's catalogue) reads the job's spool, metrics spool or state from the
+//! first sequence persist has not acknowledged and queues it on the IPC sender, waiting for room
+//! when the queue is full. A job's record is sent at every state change, its version as the
+//! sequence; persist keeps the newest.
+//!
+//! Acknowledgements live in the sender, in memory; [`Replication::checkpoint`] writes them into
+//! the job's journal record (when a job is fully replicated, and at shutdown), so that after a
+//! restart [`Replication::resume`] starts from there rather than from the first line. Anything
+//! between the checkpoint and what persist really holds is sent again and stored once.
 //!
 //! The job never waits for this: its output goes to the spool, and replication follows at its
 //! own pace, like any other reader. Nothing is dropped for lack of queue room, and a persist that
@@ -17,13 +24,16 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use joblet_ipc::{Frame, IpcSender, MessageType, SendError, SenderConfig};
+use joblet_ipc::{Frame, IpcMessage, IpcSender, MessageType, SendError, SenderConfig};
+use joblet_proto::ipc::JobRecord;
+use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::PersistConfig;
 use crate::job::Job;
 use crate::metrics as m;
+use crate::state::Acked;
 
 /// How often a task whose data is all queued checks for persist's final acknowledgement.
 const ACK_POLL: Duration = Duration::from_millis(100);
@@ -41,12 +51,14 @@ pub struct Replication {
     thread: Mutex<Option<(std::thread::JoinHandle<()>, CancellationToken)>>,
     /// Jobs whose lines are not all acknowledged yet, for the lag gauge.
     replicating: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    /// Node name put into replicated job records.
+    node_id: String,
 }
 
 impl Replication {
     /// Starts the replication thread, at nice `persist.replication_nice`, with the IPC sender
     /// running on it.
-    pub fn start(config: &PersistConfig) -> std::io::Result<Replication> {
+    pub fn start(config: &PersistConfig, node_id: &str) -> std::io::Result<Replication> {
         let mut sender_config = SenderConfig::new(&config.socket);
         sender_config.buffer_size = config.buffer_size;
         sender_config.reconnect_delay = config.reconnect_delay;
@@ -102,6 +114,7 @@ impl Replication {
             sender_task: Mutex::new(Some(sender_task)),
             thread: Mutex::new(Some((thread, thread_stop))),
             replicating,
+            node_id: node_id.to_owned(),
         })
     }
 
@@ -130,19 +143,66 @@ impl Replication {
         );
         let metrics = replicator(MessageType::Metric).run(send_metrics);
         self.tasks.spawn_on(metrics, &self.runtime);
+        let node_id = self.node_id.clone();
+        let records = replicator(MessageType::Job)
+            .run(move |sender, job, first| send_records(sender, job, first, node_id.clone()));
+        self.tasks.spawn_on(records, &self.runtime);
+    }
+
+    /// Replicates a job restored from the journal, from its last checkpoint on.
+    pub fn resume(&self, job: &Arc<Job>) {
+        let acked = job.replicated();
+        for (kind, sequence) in [
+            (MessageType::Log, acked.logs),
+            (MessageType::Metric, acked.metrics),
+            (MessageType::Job, acked.record),
+        ] {
+            self.sender.seed_acknowledged(&job.id, kind, sequence);
+        }
+        self.watch(job);
+    }
+
+    /// What persist has acknowledged of `job`, as far as core knows.
+    pub fn acked(&self, job: &Job) -> Acked {
+        let checkpoint = job.replicated();
+        let acked = |kind| self.sender.acknowledged(&job.id, kind);
+        Acked {
+            logs: checkpoint.logs.max(acked(MessageType::Log)),
+            metrics: checkpoint.metrics.max(acked(MessageType::Metric)),
+            record: checkpoint.record.max(acked(MessageType::Job)),
+        }
+    }
+
+    /// The job ended and persist acknowledged all of its lines, samples and its last record.
+    pub fn is_complete(&self, job: &Job) -> bool {
+        let state = job.state();
+        let acked = self.acked(job);
+        state.status.is_terminal()
+            && acked.logs >= job.output.progress().last_sequence
+            && acked.metrics >= job.metrics.progress().last_sequence
+            && acked.record >= state.version
+    }
+
+    /// Spooled lines of `job` persist has not acknowledged.
+    pub fn lines_behind(&self, job: &Job) -> u64 {
+        job.output
+            .progress()
+            .last_sequence
+            .saturating_sub(self.acked(job).logs)
+    }
+
+    /// Writes what persist acknowledged of `job` into its journal record (if it changed).
+    pub async fn checkpoint(&self, job: &Job) {
+        job.checkpoint_replication(self.acked(job)).await;
     }
 
     /// At shutdown, once every job has ended: waits up to `wait` for persist to acknowledge
-    /// what is not yet replicated (not at all when persist is unreachable), then stops.
+    /// what is not yet replicated (not at all when persist is unreachable), then stops. What
+    /// is left is reported by the caller, job by job.
     pub async fn drain(&self, wait: Duration) {
         self.tasks.close();
-        if self.sender.is_connected()
-            && tokio::time::timeout(wait, self.tasks.wait()).await.is_err()
-        {
-            tracing::warn!(
-                "not everything was replicated to joblet-persist within {wait:?}; the rest of \
-                 those jobs' output is only in their spool files"
-            );
+        if self.sender.is_connected() {
+            let _ = tokio::time::timeout(wait, self.tasks.wait()).await;
         }
         self.stop.cancel();
         self.tasks.wait().await;
@@ -276,7 +336,14 @@ async fn send_metrics(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u6
     let mut next = first;
     loop {
         let now = *progress.borrow_and_update();
-        for sample in job.metrics.after(next - 1) {
+        let samples = match job.metrics.after(next - 1).await {
+            Ok(samples) => samples,
+            Err(error) => {
+                tracing::error!(job_id = %job.id, %error, "cannot read the job's metrics spool; its samples are not replicated further");
+                return Err(SendError::Closed);
+            }
+        };
+        for sample in samples {
             if job.is_deleted() {
                 return Ok(0);
             }
@@ -289,6 +356,48 @@ async fn send_metrics(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u6
         }
         if progress.changed().await.is_err() {
             return Ok(job.metrics.last_sequence());
+        }
+    }
+}
+
+/// Queues the job's record at every state change from version `first` until it ended.
+async fn send_records(
+    sender: IpcSender,
+    job: Arc<Job>,
+    first: u64,
+    node_id: String,
+) -> Result<u64, SendError> {
+    let mut changes = job.subscribe();
+    let mut next = first;
+    loop {
+        changes.borrow_and_update();
+        let state = job.state();
+        if job.is_deleted() {
+            return Ok(0);
+        }
+        if state.version >= next {
+            let updated = crate::output::now_ns();
+            let record = JobRecord {
+                job: Some(crate::service::job_message(&job, &node_id)),
+                created: job.created.timestamp_nanos_opt().unwrap_or(0),
+                updated,
+            };
+            let message = IpcMessage {
+                version: joblet_ipc::PROTOCOL_VERSION,
+                r#type: MessageType::Job as i32,
+                job_id: job.id.clone(),
+                timestamp: updated,
+                sequence: state.version,
+                data: record.encode_to_vec().into(),
+            };
+            sender.send(&message).await?;
+            next = state.version + 1;
+        }
+        if state.status.is_terminal() {
+            return Ok(state.version);
+        }
+        if changes.changed().await.is_err() {
+            return Ok(job.state().version);
         }
     }
 }

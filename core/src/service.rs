@@ -104,7 +104,8 @@ fn status_response(job: &Job, node_id: &str) -> GetJobStatusResponse {
     }
 }
 
-fn job_message(job: &Job, node_id: &str) -> JobMessage {
+/// The public `Job` message of `job` (also what is replicated to persist's catalogue).
+pub fn job_message(job: &Job, node_id: &str) -> JobMessage {
     let s = status_response(job, node_id);
     JobMessage {
         uuid: s.uuid,
@@ -124,6 +125,40 @@ fn job_message(job: &Job, node_id: &str) -> JobMessage {
         node_id: s.node_id,
         timeout: s.timeout,
         status_reason: s.status_reason,
+        ..Default::default()
+    }
+}
+
+/// A job core no longer holds, from persist's catalogue: its record when persist has one, or
+/// just its id and status UNKNOWN (history stored before records were replicated).
+fn history_status(summary: joblet_proto::persist::JobSummary) -> GetJobStatusResponse {
+    let Some(job) = summary.record.and_then(|record| record.job) else {
+        return GetJobStatusResponse {
+            uuid: summary.job_id,
+            status: "UNKNOWN".to_owned(),
+            history: true,
+            ..Default::default()
+        };
+    };
+    GetJobStatusResponse {
+        uuid: job.uuid,
+        command: job.command,
+        args: job.args,
+        max_cpu: job.max_cpu,
+        cpu_cores: job.cpu_cores,
+        max_memory: job.max_memory,
+        max_io_bps: job.max_io_bps,
+        status: job.status,
+        start_time: job.start_time,
+        end_time: job.end_time,
+        exit_code: job.exit_code,
+        scheduled_time: job.scheduled_time,
+        environment: job.environment,
+        secret_environment: job.secret_environment,
+        node_id: job.node_id,
+        timeout: job.timeout,
+        status_reason: job.status_reason,
+        history: true,
         ..Default::default()
     }
 }
@@ -203,6 +238,7 @@ impl JobService for JobApi {
         let job = self
             .manager
             .run(request.into_inner())
+            .await
             .map_err(CoreError::into_status)?;
         Ok(Response::new(RunJobResponse {
             job_uuid: job.id.clone(),
@@ -214,7 +250,18 @@ impl JobService for JobApi {
         &self,
         request: Request<GetJobStatusRequest>,
     ) -> Result<Response<GetJobStatusResponse>, Status> {
-        let job = self.find(&request.into_inner().uuid)?;
+        let id = request.into_inner().uuid;
+        let job = match self.manager.find(&id) {
+            Ok(job) => job,
+            Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
+                let Some(address) = self.history_address() else {
+                    return Err(Status::not_found("job not found"));
+                };
+                let summary = crate::history::find_job(&address, &id).await?;
+                return Ok(Response::new(history_status(summary)));
+            }
+            Err(error) => return Err(error.into_status()),
+        };
         Ok(Response::new(status_response(
             &job,
             &self.manager.config().node_id,
@@ -442,6 +489,8 @@ impl JobService for JobApi {
         let events: Vec<Result<JobMetricsEvent, Status>> = job
             .metrics
             .after(0)
+            .await
+            .map_err(|e| Status::internal(format!("read metrics spool: {e}")))?
             .iter()
             .filter(|s| request.start_time == 0 || s.timestamp >= request.start_time)
             .filter(|s| request.end_time == 0 || s.timestamp < request.end_time)
@@ -528,7 +577,18 @@ fn follow_metrics<T: Send + 'static>(
         let mut progress = job.metrics.subscribe();
         loop {
             let finished = progress.borrow_and_update().finished;
-            for sample in job.metrics.after(after) {
+            let samples = match job.metrics.after(after).await {
+                Ok(samples) => samples,
+                Err(error) => {
+                    let _ = sender
+                        .send(Err(Status::internal(format!(
+                            "read metrics spool: {error}"
+                        ))))
+                        .await;
+                    return;
+                }
+            };
+            for sample in samples {
                 after = sample.sequence;
                 if sender.send(Ok(convert(&job, &sample))).await.is_err() {
                     return;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use joblet_proto::joblet::RunJobRequest;
+use serde::{Deserialize, Serialize};
 
 use crate::config::JobsConfig;
 use crate::error::CoreError;
@@ -17,20 +18,26 @@ const MAX_ARGS: usize = 4096;
 const MAX_ARGS_BYTES: usize = 1024 * 1024;
 const MAX_ENV_VARS: usize = 1024;
 
-#[derive(Debug, Clone)]
+/// Serialized (core's state journal) without its content, which is written to the work dir at
+/// start and not kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Upload {
     /// Relative to the job's work dir, without `..`.
     pub path: PathBuf,
+    #[serde(skip)]
     pub content: bytes::Bytes,
     pub mode: u32,
     pub is_directory: bool,
 }
 
-#[derive(Debug, Clone)]
+/// Serialized into core's state journal as validated, except secret values: only the names of
+/// `secret_environment` are written, so no secret reaches the disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobSpec {
     pub command: String,
     pub args: Vec<String>,
     pub environment: BTreeMap<String, String>,
+    #[serde(serialize_with = "names_only")]
     pub secret_environment: BTreeMap<String, String>,
     pub work_dir: Option<PathBuf>,
     pub uploads: Vec<Upload>,
@@ -43,6 +50,13 @@ pub struct JobSpec {
     pub schedule: Option<DateTime<Utc>>,
     pub timeout: Option<Duration>,
     pub timeout_text: String,
+}
+
+fn names_only<S: serde::Serializer>(
+    secrets: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(secrets.keys().map(|name| (name, "")))
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> CoreError {
@@ -129,6 +143,27 @@ fn upload_path(path: &str) -> Result<PathBuf, CoreError> {
 }
 
 impl JobSpec {
+    /// The spec of a job whose record was lost (only its spool survived).
+    pub fn unknown() -> JobSpec {
+        JobSpec {
+            command: "(unknown)".into(),
+            args: Vec::new(),
+            environment: BTreeMap::new(),
+            secret_environment: BTreeMap::new(),
+            work_dir: None,
+            uploads: Vec::new(),
+            max_cpu: 0,
+            max_memory_mb: 0,
+            max_io_bps: 0,
+            cpu_cores: String::new(),
+            network: Network::Host,
+            network_name: String::new(),
+            schedule: None,
+            timeout: None,
+            timeout_text: String::new(),
+        }
+    }
+
     pub fn from_request(request: RunJobRequest, limits: &JobsConfig) -> Result<JobSpec, CoreError> {
         if request.command.trim().is_empty() {
             return Err(invalid("command", "must not be empty"));

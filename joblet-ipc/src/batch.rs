@@ -114,7 +114,7 @@ impl<'a> Envelope<'a> {
             return Err(InvalidMessage::EmptyJobId);
         }
         match MessageType::try_from(self.r#type) {
-            Ok(kind @ (MessageType::Log | MessageType::Metric)) => Ok(kind),
+            Ok(kind @ (MessageType::Log | MessageType::Metric | MessageType::Job)) => Ok(kind),
             _ => Err(InvalidMessage::Type),
         }
     }

@@ -122,8 +122,9 @@ struct Shared {
     config: SenderConfig,
     stats: SenderStats,
     connected: AtomicBool,
-    /// Per job: highest acknowledged sequence for logs ([0]) and metrics ([1]).
-    acks: Mutex<HashMap<String, [u64; 2]>>,
+    /// Per job: highest acknowledged sequence for logs ([0]), metrics ([1]) and the job's
+    /// record ([2]).
+    acks: Mutex<HashMap<String, [u64; 3]>>,
     /// Incremented on every successful connect; core watches it to replay after a reconnect.
     connection_generation: watch::Sender<u64>,
 }
@@ -205,6 +206,18 @@ impl IpcSender {
             .map_or(0, |by_kind| by_kind[ack_slot(kind)])
     }
 
+    /// Records that persist is known to hold `job_id`'s `kind` up to `sequence` (from an
+    /// earlier run's checkpoint); acknowledgements only grow.
+    pub fn seed_acknowledged(&self, job_id: &str, kind: MessageType, sequence: u64) {
+        if sequence == 0 {
+            return;
+        }
+        let mut acks = self.shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = acks.entry(job_id.to_owned()).or_default();
+        let slot = &mut entry[ack_slot(kind)];
+        *slot = (*slot).max(sequence);
+    }
+
     /// Forgets the acknowledgements of a job (call when the job is deleted).
     pub fn forget_job(&self, job_id: &str) {
         let mut acks = self.shared.acks.lock().unwrap_or_else(|e| e.into_inner());
@@ -233,7 +246,8 @@ impl IpcSender {
 fn ack_slot(kind: MessageType) -> usize {
     match kind {
         MessageType::Metric => 1,
-        _ => 0,
+        MessageType::Job => 2,
+        MessageType::Log | MessageType::Unspecified => 0,
     }
 }
 

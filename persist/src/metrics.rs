@@ -11,6 +11,7 @@ pub const RETENTION_EXPIRED: &str = "joblet_persist_retention_expired_total";
 pub const INDEX_BYTES: &str = "joblet_persist_index_bytes";
 pub const LINES_STORED: &str = "joblet_persist_log_lines_stored_total";
 pub const METRICS_STORED: &str = "joblet_persist_metric_samples_stored_total";
+pub const JOB_RECORDS_STORED: &str = "joblet_persist_job_records_stored_total";
 pub const DUPLICATES_SKIPPED: &str = "joblet_persist_duplicates_skipped_total";
 pub const QUERY_ERRORS: &str = "joblet_persist_query_errors_total";
 pub const UP: &str = "joblet_persist_up";
@@ -50,6 +51,10 @@ pub fn describe() {
     describe_counter!(LINES_STORED, "Log lines stored.");
     describe_counter!(METRICS_STORED, "Metric samples stored.");
     describe_counter!(
+        JOB_RECORDS_STORED,
+        "Versions of job records (the catalogue of past jobs) stored."
+    );
+    describe_counter!(
         DUPLICATES_SKIPPED,
         "Replicated records already stored (replays after a reconnect), skipped."
     );
@@ -61,6 +66,7 @@ pub fn describe() {
     metrics::counter!(DUPLICATES_SKIPPED).absolute(0);
     metrics::counter!(LINES_STORED).absolute(0);
     metrics::counter!(METRICS_STORED).absolute(0);
+    metrics::counter!(JOB_RECORDS_STORED).absolute(0);
     for rpc in ["QueryLogs", "QueryMetrics"] {
         // Registered empty so that latency rules and dashboards have series from the start.
         let _ = metrics::histogram!(QUERY_DURATION, "rpc" => rpc);

@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::log_route::LineEncoder;
 use crate::metrics as m;
-use crate::store::{Selection, Store, StoreError, StreamFilter};
+use crate::store::{CatalogueFilter, Selection, Store, StoreError, StreamFilter};
 
 /// Records per chunk handed from a scan to the response stream. The first chunk holds one
 /// record so that the first line reaches the client at once; chunks then double up to this.
@@ -342,10 +342,23 @@ impl PersistService for PersistApi {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        let prefix = request.into_inner().job_id_prefix;
-        Ok(Response::new(ListJobsResponse {
-            jobs: self.store.list_jobs(&prefix),
-        }))
+        let request = request.into_inner();
+        if request.since < 0 || request.until < 0 {
+            return Err(invalid("since", "since and until must not be negative"));
+        }
+        let filter = CatalogueFilter {
+            prefix: request.job_id_prefix,
+            since: (request.since > 0).then_some(request.since),
+            until: (request.until > 0).then_some(request.until),
+            statuses: request.statuses,
+            limit: (request.limit > 0).then_some(request.limit as usize),
+        };
+        let store = self.store.clone();
+        let jobs = tokio::task::spawn_blocking(move || store.list_catalogue(&filter))
+            .await
+            .map_err(|e| Status::internal(format!("list task failed: {e}")))?
+            .map_err(status_of)?;
+        Ok(Response::new(ListJobsResponse { jobs }))
     }
 
     async fn delete_job(

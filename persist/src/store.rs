@@ -4,6 +4,9 @@
 //! - `metrics`: key (job_id, timestamp, sequence) → `joblet.ipc.MetricData` bytes.
 //! - `summaries`: job_id → `joblet.persist.JobSummary` (first/last timestamp, counts, bytes,
 //!   highest stored sequence per kind), written in the same atomic batch as the records.
+//! - `jobs`: job_id → `joblet.ipc.JobRecord`, the catalogue: the newest version of the job's
+//!   record core replicated (the summary holds its version), kept under the logs' retention
+//!   counted from the record's last update.
 //!
 //! Invariants:
 //! - Writes are idempotent: a record is identified by its key; one that is already stored is
@@ -29,6 +32,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use joblet_ipc::{Batch, MessageType, MetricData};
+use joblet_proto::ipc::JobRecord;
 use joblet_proto::persist::JobSummary;
 use prost::Message;
 use rocksdb::compaction_filter::Decision;
@@ -44,6 +48,7 @@ use crate::metrics as m;
 pub const CF_LOGS: &str = "logs";
 pub const CF_METRICS: &str = "metrics";
 pub const CF_SUMMARIES: &str = "summaries";
+pub const CF_JOBS: &str = "jobs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,6 +67,18 @@ pub enum StoreError {
     MissingColumnFamily(&'static str),
     #[error("an earlier write failed; this batch was prepared on top of it and is refused")]
     Aborted,
+}
+
+/// What a catalogue listing selects: jobs whose id starts with `prefix`, created in
+/// `[since, until)` (Unix ns), with one of `statuses` (any when empty; "UNKNOWN" is a job without
+/// a record); at most `limit`, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogueFilter {
+    pub prefix: String,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub statuses: Vec<String>,
+    pub limit: Option<usize>,
 }
 
 /// Stream selector of a log query.
@@ -112,6 +129,7 @@ pub struct MetricRecord {
 pub struct IngestOutcome {
     pub lines: u64,
     pub samples: u64,
+    pub records: u64,
     pub duplicates: u64,
     pub invalid: u64,
 }
@@ -188,6 +206,11 @@ impl Store {
             "joblet-metric-retention",
             record_filter(config.retention.metrics, CF_METRICS),
         );
+        let (jobs_name, mut jobs) = base(CF_JOBS);
+        jobs.set_compaction_filter(
+            "joblet-job-record-retention",
+            job_record_filter(config.retention.logs),
+        );
         let (summaries_name, mut summaries) = base(CF_SUMMARIES);
         summaries.set_compaction_filter(
             "joblet-summary-retention",
@@ -207,6 +230,7 @@ impl Store {
                 ColumnFamilyDescriptor::new(logs_name, logs),
                 ColumnFamilyDescriptor::new(metrics_name, metrics),
                 ColumnFamilyDescriptor::new(summaries_name, summaries),
+                ColumnFamilyDescriptor::new(jobs_name, jobs),
             ],
         )?;
         let sync = config.storage.durability == Durability::Sync;
@@ -264,6 +288,7 @@ impl Store {
         let started = Instant::now();
         let cfs = [self.cf(CF_LOGS)?, self.cf(CF_METRICS)?];
         let summaries_cf = self.cf(CF_SUMMARIES)?;
+        let jobs_cf = self.cf(CF_JOBS)?;
         let mut pending = lock(&self.pending);
         let mut commit = None;
         if self.resync.load(Ordering::Acquire) {
@@ -320,6 +345,22 @@ impl Store {
             let kind = match message.kind() {
                 MessageType::Log => 0,
                 MessageType::Metric => 1,
+                // Only the newest version of a job's record is kept.
+                MessageType::Job => {
+                    let summary = &mut job.summary;
+                    if message.sequence <= summary.last_record_sequence {
+                        outcome.duplicates += 1;
+                    } else if JobRecord::decode(message.data).is_err() {
+                        outcome.invalid += 1;
+                    } else {
+                        write.put_cf(jobs_cf, job_id.as_bytes(), message.data);
+                        summary.last_record_sequence = message.sequence;
+                        summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
+                        summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
+                        outcome.records += 1;
+                    }
+                    continue;
+                }
                 MessageType::Unspecified => {
                     outcome.invalid += 1;
                     continue;
@@ -420,6 +461,9 @@ impl Store {
         metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::LINES_STORED).increment(outcome.lines);
         metrics::counter!(m::METRICS_STORED).increment(outcome.samples);
+        if outcome.records > 0 {
+            metrics::counter!(m::JOB_RECORDS_STORED).increment(outcome.records);
+        }
         if outcome.duplicates > 0 {
             metrics::counter!(m::DUPLICATES_SKIPPED).increment(outcome.duplicates);
         }
@@ -488,6 +532,45 @@ impl Store {
         jobs
     }
 
+    /// The catalogue: summaries with their job records, filtered by `filter`. Newest first
+    /// (by creation; a job without a record counts as created at its first line) when a limit
+    /// is set, else ordered by id.
+    pub fn list_catalogue(&self, filter: &CatalogueFilter) -> Result<Vec<JobSummary>, StoreError> {
+        let jobs_cf = self.cf(CF_JOBS)?;
+        let mut listed = Vec::new();
+        for mut summary in self.list_jobs(&filter.prefix) {
+            if summary.last_record_sequence > 0
+                && let Some(value) = self.db.get_pinned_cf(jobs_cf, summary.job_id.as_bytes())?
+            {
+                summary.record = JobRecord::decode(value.as_ref()).ok();
+            }
+            let created = summary
+                .record
+                .as_ref()
+                .map_or(summary.first_timestamp, |r| r.created);
+            let status = summary
+                .record
+                .as_ref()
+                .and_then(|r| r.job.as_ref())
+                .map_or("UNKNOWN", |job| job.status.as_str());
+            let wanted = filter.since.is_none_or(|since| created >= since)
+                && filter.until.is_none_or(|until| created < until)
+                && (filter.statuses.is_empty()
+                    || filter
+                        .statuses
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(status)));
+            if wanted {
+                listed.push((created, summary));
+            }
+        }
+        if let Some(limit) = filter.limit {
+            listed.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.job_id.cmp(&b.1.job_id)));
+            listed.truncate(limit);
+        }
+        Ok(listed.into_iter().map(|(_, summary)| summary).collect())
+    }
+
     /// Removes every record and the summary of `job_id`; returns whether it had any.
     pub fn delete_job(&self, job_id: &str) -> Result<bool, StoreError> {
         let mut pending = lock(&self.pending);
@@ -498,6 +581,7 @@ impl Store {
         write.delete_range_cf(self.cf(CF_LOGS)?, &start, &end);
         write.delete_range_cf(self.cf(CF_METRICS)?, &start, &end);
         write.delete_cf(self.cf(CF_SUMMARIES)?, job_id.as_bytes());
+        write.delete_cf(self.cf(CF_JOBS)?, job_id.as_bytes());
         self.db.write_opt(write, &self.write_options)?;
         pending.remove(job_id);
         lock(&self.durable).remove(job_id);
@@ -657,7 +741,7 @@ impl Store {
 
     /// Compacts every column family now (retention filters run during compaction).
     pub fn compact(&self) -> Result<(), StoreError> {
-        for name in [CF_LOGS, CF_METRICS, CF_SUMMARIES] {
+        for name in [CF_LOGS, CF_METRICS, CF_SUMMARIES, CF_JOBS] {
             self.db
                 .compact_range_cf(self.cf(name)?, None::<&[u8]>, None::<&[u8]>);
         }
@@ -666,7 +750,7 @@ impl Store {
 
     /// Memory held by index and filter blocks across column families.
     pub fn index_bytes(&self) -> u64 {
-        [CF_LOGS, CF_METRICS, CF_SUMMARIES]
+        [CF_LOGS, CF_METRICS, CF_SUMMARIES, CF_JOBS]
             .into_iter()
             .filter_map(|name| self.cf(name).ok())
             .filter_map(|cf| {
@@ -681,7 +765,7 @@ impl Store {
     /// Flushes memtables so that a clean shutdown leaves no WAL to replay.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true)?;
-        for name in [CF_LOGS, CF_METRICS, CF_SUMMARIES] {
+        for name in [CF_LOGS, CF_METRICS, CF_SUMMARIES, CF_JOBS] {
             self.db.flush_cf(self.cf(name)?)?;
         }
         Ok(())
@@ -745,6 +829,24 @@ fn record_filter(
         };
         match keys::timestamp_of(key) {
             Some(timestamp) if timestamp < oldest_kept_ns(Retention(Some(period))) => {
+                expired.increment(1);
+                Decision::Remove
+            }
+            _ => Decision::Keep,
+        }
+    }
+}
+
+fn job_record_filter(
+    retention: Retention,
+) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
+    let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => CF_JOBS);
+    move |_level, _key, value| {
+        if retention.0.is_none() {
+            return Decision::Keep;
+        }
+        match JobRecord::decode(value) {
+            Ok(record) if record.updated < oldest_kept_ns(retention) => {
                 expired.increment(1);
                 Decision::Remove
             }

@@ -71,6 +71,7 @@ impl Sources {
         let summaries = client
             .list_jobs(ListJobsRequest {
                 job_id_prefix: self.job_id.clone(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner().jobs)

@@ -130,6 +130,7 @@ async fn wait_persisted(
         let stored = client
             .list_jobs(ListJobsRequest {
                 job_id_prefix: id.to_owned(),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -10,6 +10,8 @@ use joblet_proto::joblet::{
     GetJobLogsRequest, GetJobStatusRequest, GetJobStatusResponse, LogRecord, RunJobRequest,
     StreamLogsRequest,
 };
+use joblet_proto::persist::QueryLogsRequest;
+use joblet_proto::persist::persist_service_client::PersistServiceClient;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -300,4 +302,59 @@ pub async fn wait_status(client: &mut JobServiceClient<Channel>, id: &str, wante
     })
     .await
     .unwrap_or_else(|_| panic!("job never reached {wanted}"));
+}
+
+/// The lines persist holds of `id`, as (sequence, content), in its order.
+pub async fn persisted_lines(persist: &Daemon, id: &str) -> Vec<(u64, Vec<u8>)> {
+    let mut client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
+        .await
+        .unwrap();
+    let response = client
+        .query_logs(QueryLogsRequest {
+            job_id: id.into(),
+            ..Default::default()
+        })
+        .await;
+    let mut stream = match response {
+        Ok(response) => response.into_inner(),
+        // Nothing of the job has arrived yet.
+        Err(status) if status.code() == tonic::Code::NotFound => return Vec::new(),
+        Err(status) => panic!("QueryLogs: {status}"),
+    };
+    let mut lines = Vec::new();
+    while let Some(line) = stream.message().await.unwrap() {
+        lines.push((line.sequence, line.content.to_vec()));
+    }
+    lines
+}
+
+/// Waits (up to [`WAIT`]) until persist holds `count` lines of `id`, then checks that they are
+/// `1..=count` exactly once each, every line `n` reading `content(n)`.
+pub async fn persisted_exactly(
+    persist: &Daemon,
+    id: &str,
+    count: u64,
+    content: impl Fn(u64) -> String,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut lines = persisted_lines(persist, id).await;
+    while (lines.len() as u64) < count && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lines = persisted_lines(persist, id).await;
+    }
+    assert_eq!(
+        lines.len() as u64,
+        count,
+        "persist holds every line exactly once"
+    );
+    let mut sequences: Vec<u64> = lines.iter().map(|(sequence, _)| *sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(
+        sequences,
+        (1..=count).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    for (sequence, text) in &lines {
+        assert_eq!(text, content(*sequence).as_bytes(), "line {sequence}");
+    }
 }

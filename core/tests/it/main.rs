@@ -5,3 +5,4 @@ mod harness;
 mod jobs;
 mod limits;
 mod output;
+mod restart;

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 
 use joblet_proto::joblet::LogStream;
-use joblet_proto::persist::QueryLogsRequest;
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
 
 use crate::harness::{self, finished, records, run, shell};
@@ -68,29 +67,6 @@ async fn gauge_soon(core: &harness::Daemon, name: &str, wanted: f64) -> f64 {
     value
 }
 
-async fn persisted_lines(persist: &harness::Daemon, id: &str) -> Vec<(u64, Vec<u8>)> {
-    let mut client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
-        .await
-        .unwrap();
-    let response = client
-        .query_logs(QueryLogsRequest {
-            job_id: id.into(),
-            ..Default::default()
-        })
-        .await;
-    let mut stream = match response {
-        Ok(response) => response.into_inner(),
-        // Nothing of the job has arrived yet.
-        Err(status) if status.code() == tonic::Code::NotFound => return Vec::new(),
-        Err(status) => panic!("QueryLogs: {status}"),
-    };
-    let mut lines = Vec::new();
-    while let Some(line) = stream.message().await.unwrap() {
-        lines.push((line.sequence, line.content.to_vec()));
-    }
-    lines
-}
-
 #[tokio::test]
 async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
     let _alone = harness::CPU_BOUND.lock().await;
@@ -115,7 +91,7 @@ async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
     let expected = 600_000;
     let mut lines = Vec::new();
     for _ in 0..300 {
-        lines = persisted_lines(&persist, &id).await;
+        lines = harness::persisted_lines(&persist, &id).await;
         if lines.len() >= expected {
             break;
         }
@@ -166,7 +142,7 @@ async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_lat
     let persist = harness::start_persist(dir.path()).await;
     let mut lines = Vec::new();
     for _ in 0..300 {
-        lines = persisted_lines(&persist, &id).await;
+        lines = harness::persisted_lines(&persist, &id).await;
         if lines.len() >= expected {
             break;
         }
