@@ -125,6 +125,9 @@ pub fn job_message(job: &Job, node_id: &str) -> JobMessage {
         node_id: s.node_id,
         timeout: s.timeout,
         status_reason: s.status_reason,
+        created_time: job
+            .created
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
         ..Default::default()
     }
 }

@@ -57,12 +57,10 @@ pub enum JobCommand {
     )]
     Run(RunArgs),
     /// List jobs.
-    #[command(after_help = "Examples:\n  rnx job list\n  rnx job list --status RUNNING --json")]
-    List {
-        /// Only jobs in this state (RUNNING, COMPLETED, FAILED, ...).
-        #[arg(long)]
-        status: Option<String>,
-    },
+    #[command(
+        after_help = "Jobs joblet-core no longer holds (finished longer than its jobs.keep_finished ago) are\nlisted by --all from joblet-persist's history, marked \"history\".\nTimes (T) are RFC 3339 or a duration back from now (10m); --since is inclusive, --until\nexclusive; both apply to when a job was submitted.\n\nExamples:\n  rnx job list\n  rnx job list --status RUNNING --json\n  rnx job list --all --since 1d --status FAILED --limit 20"
+    )]
+    List(ListArgs),
     /// Show one job.
     #[command(after_help = "Example:\n  rnx job status 3f2a")]
     Status {
@@ -142,6 +140,25 @@ pub struct RunArgs {
 }
 
 #[derive(Args)]
+pub struct ListArgs {
+    /// Only jobs in this state (RUNNING, COMPLETED, FAILED, ...).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Also jobs from joblet-persist's history, newest first.
+    #[arg(long)]
+    pub all: bool,
+    /// Only jobs submitted at or after T.
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
+    /// Only jobs submitted before T.
+    #[arg(long, value_name = "T")]
+    pub until: Option<String>,
+    /// At most N jobs, the newest.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Args)]
 pub struct LogArgs {
     /// Job id or a unique prefix of it.
     pub id: String,
@@ -198,7 +215,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Certs(_) => Ok(()),
         Command::Job(command) => match *command {
             JobCommand::Run(args) => jobs::run(&node, args, json).await,
-            JobCommand::List { status } => jobs::list(&node, status, json).await,
+            JobCommand::List(args) => jobs::list(&node, args, json).await,
             JobCommand::Status { id } => jobs::status(&node, &id, json).await,
             JobCommand::Stop { id, grace } => jobs::stop(&node, &id, grace, json).await,
             JobCommand::Cancel { id } => jobs::cancel(&node, &id, json).await,

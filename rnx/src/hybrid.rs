@@ -48,8 +48,10 @@ impl Sources {
                 .await
             {
                 Ok(status) => {
-                    job_id = status.into_inner().uuid;
-                    core_has_job = true;
+                    let status = status.into_inner();
+                    job_id = status.uuid;
+                    // A job core let go is answered from persist's catalogue.
+                    core_has_job = !status.history;
                 }
                 Err(status) if status.code() == tonic::Code::NotFound => {}
                 Err(status) => return Err(status.into()),

@@ -6,12 +6,13 @@ use std::path::Path;
 
 use joblet_proto::joblet::{
     CancelJobRequest, DeleteAllJobsRequest, DeleteJobRequest, EmptyRequest, FileUpload,
-    GetJobStatusRequest, GetJobStatusResponse, RunJobRequest, StopJobRequest, StreamLogsRequest,
+    GetJobStatusRequest, GetJobStatusResponse, Job, RunJobRequest, StopJobRequest,
+    StreamLogsRequest,
 };
-use joblet_proto::persist::PingRequest;
+use joblet_proto::persist::{ListJobsRequest, PingRequest};
 use serde_json::json;
 
-use crate::cli::RunArgs;
+use crate::cli::{ListArgs, RunArgs};
 use crate::config::Node;
 use crate::output::{flush, json_line, write};
 use crate::{Failure, connect, timespec};
@@ -171,48 +172,162 @@ fn status_json(s: &GetJobStatusResponse) -> serde_json::Value {
         "max_io_bps": s.max_io_bps, "cpu_cores": s.cpu_cores, "network": s.network,
         "work_dir": s.work_dir, "environment": s.environment,
         "secret_environment": s.secret_environment, "node_id": s.node_id, "timeout": s.timeout,
+        "history": s.history,
     })
 }
 
-pub async fn list(node: &Node, state: Option<String>, json: bool) -> Result<(), Failure> {
+/// One row of `job list`: a job core holds, or one from persist's history.
+struct Listed {
+    job: Job,
+    /// Unix ns of submission (0 when unknown).
+    created: i64,
+    history: bool,
+}
+
+/// The history of persist's catalogue as list rows (`None` when persist is not configured or
+/// does not answer; a warning says so).
+async fn history_jobs(node: &Node, args: &ListArgs, since: i64, until: i64) -> Option<Vec<Listed>> {
+    let unreachable = |reason: String| {
+        eprintln!("warning: joblet-persist: {reason}; listing joblet-core's jobs only");
+        None
+    };
+    let mut persist = match connect::persist(node).await {
+        Ok(Some(persist)) => persist,
+        Ok(None) => return unreachable("no persist address in the client config".into()),
+        Err(failure) => return unreachable(failure.to_string()),
+    };
+    let request = ListJobsRequest {
+        since,
+        until,
+        statuses: args.status.iter().map(|s| s.to_uppercase()).collect(),
+        limit: args.limit.unwrap_or(0),
+        ..Default::default()
+    };
+    let summaries = match persist.list_jobs(request).await {
+        Ok(response) => response.into_inner().jobs,
+        Err(status) => return unreachable(status.message().to_owned()),
+    };
+    Some(
+        summaries
+            .into_iter()
+            .map(|summary| {
+                let created = summary
+                    .record
+                    .as_ref()
+                    .map_or(summary.first_timestamp, |record| record.created);
+                let job = summary
+                    .record
+                    .and_then(|record| record.job)
+                    .unwrap_or_else(|| Job {
+                        uuid: summary.job_id.clone(),
+                        status: "UNKNOWN".into(),
+                        ..Default::default()
+                    });
+                Listed {
+                    job,
+                    created,
+                    history: true,
+                }
+            })
+            .collect(),
+    )
+}
+
+pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure> {
+    let bound = |flag: &str, text: &Option<String>| -> Result<i64, Failure> {
+        match text {
+            None => Ok(0),
+            Some(text) => timespec::parse_past(text)
+                .map(|ns| ns.max(1))
+                .map_err(|e| Failure::Usage(format!("{flag}: {e}"))),
+        }
+    };
+    let (since, until) = (
+        bound("--since", &args.since)?,
+        bound("--until", &args.until)?,
+    );
     let mut core = connect::core(node).await?;
-    let jobs = core.list_jobs(EmptyRequest {}).await?.into_inner().jobs;
-    let wanted = state.map(|s| s.to_uppercase());
-    let mut out = std::io::stdout().lock();
-    let jobs: Vec<_> = jobs
+    let wanted = args.status.as_ref().map(|s| s.to_uppercase());
+    let in_window =
+        |created: i64| (since == 0 || created >= since) && (until == 0 || created < until);
+    let mut rows: Vec<Listed> = core
+        .list_jobs(EmptyRequest {})
+        .await?
+        .into_inner()
+        .jobs
         .into_iter()
-        .filter(|j| wanted.as_ref().is_none_or(|w| &j.status == w))
+        .map(|job| Listed {
+            created: chrono::DateTime::parse_from_rfc3339(&job.created_time)
+                .ok()
+                .and_then(|t| t.timestamp_nanos_opt())
+                .unwrap_or(0),
+            job,
+            history: false,
+        })
+        .filter(|row| wanted.as_ref().is_none_or(|w| &row.job.status == w))
+        .filter(|row| in_window(row.created))
         .collect();
+    if args.all
+        && let Some(history) = history_jobs(node, &args, since, until).await
+    {
+        let held: std::collections::HashSet<String> =
+            rows.iter().map(|row| row.job.uuid.clone()).collect();
+        rows.extend(
+            history
+                .into_iter()
+                .filter(|row| !held.contains(&row.job.uuid)),
+        );
+    }
+    if args.all || args.limit.is_some() {
+        rows.sort_by_key(|row| std::cmp::Reverse(row.created));
+    }
+    if let Some(limit) = args.limit {
+        rows.truncate(limit as usize);
+    }
+    let mut out = std::io::stdout().lock();
     if json {
-        for job in &jobs {
+        for Listed { job, history, .. } in &rows {
             json_line(
                 &mut out,
                 &json!({
                     "uuid": job.uuid, "status": job.status, "exit_code": job.exit_code,
                     "command": job.command, "args": job.args, "start_time": job.start_time,
                     "end_time": job.end_time, "reason": job.status_reason,
+                    "created_time": job.created_time, "history": history,
                 }),
             )?;
         }
         return Ok(());
     }
-    write(
-        &mut out,
+    let header = if args.all {
+        format!(
+            "{:<36}  {:<12}  {:>4}  {:<20}  {:<7}  COMMAND\n",
+            "ID", "STATUS", "EXIT", "STARTED", "WHERE"
+        )
+    } else {
         format!(
             "{:<36}  {:<12}  {:>4}  {:<20}  COMMAND\n",
             "ID", "STATUS", "EXIT", "STARTED"
         )
-        .as_bytes(),
-    )?;
-    for job in jobs {
+    };
+    write(&mut out, header.as_bytes())?;
+    for Listed { job, history, .. } in rows {
         let command = std::iter::once(job.command.as_str())
             .chain(job.args.iter().map(String::as_str))
             .collect::<Vec<_>>()
             .join(" ");
-        let line = format!(
-            "{:<36}  {:<12}  {:>4}  {:<20}  {}\n",
-            job.uuid, job.status, job.exit_code, job.start_time, command
-        );
+        let line = if args.all {
+            let place = if history { "history" } else { "core" };
+            format!(
+                "{:<36}  {:<12}  {:>4}  {:<20}  {:<7}  {}\n",
+                job.uuid, job.status, job.exit_code, job.start_time, place, command
+            )
+        } else {
+            format!(
+                "{:<36}  {:<12}  {:>4}  {:<20}  {}\n",
+                job.uuid, job.status, job.exit_code, job.start_time, command
+            )
+        };
         write(&mut out, line.as_bytes())?;
     }
     Ok(())
@@ -236,6 +351,12 @@ pub async fn status(node: &Node, id: &str, json: bool) -> Result<(), Failure> {
     };
     row("ID", &s.uuid);
     row("Status", &format!("{}{}", s.status, reason(&s)));
+    if s.history {
+        row(
+            "Source",
+            "history (joblet-persist); joblet-core no longer holds this job",
+        );
+    }
     row("Exit code", &s.exit_code.to_string());
     row(
         "Command",

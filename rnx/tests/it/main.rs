@@ -73,6 +73,12 @@ impl Node {
     /// persist (unless `with_persist` is false) and core, and an rnx-config.yml naming both
     /// (a dead port for persist when it is not started).
     async fn start(with_persist: bool) -> Node {
+        Node::start_with(with_persist, "").await
+    }
+
+    /// Like [`Node::start`], `core_jobs` added to core's `jobs:` block; core reaches persist's
+    /// query API when persist runs.
+    async fn start_with(with_persist: bool, core_jobs: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("persist.sock");
         let persist = if with_persist {
@@ -86,8 +92,11 @@ impl Node {
             None
         };
         let config = dir.path().join("core.yml");
+        let query = persist
+            .as_ref()
+            .map_or("null".to_owned(), |p| p.address.clone());
         std::fs::write(&config, format!(
-            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n",
+            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {query}\n  query_tls: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n{core_jobs}",
             dir.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'),
             dir.path().join("state").display(), socket.display(), dir.path().join("work").display()
         )).unwrap();
@@ -316,6 +325,66 @@ async fn run_follow_exits_with_the_jobs_exit_code() {
 }
 
 #[tokio::test]
+async fn list_all_adds_the_jobs_core_let_go_from_persists_history() {
+    let node = Node::start_with(true, "  keep_finished: 1s\n").await;
+    let done = node.run("echo first; exit 4").await;
+    node.wait_ended(&done).await;
+    let running = node.run("sleep 30").await;
+    // Once persist acknowledged it and keep_finished passed, core lets the finished job go.
+    let mut listed = String::new();
+    for _ in 0..300 {
+        listed = node.stdout(&["job", "list"]).await;
+        if !listed.contains(&done) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !listed.contains(&done) && listed.contains(&running),
+        "{listed}"
+    );
+
+    let all = node.stdout(&["job", "list", "--all"]).await;
+    let rows: Vec<&str> = all.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{all}");
+    assert!(
+        rows[0].starts_with(&running) && rows[0].contains(" core "),
+        "newest first: {all}"
+    );
+    assert!(
+        rows[1].starts_with(&done)
+            && rows[1].contains("FAILED")
+            && rows[1].contains(" 4 ")
+            && rows[1].contains(" history "),
+        "{all}"
+    );
+    let failed = node
+        .stdout(&["job", "list", "--all", "--status", "failed", "--json"])
+        .await;
+    let failed: serde_json::Value = serde_json::from_str(failed.trim()).unwrap();
+    assert_eq!(failed["uuid"], done.as_str());
+    assert_eq!(failed["history"], true);
+    let newest = node.stdout(&["job", "list", "--all", "--limit", "1"]).await;
+    assert_eq!(newest.lines().count(), 2, "{newest}");
+    assert!(newest.contains(&running));
+    let none = node
+        .stdout(&["job", "list", "--all", "--until", "1h"])
+        .await;
+    assert_eq!(
+        none.lines().count(),
+        1,
+        "nothing was submitted an hour ago: {none}"
+    );
+
+    assert_eq!(node.stdout(&["job", "log", &done]).await, "first\n");
+    let status = node.stdout(&["job", "status", &done[..8]]).await;
+    assert!(status.contains("history"), "{status}");
+    assert!(status.contains("FAILED"), "{status}");
+    node.stdout(&["job", "stop", &running]).await;
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn metrics_show_as_table_json_and_chart() {
     let node = Node::start(true).await;
     let id = node
@@ -387,6 +456,10 @@ fn help_and_errors_match_their_snapshots() {
     snapshot("job-help.txt", &rnx_plain(&["job", "--help"]).0);
     snapshot("job-run-help.txt", &rnx_plain(&["job", "run", "--help"]).0);
     snapshot("job-log-help.txt", &rnx_plain(&["job", "log", "--help"]).0);
+    snapshot(
+        "job-list-help.txt",
+        &rnx_plain(&["job", "list", "--help"]).0,
+    );
     snapshot(
         "job-metrics-help.txt",
         &rnx_plain(&["job", "metrics", "--help"]).0,
