@@ -418,7 +418,9 @@ impl JobManager {
         })
         .await;
         sampler.abort();
-        let usage = match job.cgroup() {
+        // Taken out of the job: a finished job keeps no cgroup handle.
+        let cgroup = job.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let usage = match cgroup {
             Some(cgroup) => tokio::task::spawn_blocking(move || {
                 let usage = cgroup.usage();
                 cgroup.kill_all();
@@ -464,8 +466,7 @@ impl JobManager {
         if status == Status::Failed {
             metrics::counter!(m::JOB_FAILURES).increment(1);
         }
-        job.metrics.finish();
-        job.output.finish();
+        // Ended first, then the streams: a client whose log stream ends sees the job ended.
         let _ = job
             .transition(Transition::Ended {
                 status,
@@ -473,13 +474,13 @@ impl JobManager {
                 reason,
             })
             .await;
+        job.metrics.finish();
+        job.output.finish();
         self.publish_job_gauges();
         tracing::info!(job_id = %job.id, status = status.as_str(), exit_code, "job ended");
     }
 
     async fn finish_unstarted(&self, job: &Job, status: Status, reason: &str) {
-        job.output.finish();
-        job.metrics.finish();
         let _ = job
             .transition(Transition::Ended {
                 status,
@@ -487,6 +488,8 @@ impl JobManager {
                 reason: reason.to_owned(),
             })
             .await;
+        job.output.finish();
+        job.metrics.finish();
         self.publish_job_gauges();
     }
 

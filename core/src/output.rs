@@ -31,8 +31,12 @@ use tokio_util::codec::Decoder;
 const INDEX_EVERY: u64 = 1024;
 /// Bytes a reader takes from the spool per read.
 const READ_CHUNK: u64 = 1024 * 1024;
-/// Size of each pipe read.
+/// Largest pipe read. A pump starts with [`FIRST_PIPE_READ`] and doubles its buffer each time
+/// a read fills it, so a chatty job reads in big chunks while the many jobs that print a few
+/// lines never allocate big buffers (freed memory the allocator keeps would grow core's RSS
+/// with every job).
 const PIPE_READ: usize = 256 * 1024;
+const FIRST_PIPE_READ: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -85,7 +89,8 @@ impl Output {
                 last_timestamp: 0,
                 end_offset: 0,
                 index: Vec::new(),
-                buffer: BytesMut::with_capacity(PIPE_READ * 2),
+                // Grows with the first reads; most jobs print little.
+                buffer: BytesMut::new(),
                 write_failed: false,
             }),
             progress: watch::Sender::new(Progress::default()),
@@ -149,7 +154,9 @@ impl Output {
             let mut state = self.lock();
             state.file = None;
             state.buffer = BytesMut::new();
-            state.index.shrink_to_fit();
+            // A copy made here, not on the pump thread that grew it: an allocation that outlives
+            // its thread keeps that thread's allocator pages (tens of KiB) alive with it.
+            state.index = state.index.clone();
         }
         self.progress.send_modify(|p| p.finished = true);
     }
@@ -360,13 +367,17 @@ fn scan_spool(path: &Path) -> io::Result<(u64, u64)> {
 /// thread: the pipe and the spool are blocking I/O.
 pub fn pump(output: &Output, stream: LogStream, mut pipe: impl Read, max_line: usize) {
     let mut splitter = LineSplitter::new(max_line);
-    let mut buffer = vec![0u8; PIPE_READ];
+    let mut buffer = vec![0u8; FIRST_PIPE_READ];
     loop {
         match pipe.read(&mut buffer) {
             Ok(0) => break,
             Ok(n) => {
                 let mut append = output.append(stream);
                 splitter.push(&buffer[..n], &mut |line| append.line(line));
+                drop(append);
+                if n == buffer.len() && n < PIPE_READ {
+                    buffer.resize(n * 2, 0);
+                }
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
