@@ -258,8 +258,24 @@ impl Config {
         if self.jobs.max_line_length.as_u64() < 128 {
             bail!("jobs.max_line_length: must be at least 128 bytes");
         }
-        if self.jobs.max_line_length.as_u64() >= self.persist.max_frame_size.as_u64() {
-            bail!("jobs.max_line_length: must be smaller than persist.max_frame_size");
+        // The longest line, in the frame that carries it, with the longest envelope fields.
+        let longest_line = vec![0u8; self.jobs.max_line_length.as_u64() as usize];
+        let frame = joblet_ipc::Frame::log(
+            "00000000-0000-0000-0000-000000000000",
+            u64::MAX,
+            i64::MIN,
+            joblet_ipc::Stream::Stderr,
+            &longest_line,
+        )
+        .body_len() as u64;
+        if frame > self.persist.max_frame_size.as_u64() {
+            bail!(
+                "jobs.max_line_length: a line of {} takes a frame of {frame} bytes, more than \
+                 persist.max_frame_size ({}); lower jobs.max_line_length or raise \
+                 persist.max_frame_size (and joblet-persist's ipc.max_frame_size with it)",
+                self.jobs.max_line_length,
+                self.persist.max_frame_size
+            );
         }
         if self.jobs.max_cpu > 0 && self.jobs.default_max_cpu > self.jobs.max_cpu {
             bail!("jobs.default_max_cpu: exceeds jobs.max_cpu");
@@ -302,5 +318,16 @@ mod tests {
             error("grpc:\n  listen: 10.1.2.3:50051\n  insecure: true\n").contains("grpc.insecure")
         );
         assert!(error("grpc:\n  tls: null\n").contains("grpc.tls"));
+        // A 1000-byte line does not fit a 1 KiB frame with its envelope.
+        let tight = "persist:\n  max_frame_size: 1 KiB\njobs:\n  max_line_length: 1000 B\n";
+        let said = error(tight);
+        assert!(
+            said.contains("jobs.max_line_length") && said.contains("persist.max_frame_size"),
+            "{said}"
+        );
+        assert!(
+            Config::parse("persist:\n  max_frame_size: 1 KiB\njobs:\n  max_line_length: 900 B\n")
+                .is_ok()
+        );
     }
 }

@@ -9,6 +9,7 @@ pub const JOB_FAILURES: &str = "joblet_core_job_failures_total";
 pub const UP: &str = "joblet_core_up";
 pub const REPLICATION_BEHIND: &str = "joblet_core_replication_behind_lines";
 pub const JOBS_EVICTED: &str = "joblet_core_jobs_evicted_total";
+pub const REPLICATION_LINES_LOST: &str = "joblet_core_replication_lines_lost_total";
 pub const SPOOL_BYTES: &str = "joblet_core_spool_bytes";
 pub const STATE_SKIPPED_BYTES: &str = "joblet_core_state_skipped_bytes_total";
 pub const STATE_WRITE_ERRORS: &str = "joblet_core_state_write_errors_total";
@@ -51,6 +52,12 @@ pub fn describe() {
         JOBS_RESTORED,
         "Jobs read back from core's state journal at start."
     );
+    describe_counter!(
+        REPLICATION_LINES_LOST,
+        "Log lines that could not be replicated, by reason (oversized: larger than an IPC \
+         frame; the job's later lines are still replicated)."
+    );
+    metrics::counter!(REPLICATION_LINES_LOST, "reason" => "oversized").absolute(0);
     for reason in ["replicated", "spool_max_bytes"] {
         metrics::counter!(JOBS_EVICTED, "reason" => reason).absolute(0);
     }

@@ -325,7 +325,17 @@ async fn send_logs(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u64, 
                 stream,
                 &record.content,
             );
-            sender.send(frame).await?;
+            match sender.send(frame).await {
+                Ok(()) => {}
+                // Cannot happen with a valid config (a line always fits a frame); should it,
+                // the line is lost, said and counted, and the job's later lines still flow.
+                Err(SendError::Oversized { len }) => {
+                    tracing::error!(job_id = %job.id, sequence = record.sequence, len, "a log line is too large for an IPC frame; it is not replicated");
+                    metrics::counter!(m::REPLICATION_LINES_LOST, "reason" => "oversized")
+                        .increment(1);
+                }
+                Err(error) => return Err(error),
+            }
         }
     }
 }
