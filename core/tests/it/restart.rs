@@ -187,9 +187,10 @@ async fn finished_jobs_hold_no_file_and_are_all_listed_after_a_restart() {
         let id = run(&mut client, shell(&format!("echo {round}"))).await;
         ids.push(id);
     }
-    // And 2,000 that never ran: scheduled, then canceled.
+    // And the rest of 10,000 that never ran (their spools exist all the same): scheduled,
+    // then canceled.
     let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
-    for _ in 0..2000 {
+    for _ in ids.len()..10_000 {
         let id = run(
             &mut client,
             RunJobRequest {
@@ -363,4 +364,61 @@ async fn an_acknowledged_job_leaves_core_after_keep_finished_and_stays_in_histor
     assert_eq!(logs(&mut client, &id).await.lines().count(), 500);
     core.terminate().await;
     persist.terminate().await;
+}
+
+#[tokio::test]
+async fn without_persist_the_oldest_finished_jobs_go_once_spools_exceed_their_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each job's spools take ~10 KB; the cap holds two of them.
+    let config = format!(
+        "persist:\n  enabled: false\njobs:\n  work_root: {}\n  spool_max_bytes: 25 KB\n  keep_finished: 200ms\n",
+        dir.path().join("work").display()
+    );
+    let core = harness::start_core(dir.path(), &config).await;
+    let mut client = core.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let id = run(&mut client, shell("seq 1 500")).await;
+        finished(&mut client, &id).await;
+        ids.push(id);
+    }
+    let kept = tokio::time::timeout(WAIT, async {
+        loop {
+            let listed: Vec<String> = list(&mut client)
+                .await
+                .into_iter()
+                .map(|j| j.uuid)
+                .collect();
+            if listed.len() == 2 {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("spools over the cap are evicted");
+    let mut newest = ids[2..].to_vec();
+    newest.sort();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(kept, newest, "the oldest finished jobs went first");
+    assert_eq!(
+        spool_files(dir.path()).len(),
+        4,
+        "two jobs' log and metrics spools"
+    );
+    assert_eq!(logs(&mut client, &ids[3]).await.lines().count(), 500);
+    let exported = core.scrape().await;
+    assert!(
+        exported
+            .lines()
+            .any(|l| l.starts_with("joblet_core_jobs_evicted_total{reason=\"spool_max_bytes\"} 2")),
+        "evictions are counted"
+    );
+    let said = std::fs::read_to_string(&core.log).unwrap();
+    assert!(
+        said.contains(&ids[0]) && said.contains("dropped"),
+        "each eviction is logged"
+    );
+    core.terminate().await;
 }
