@@ -1,6 +1,66 @@
-//! Shared by the benchmark programs: a result table that puts each figure beside its baseline.
+//! Shared by the benchmark programs: a result table that puts each figure beside its baseline,
+//! and starting the daemons built beside them.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::Context;
+use tokio::io::AsyncBufReadExt;
+
+/// A program built beside the running benchmark.
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} missing: cargo build --release --workspace --bins",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A daemon started by [`start`], killed when dropped.
+pub struct Daemon {
+    pub child: tokio::process::Child,
+    /// Its gRPC address, from its ready line.
+    pub grpc: String,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// SIGTERM, then waits for it to exit.
+    pub async fn terminate(mut self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// Starts `binary --config config` and waits for its ready line.
+pub async fn start(binary: &Path, config: &Path) -> anyhow::Result<Daemon> {
+    let mut child = tokio::process::Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let ready = lines
+        .next_line()
+        .await?
+        .context("daemon exited before ready")?;
+    let grpc = ready
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("grpc="))
+        .context("no grpc= in ready line")?
+        .to_owned();
+    Ok(Daemon { child, grpc })
+}
 
 /// One measured figure, with the baseline it is compared against (if any) and the aim.
 pub struct Row {

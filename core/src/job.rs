@@ -94,6 +94,18 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// A job's first state, before any transition.
+    pub fn initial(status: Status) -> JobState {
+        JobState {
+            status,
+            exit_code: 0,
+            start_time: None,
+            end_time: None,
+            reason: String::new(),
+            version: 1,
+        }
+    }
+
     /// The state `transition` leads to, or why it is not allowed from this one.
     pub fn after(&self, transition: Transition) -> Result<JobState, String> {
         let mut next = self.clone();
@@ -186,14 +198,7 @@ impl Job {
         } else {
             Status::Initializing
         };
-        let state = JobState {
-            status,
-            exit_code: 0,
-            start_time: None,
-            end_time: None,
-            reason: String::new(),
-            version: 1,
-        };
+        let state = JobState::initial(status);
         Job::assemble(
             id,
             spec,
@@ -388,14 +393,7 @@ mod tests {
     use super::*;
 
     fn state(status: Status) -> JobState {
-        JobState {
-            status,
-            exit_code: 0,
-            start_time: None,
-            end_time: None,
-            reason: String::new(),
-            version: 1,
-        }
+        JobState::initial(status)
     }
 
     fn ended(status: Status) -> Transition {

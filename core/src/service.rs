@@ -36,6 +36,12 @@ pub struct JobApi {
     manager: Arc<JobManager>,
 }
 
+/// Where a job's answers come from.
+enum Found {
+    Core(Arc<Job>),
+    History(crate::history::PersistAddress),
+}
+
 impl JobApi {
     pub fn new(manager: Arc<JobManager>) -> Self {
         JobApi { manager }
@@ -45,9 +51,17 @@ impl JobApi {
         self.manager.find(id).map_err(CoreError::into_status)
     }
 
-    /// persist's query API when core should fall back to history for unknown jobs.
-    fn history_address(&self) -> Option<crate::history::PersistAddress> {
-        self.manager.config().persist.query_target()
+    /// The job core holds, or — for one it does not know — persist's query API to answer
+    /// from history (when core uses one).
+    fn find_or_history(&self, id: &str) -> Result<Found, Status> {
+        match self.manager.find(id) {
+            Ok(job) => Ok(Found::Core(job)),
+            Err(CoreError::NotFound(_)) => match self.manager.config().persist.query_target() {
+                Some(address) => Ok(Found::History(address)),
+                None => Err(CoreError::NotFound(id.to_owned()).into_status()),
+            },
+            Err(error) => Err(error.into_status()),
+        }
     }
 }
 
@@ -254,16 +268,12 @@ impl JobService for JobApi {
         request: Request<GetJobStatusRequest>,
     ) -> Result<Response<GetJobStatusResponse>, Status> {
         let id = request.into_inner().uuid;
-        let job = match self.manager.find(&id) {
-            Ok(job) => job,
-            Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
-                let Some(address) = self.history_address() else {
-                    return Err(Status::not_found("job not found"));
-                };
+        let job = match self.find_or_history(&id)? {
+            Found::Core(job) => job,
+            Found::History(address) => {
                 let summary = crate::history::find_job(&address, &id).await?;
                 return Ok(Response::new(history_status(summary)));
             }
-            Err(error) => return Err(error.into_status()),
         };
         Ok(Response::new(status_response(
             &job,
@@ -355,12 +365,9 @@ impl JobService for JobApi {
         request: Request<GetJobLogsRequest>,
     ) -> Result<Response<Self::GetJobLogsStream>, Status> {
         let id = request.into_inner().uuid;
-        let job = match self.manager.find(&id) {
-            Ok(job) => job,
-            Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
-                let Some(address) = self.history_address() else {
-                    return Err(Status::not_found("job not found"));
-                };
+        let job = match self.find_or_history(&id)? {
+            Found::Core(job) => job,
+            Found::History(address) => {
                 let mut lines = crate::history::logs(
                     &address,
                     QueryLogsRequest {
@@ -390,7 +397,6 @@ impl JobService for JobApi {
                     }
                 })));
             }
-            Err(error) => return Err(error.into_status()),
         };
         let mut batches = log_records(job, 0, true)?;
         Ok(Response::new(channel_stream(|sender| async move {
@@ -455,12 +461,9 @@ impl JobService for JobApi {
                 "start_time, end_time and limit must not be negative",
             ));
         }
-        let job = match self.manager.find(&request.job_uuid) {
-            Ok(job) => job,
-            Err(CoreError::NotFound(_)) if self.history_address().is_some() => {
-                let Some(address) = self.history_address() else {
-                    return Err(Status::not_found("job not found"));
-                };
+        let job = match self.find_or_history(&request.job_uuid)? {
+            Found::Core(job) => job,
+            Found::History(address) => {
                 let mut metrics = crate::history::metrics(
                     &address,
                     QueryMetricsRequest {
@@ -482,7 +485,6 @@ impl JobService for JobApi {
                     }
                 })));
             }
-            Err(error) => return Err(error.into_status()),
         };
         let limit = if request.limit > 0 {
             request.limit as usize

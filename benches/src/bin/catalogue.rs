@@ -11,16 +11,14 @@
 //! - core's start with N jobs in its journal against its start with none, and that all N are
 //!   listed after it.
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use joblet_benches::Table;
+use joblet_benches::{Daemon, Table, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{EmptyRequest, GetJobStatusRequest, RunJobRequest};
-use tokio::io::AsyncBufReadExt;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -31,55 +29,6 @@ struct Args {
     /// Jobs run through the rnx binary for the end-to-end figure.
     #[arg(long, default_value_t = 50)]
     rnx_jobs: usize,
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} missing: cargo build --release --workspace --bins",
-        path.display()
-    );
-    Ok(path)
-}
-
-struct Daemon {
-    child: tokio::process::Child,
-    grpc: String,
-}
-
-impl Daemon {
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-
-    async fn terminate(mut self) -> anyhow::Result<()> {
-        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        self.child.wait().await?;
-        Ok(())
-    }
-}
-
-async fn start(binary: &Path, config: &Path) -> anyhow::Result<Daemon> {
-    let mut child = tokio::process::Command::new(binary)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let ready = lines
-        .next_line()
-        .await?
-        .context("daemon exited before ready")?;
-    let grpc = ready
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix("grpc="))
-        .context("no grpc= in ready line")?
-        .to_owned();
-    Ok(Daemon { child, grpc })
 }
 
 fn rss_mib(pid: u32) -> anyhow::Result<f64> {

@@ -8,18 +8,16 @@
 //! 2. live latency: a job writes lines carrying their write time (CLOCK_REALTIME ns); a
 //!    StreamLogs subscriber notes when each arrives.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use joblet_benches::Table;
+use joblet_benches::{Table, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{GetJobStatusRequest, RunJobRequest, StreamLogsRequest};
 use joblet_proto::persist::ListJobsRequest;
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
-use tokio::io::AsyncBufReadExt;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -34,42 +32,6 @@ struct Args {
     /// Rounds of baseline and job; medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} missing: cargo build --release --workspace --bins",
-        path.display()
-    );
-    Ok(path)
-}
-
-struct Daemon {
-    child: tokio::process::Child,
-    grpc: String,
-}
-
-async fn start(binary: &Path, config: &Path) -> anyhow::Result<Daemon> {
-    let mut child = tokio::process::Command::new(binary)
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let ready = lines
-        .next_line()
-        .await?
-        .context("daemon exited before ready")?;
-    let grpc = ready
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix("grpc="))
-        .context("no grpc= in ready line")?
-        .to_owned();
-    Ok(Daemon { child, grpc })
 }
 
 /// user+system CPU seconds of a process so far.
