@@ -13,6 +13,7 @@ pub const IPC_QUEUE_DEPTH: &str = "joblet_ipc_queue_depth";
 pub const IPC_QUEUE_CAPACITY: &str = "joblet_ipc_queue_capacity";
 pub const IPC_CONNECTED: &str = "joblet_ipc_connected";
 pub const IPC_RECONNECTS: &str = "joblet_ipc_reconnects_total";
+pub const IPC_CONNECT_ATTEMPTS: &str = "joblet_ipc_connect_attempts_total";
 pub const IPC_WRITE_DURATION: &str = "joblet_ipc_write_duration_seconds";
 
 pub const PERSIST_IPC_MESSAGES_RECEIVED: &str = "joblet_persist_ipc_messages_received_total";
@@ -44,6 +45,12 @@ pub const SECONDS_BUCKETS: [f64; 16] = [
 pub fn describe_sender() {
     metrics::counter!(IPC_MESSAGES_SENT).absolute(0);
     metrics::counter!(IPC_RECONNECTS).absolute(0);
+    metrics::counter!(IPC_CONNECT_ATTEMPTS).absolute(0);
+    describe_counter!(
+        IPC_CONNECT_ATTEMPTS,
+        "Attempts to connect to joblet-persist, successful or not (reconnects_total counts \
+         the successful reconnects)."
+    );
     for reason in DROP_REASONS {
         metrics::counter!(IPC_MESSAGES_DROPPED, "reason" => reason).absolute(0);
     }

@@ -17,6 +17,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
@@ -366,6 +367,40 @@ impl<S: MessageSink> Connection<S> {
     }
 }
 
+/// A failing store fails every batch of every reconnect: logged at the first failure, then at
+/// most once a minute with the count.
+static STORE_ERROR_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
+
+/// Decides when a repeated event is logged: the first time, then at most once per `interval`,
+/// with how many happened since the last line.
+pub struct LogLimiter {
+    interval: Duration,
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub const fn new(interval: Duration) -> LogLimiter {
+        LogLimiter {
+            interval,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one event; `Some(events since the last log line)` when this one is to be logged.
+    pub fn hit(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 += 1;
+        let now = Instant::now();
+        match state.0 {
+            Some(at) if now.duration_since(at) < self.interval => None,
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}
+
 async fn store_and_ack<S: MessageSink>(
     sink: Arc<S>,
     mut queued: mpsc::Receiver<Run>,
@@ -387,7 +422,9 @@ async fn store_and_ack<S: MessageSink>(
                     Ok(ack) => ack,
                     Err(error) => {
                         stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(%error, "storing replicated data failed; closing the connection");
+                        if let Some(since_last) = STORE_ERROR_LOG.hit() {
+                            tracing::error!(%error, failures_since_last_report = since_last, "storing replicated data failed; closing the connection (the sender retries with backoff)");
+                        }
                         return; // dropping `queued` stops the reader
                     }
                 };

@@ -7,6 +7,10 @@
 //! the queue is full, drops the message and counts the drop by reason, for callers that must
 //! never wait. One writer task takes everything queued at once and writes it with a single
 //! call, reconnecting with exponential backoff and jitter when the socket is missing or breaks.
+//! A connection that ends without a single acknowledgement (persist failing to store: disk
+//! full, a frame over its limit) counts as a failed attempt too: the next one waits longer, up
+//! to `reconnect_delay`, instead of reconnecting and resending at once; the refusals are logged
+//! when they start, once a minute while they last, and when they end.
 //! A batch whose write failed is written again first after the reconnect (persist stores
 //! idempotently, so a partial write is harmless).
 //!
@@ -38,6 +42,9 @@ use crate::queue::{FrameQueue, PushError};
 
 /// First reconnect delay; it doubles up to `reconnect_delay`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// While persist keeps refusing (connections that end without an acknowledgement), a summary
+/// is logged this often.
+const REFUSAL_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 /// How long shutdown waits to flush what is still queued.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -127,6 +134,9 @@ struct Shared {
     acks: Mutex<HashMap<String, [u64; 3]>>,
     /// Incremented on every successful connect; core watches it to replay after a reconnect.
     connection_generation: watch::Sender<u64>,
+    /// Acknowledgement frames received, over all connections: a connection during which this
+    /// did not grow made no progress.
+    acks_received: AtomicU64,
 }
 
 /// Handle to the replication stream. Cheap to clone; all clones feed the same queue.
@@ -149,6 +159,7 @@ impl IpcSender {
             connected: AtomicBool::new(false),
             acks: Mutex::new(HashMap::new()),
             connection_generation: watch::Sender::new(0),
+            acks_received: AtomicU64::new(0),
         });
         let writer = Writer {
             shared: shared.clone(),
@@ -156,6 +167,8 @@ impl IpcSender {
             pending: BytesMut::new(),
             pending_messages: 0,
             shutdown,
+            refusals: Refusals::default(),
+            acks_at_connect: 0,
         };
         let task = tokio::spawn(writer.run());
         (IpcSender { queue, shared }, task)
@@ -259,6 +272,10 @@ struct Writer {
     pending: BytesMut,
     pending_messages: usize,
     shutdown: CancellationToken,
+    /// Connections that ended without an acknowledgement, until one makes progress.
+    refusals: Refusals,
+    /// `acks_received` when the current connection was made.
+    acks_at_connect: u64,
 }
 
 enum ConnectionEnd {
@@ -273,6 +290,7 @@ impl Writer {
         let mut warned = false;
         loop {
             self.publish_queue_depth();
+            metrics::counter!(m::IPC_CONNECT_ATTEMPTS).increment(1);
             let connect = UnixStream::connect(&self.shared.config.socket_path);
             let stream = tokio::select! {
                 () = self.shutdown.cancelled() => break,
@@ -297,14 +315,17 @@ impl Writer {
                     }
                 }
             };
-            backoff = INITIAL_BACKOFF;
             warned = false;
             if ever_connected {
                 self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::IPC_RECONNECTS).increment(1);
             }
             ever_connected = true;
-            tracing::info!(socket = %self.shared.config.socket_path.display(), "connected to joblet-persist");
+            if self.refusals.count == 0 {
+                tracing::info!(socket = %self.shared.config.socket_path.display(), "connected to joblet-persist");
+            }
+            let acks_before = self.shared.acks_received.load(Ordering::Relaxed);
+            self.acks_at_connect = acks_before;
             let (read_half, write_half) = stream.into_split();
             let ack_reader = tokio::spawn(read_acks(
                 FramedRead::new(
@@ -319,11 +340,24 @@ impl Writer {
                 .send_modify(|generation| *generation += 1);
             let end = self.write_until_broken(write_half, ack_reader).await;
             self.set_connected(false);
-            match end {
-                ConnectionEnd::Shutdown => return,
-                ConnectionEnd::Broken => {
-                    tracing::warn!("connection to joblet-persist lost; reconnecting");
-                }
+            if let ConnectionEnd::Shutdown = end {
+                return;
+            }
+            if self.shared.acks_received.load(Ordering::Relaxed) > acks_before {
+                // It worked for a while: try again at once.
+                self.refusals.recovered();
+                backoff = INITIAL_BACKOFF;
+                tracing::warn!("connection to joblet-persist lost; reconnecting");
+                continue;
+            }
+            // persist took the connection but acknowledged nothing (a store error, disk full,
+            // a frame over its limit): wait longer each time instead of resending at once.
+            self.refusals.note(backoff);
+            let delay = jitter(backoff);
+            backoff = (backoff * 2).min(self.shared.config.reconnect_delay);
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
             }
         }
         // Shut down while disconnected: whatever is queued cannot be delivered.
@@ -362,6 +396,11 @@ impl Writer {
             if self.write_pending(&mut socket).await.is_err() {
                 ack_reader.abort();
                 return ConnectionEnd::Broken;
+            }
+            if self.refusals.count > 0
+                && self.shared.acks_received.load(Ordering::Relaxed) > self.acks_at_connect
+            {
+                self.refusals.recovered();
             }
         }
     }
@@ -422,6 +461,56 @@ impl Writer {
     }
 }
 
+/// Connections persist ended without acknowledging anything, logged when they start, every
+/// [`REFUSAL_SUMMARY_INTERVAL`] while they go on, and when they stop: not once per attempt.
+#[derive(Default)]
+struct Refusals {
+    count: u64,
+    since: Option<Instant>,
+    reported: Option<Instant>,
+    reported_count: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, backoff: Duration) {
+        self.count += 1;
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        match self.reported {
+            None => {
+                tracing::warn!(
+                    "joblet-persist closed the connection without acknowledging anything (see \
+                     its log: store errors, disk full, frame limits); retrying with backoff"
+                );
+                self.reported = Some(now);
+                self.reported_count = self.count;
+            }
+            Some(at) if now.duration_since(at) >= REFUSAL_SUMMARY_INTERVAL => {
+                tracing::warn!(
+                    attempts = self.count - self.reported_count,
+                    failing_for = ?now.duration_since(since),
+                    next_retry_within = ?backoff,
+                    "joblet-persist still acknowledges nothing; replication waits"
+                );
+                self.reported = Some(now);
+                self.reported_count = self.count;
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                attempts = self.count,
+                after = ?since.elapsed(),
+                "joblet-persist acknowledges again"
+            );
+        }
+        *self = Refusals::default();
+    }
+}
+
 async fn read_acks(
     mut acks: FramedRead<tokio::net::unix::OwnedReadHalf, FrameCodec<IpcAck>>,
     shared: Arc<Shared>,
@@ -434,6 +523,7 @@ async fn read_acks(
                 return;
             }
         };
+        shared.acks_received.fetch_add(1, Ordering::Relaxed);
         let mut table = shared.acks.lock().unwrap_or_else(|e| e.into_inner());
         for job in ack.jobs {
             let slot = ack_slot(job.r#type());

@@ -4,5 +4,6 @@
 mod harness;
 mod jobs;
 mod limits;
+mod outage;
 mod output;
 mod restart;
