@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 JOBLET_DIR := $(CURDIR)/.joblet
 
-.PHONY: all build deps promtool rules test fmt clippy run bench clean-run
+.PHONY: all build deps promtool rules test test-cgroup2 fmt clippy run bench clean-run
 
 all: build
 
@@ -39,6 +39,12 @@ clippy: deps
 test: deps fmt rules
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory clippy
+	$(MAKE) --no-print-directory test-cgroup2
+
+# core's cgroup and limits tests in a throw-away QEMU guest whose only hierarchy is cgroup v2
+# (../shared/tools/cgroup2-vm.sh), at the root and in a systemd-like delegated cgroup.
+test-cgroup2: deps
+	scripts/test-cgroup2.sh
 
 run: build
 	@scripts/run-local.sh

@@ -1,8 +1,13 @@
 //! Job cgroups through cgroups-rs, on cgroup v2 (unified) or v1 hosts, picked at start.
 //!
 //! Every job cgroup lives under core's own cgroup (`<own>/<parent>/<job id>`, relative paths
-//! per controller on v1), so that a service unit with `Delegate=yes` keeps its jobs inside its
-//! subtree. cgroups-rs reports success for a limit a hierarchy cannot apply (a missing
+//! per controller on v1, the path itself on v2, where cgroups-rs ignores relative paths), so
+//! that a service unit with `Delegate=yes` keeps its jobs inside its subtree.
+//!
+//! cgroups-rs 0.5 (the newest release) leaves gaps on v2 that this module fills by reading the
+//! v2 files itself: OOM kills come from `memory.events` (its `oom_control` is empty on v2), the
+//! IO limit is read back from `io.max` and IO use from `io.stat` (its v2 `blkio()` fills
+//! neither). cgroups-rs reports success for a limit a hierarchy cannot apply (a missing
 //! controller), so every requested limit is read back and the job is refused if it did not
 //! take. Processes enter their cgroup before they exec (see `spawn`), through the
 //! `cgroup.procs` files listed by [`JobCgroup::procs_files`].
@@ -127,9 +132,7 @@ impl CgroupRoot {
     /// Kills whatever still runs in the cgroup of `job_id` (left behind by a run of core that
     /// crashed) and removes it, best effort.
     pub fn remove_leftover(&self, job_id: &str) {
-        let name = format!("{}/{}", self.parent, job_id);
-        let cgroup =
-            Cgroup::load_with_relative_paths(hierarchies::auto(), &name, self.relative_paths());
+        let cgroup = self.handle(&format!("{}/{}", self.parent, job_id));
         if !cgroup.exists() {
             return;
         }
@@ -145,13 +148,20 @@ impl CgroupRoot {
         job.delete();
     }
 
+    /// A handle on the cgroup `name` below core's own (which need not exist yet).
+    fn handle(&self, name: &str) -> Cgroup {
+        if self.v2 {
+            let own = self.relative_paths().remove("").unwrap_or_default();
+            let path = format!("{}/{name}", own.trim_matches('/'));
+            Cgroup::load(hierarchies::auto(), path.trim_start_matches('/'))
+        } else {
+            Cgroup::load_with_relative_paths(hierarchies::auto(), name, self.relative_paths())
+        }
+    }
+
     /// Removes the (empty) parent of the job cgroups, best effort.
     pub fn remove_parent(&self) {
-        let parent = Cgroup::load_with_relative_paths(
-            hierarchies::auto(),
-            &self.parent,
-            self.relative_paths(),
-        );
+        let parent = self.handle(&self.parent);
         if parent.exists() {
             let _ = parent.delete();
         }
@@ -159,13 +169,11 @@ impl CgroupRoot {
 
     /// Creates the cgroup of `job_id` with `limits`, verifying each limit by reading it back.
     pub fn create(&self, job_id: &str, limits: &Limits) -> Result<JobCgroup, CgroupError> {
-        let name = format!("{}/{}", self.parent, job_id);
-        let hierarchy = hierarchies::auto();
-        let cgroup = Cgroup::new_with_relative_paths(hierarchy, &name, self.relative_paths())
-            .map_err(|e| CgroupError::Failed {
-                path: name.clone(),
-                message: e.to_string(),
-            })?;
+        let cgroup = self.handle(&format!("{}/{}", self.parent, job_id));
+        cgroup.create().map_err(|e| CgroupError::Failed {
+            path: cgroup.path().to_owned(),
+            message: e.to_string(),
+        })?;
         let job = JobCgroup {
             cgroup,
             v2: self.v2,
@@ -278,9 +286,20 @@ impl JobCgroup {
                     .and_then(|()| blkio.throttle_write_bps_for_device(*major, *minor, bps))
                     .map_err(|e| not_applied("max_io_bps", e))?;
             }
-            let applied = blkio.blkio().throttle.read_bps_device;
-            if !applied.iter().any(|d| d.data == bps) {
-                return Err(not_applied("max_io_bps", format!("read back {applied:?}")));
+            if self.v2 {
+                let io_max = self.v2_file("io.max").unwrap_or_default();
+                let wanted = format!("rbps={bps} wbps={bps}");
+                if !io_max.lines().any(|line| line.contains(&wanted)) {
+                    return Err(not_applied(
+                        "max_io_bps",
+                        format!("io.max reads {:?}", io_max.trim()),
+                    ));
+                }
+            } else {
+                let applied = blkio.blkio().throttle.read_bps_device;
+                if !applied.iter().any(|d| d.data == bps) {
+                    return Err(not_applied("max_io_bps", format!("read back {applied:?}")));
+                }
             }
         }
         Ok(())
@@ -328,13 +347,35 @@ impl JobCgroup {
         }
     }
 
+    /// A file of this cgroup's directory on v2 (`None` on v1 or when unreadable).
+    fn v2_file(&self, name: &str) -> Option<String> {
+        if !self.v2 {
+            return None;
+        }
+        let path = Path::new(cgroups_rs::fs::cgroup::UNIFIED_MOUNTPOINT)
+            .join(self.cgroup.path().trim_start_matches('/'))
+            .join(name);
+        std::fs::read_to_string(path).ok()
+    }
+
+    /// The directory of this cgroup in the pids hierarchy (the unified one on v2).
+    pub fn path(&self) -> PathBuf {
+        self.cgroup
+            .controller_of::<PidController>()
+            .map(|pids| pids.path().to_owned())
+            .unwrap_or_default()
+    }
+
     pub fn usage(&self) -> Usage {
         let mut usage = Usage::default();
         if let Some(memory) = self.cgroup.controller_of::<MemController>() {
             let stat = memory.memory_stat();
             usage.memory_bytes = stat.usage_in_bytes;
             usage.memory_limit = stat.limit_in_bytes;
-            usage.oom_kills = stat.oom_control.oom_kill;
+            usage.oom_kills = match self.v2_file("memory.events") {
+                Some(events) => keyed_value(&events, "oom_kill").unwrap_or(0),
+                None => stat.oom_control.oom_kill,
+            };
         }
         if self.v2 {
             if let Some(cpu) = self.cgroup.controller_of::<CpuController>() {
@@ -352,14 +393,16 @@ impl JobCgroup {
         if let Some(pids) = self.cgroup.controller_of::<PidController>() {
             usage.pids = pids.get_pid_current().unwrap_or(0);
         }
-        if let Some(blkio) = self.cgroup.controller_of::<BlkIoController>() {
-            let io = blkio.blkio();
-            let services = if self.v2 {
-                io.io_service_bytes
-            } else {
-                io.throttle.io_service_bytes
-            };
-            for service in services {
+        if let Some(stat) = self.v2_file("io.stat") {
+            // One line per device: "8:0 rbytes=N wbytes=N rios=N wios=N dbytes=N dios=N".
+            for line in stat.lines() {
+                usage.io_read_bytes += keyed_value(line, "rbytes").unwrap_or(0);
+                usage.io_write_bytes += keyed_value(line, "wbytes").unwrap_or(0);
+            }
+        } else if !self.v2
+            && let Some(blkio) = self.cgroup.controller_of::<BlkIoController>()
+        {
+            for service in blkio.blkio().throttle.io_service_bytes {
                 usage.io_read_bytes += service.read;
                 usage.io_write_bytes += service.write;
             }
@@ -379,6 +422,23 @@ impl JobCgroup {
             }
         }
     }
+}
+
+/// The number after `key` in "key value" lines (memory.events) or "key=value" fields (io.stat).
+fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    let mut tokens = text.split_whitespace();
+    while let Some(token) = tokens.next() {
+        if token == key {
+            return tokens.next()?.parse().ok();
+        }
+        if let Some(value) = token
+            .strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('='))
+        {
+            return value.parse().ok();
+        }
+    }
+    None
 }
 
 /// (major, minor) of every whole block device except loop, ram and zram devices.
@@ -424,6 +484,17 @@ pub fn parse_cpus(text: &str) -> Option<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v2_counters_are_read_from_their_files() {
+        let events = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(keyed_value(events, "oom_kill"), Some(2));
+        assert_eq!(keyed_value(events, "oom"), Some(3));
+        let stat = "8:0 rbytes=4096 wbytes=20971520 rios=1 wios=5 dbytes=0 dios=0";
+        assert_eq!(keyed_value(stat, "wbytes"), Some(20_971_520));
+        assert_eq!(keyed_value(stat, "rbytes"), Some(4096));
+        assert_eq!(keyed_value(stat, "missing"), None);
+    }
 
     #[test]
     fn cpusets_parse_to_cpu_numbers() {

@@ -449,10 +449,20 @@ impl JobManager {
                 Status::Failed,
                 format!("timed out after {}", job.spec.timeout_text),
             ),
+            // A process of the job was OOM-killed but the job went on and succeeded.
+            None if usage.oom_kills > 0 && exit_code == 0 => (
+                Status::Completed,
+                format!(
+                    "completed; {} killed for exceeding max_memory {} MiB",
+                    processes(usage.oom_kills),
+                    job.spec.max_memory_mb
+                ),
+            ),
             None if usage.oom_kills > 0 => (
                 Status::Failed,
                 format!(
-                    "out of memory: killed for exceeding max_memory {} MiB",
+                    "out of memory: {} killed for exceeding max_memory {} MiB",
+                    processes(usage.oom_kills),
                     job.spec.max_memory_mb
                 ),
             ),
@@ -828,6 +838,14 @@ async fn sample_metrics(job: Arc<Job>, interval: Duration) {
             continue;
         };
         previous = Some(taken);
+    }
+}
+
+fn processes(count: u64) -> String {
+    if count == 1 {
+        "1 process".to_owned()
+    } else {
+        format!("{count} processes")
     }
 }
 

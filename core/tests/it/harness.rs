@@ -73,7 +73,46 @@ fn field(ready: &str, name: &str) -> Option<String> {
 /// Starts joblet-core with state in `dir`, persist socket `dir/persist.sock`, and `extra` YAML.
 pub async fn start_core(dir: &Path, extra: &str) -> Daemon {
     let binary = Path::new(env!("CARGO_BIN_EXE_joblet-core"));
-    start_core_with(Command::new(binary), dir, extra).await
+    let command = match delegated_cgroup(dir) {
+        // Like a systemd unit with Delegate=yes: core alone in a cgroup of its own.
+        Some(cgroup) => {
+            let mut command = Command::new("/bin/sh");
+            command
+                .arg("-c")
+                .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+                .arg(cgroup)
+                .arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    start_core_with(command, dir, extra).await
+}
+
+/// On a cgroup v2 host where the tests run below the root (a delegated subtree, as under
+/// systemd), a cgroup beside the tests' own for one core: v2 enables controllers only in
+/// cgroups without processes of their own, so core cannot share the tests' cgroup. `None` on
+/// v1 or at the root, where core is started as it is.
+fn delegated_cgroup(dir: &Path) -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut lines = own.lines();
+    let path = lines.next()?.strip_prefix("0::")?.to_owned();
+    if lines.next().is_some() || path == "/" {
+        return None;
+    }
+    let parent = Path::new(&path).parent()?;
+    let name = format!(
+        "core-{}",
+        dir.file_name()?.to_string_lossy().trim_start_matches('.')
+    );
+    // Straight into the leaf core would move itself to: a cgroup whose controllers are
+    // enabled for its children (by an earlier core) admits no process.
+    let cgroup = Path::new("/sys/fs/cgroup")
+        .join(parent.strip_prefix("/").ok()?)
+        .join(name)
+        .join("joblet-core");
+    std::fs::create_dir_all(&cgroup).ok()?;
+    Some(cgroup)
 }
 
 /// Like [`start_core`], with `command` running the joblet-core binary (e.g. through a

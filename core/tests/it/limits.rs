@@ -224,3 +224,156 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+#[tokio::test]
+async fn a_process_killed_for_memory_is_reported_even_when_the_job_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "").await;
+    let mut client = core.client().await;
+    // `tail` holds a 300 MB "line" and is OOM-killed; the job goes on and exits 0.
+    let mut request = shell("(head -c 300000000 /dev/zero | tail > /dev/null); echo survived");
+    request.max_memory = 64;
+    let id = run(&mut client, request).await;
+    let output = logs(&mut client, &id).await;
+    assert!(output.ends_with("survived\n"), "{output:?}");
+    let done = finished(&mut client, &id).await;
+    assert_eq!((done.status.as_str(), done.exit_code), ("COMPLETED", 0));
+    assert!(
+        done.status_reason
+            .contains("1 process killed for exceeding max_memory 64 MiB"),
+        "{}",
+        done.status_reason
+    );
+    core.terminate().await;
+}
+
+#[tokio::test]
+async fn the_io_limit_holds_and_io_is_measured() {
+    let _alone = harness::CPU_BOUND.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    // O_DIRECT needs a real file system (in the v2 guest /tmp is a tmpfs; it has a scratch
+    // disk instead).
+    let scratch = std::env::var("JOBLET_TEST_SCRATCH")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| dir.path().to_owned());
+    let target = scratch.join(format!("io-{}", std::process::id()));
+    let core = harness::start_core(
+        dir.path(),
+        "jobs:\n  metrics_interval: 100ms\n  work_root: /tmp/joblet-test-work\n",
+    )
+    .await;
+    let mut client = core.client().await;
+    let mut request = shell(&format!(
+        "start=$(date +%s%N); dd if=/dev/zero of={} bs=1M count=10 oflag=direct 2>/dev/null; \
+         end=$(date +%s%N); rm -f {0}; echo $(( (end - start) / 1000000 ))",
+        target.display()
+    ));
+    request.max_io_bps = 5 << 20;
+    let id = run(&mut client, request).await;
+    let output = logs(&mut client, &id).await;
+    let done = finished(&mut client, &id).await;
+    assert_eq!(done.status, "COMPLETED", "{done:?} {output}");
+    let millis: u64 = output.trim().parse().unwrap();
+    assert!(
+        millis >= 1200,
+        "10 MiB at 5 MiB/s took {millis} ms: the limit did not hold"
+    );
+    let mut samples = client
+        .get_job_metrics(GetJobMetricsRequest {
+            job_uuid: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut written = 0;
+    while let Some(event) = samples.message().await.unwrap() {
+        written = written.max(event.disk_write_bytes);
+    }
+    assert!(
+        written >= 8 << 20,
+        "the job wrote 10 MiB; its metrics say {written} bytes"
+    );
+    core.terminate().await;
+}
+
+#[tokio::test]
+async fn job_cgroups_live_under_cores_own_cgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "").await;
+    let mut client = core.client().await;
+    let id = run(&mut client, shell("sleep 30")).await;
+    harness::wait_status(&mut client, &id, "RUNNING").await;
+    let pid = core.child.id().unwrap();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    // v2: "0::/<own>/joblet-core" (core moved itself into a leaf); v1: the pids hierarchy.
+    let (mount, own) = match own.lines().find_map(|l| l.strip_prefix("0::")) {
+        Some(path) if !own.lines().any(|l| l.contains(":pids:")) => (
+            "/sys/fs/cgroup".to_owned(),
+            path.trim_end_matches("/joblet-core").to_owned(),
+        ),
+        _ => (
+            "/sys/fs/cgroup/pids".to_owned(),
+            own.lines()
+                .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_owned()))
+                .unwrap(),
+        ),
+    };
+    let parent = format!(
+        "joblet-test-{}",
+        dir.path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches('.')
+    );
+    let job_dir = std::path::Path::new(&mount)
+        .join(own.trim_start_matches('/'))
+        .join(parent)
+        .join(&id);
+    let procs = std::fs::read_to_string(job_dir.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("{}: {e}", job_dir.display()));
+    assert!(
+        !procs.trim().is_empty(),
+        "the job's processes are in {}",
+        job_dir.display()
+    );
+    client
+        .stop_job(StopJobRequest {
+            uuid: id,
+            grace_period: "1s".into(),
+        })
+        .await
+        .unwrap();
+    core.terminate().await;
+    assert!(!job_dir.exists(), "no cgroup left behind");
+}
+
+#[tokio::test]
+async fn cpu_cores_pin_the_job_and_a_timeout_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(
+        dir.path(),
+        "jobs:\n  stop_grace_period: 1s\n  work_root: /tmp/joblet-test-work\n",
+    )
+    .await;
+    let mut client = core.client().await;
+    let mut pinned = shell("grep Cpus_allowed_list /proc/self/status");
+    pinned.cpu_cores = "0".into();
+    let id = run(&mut client, pinned).await;
+    let output = logs(&mut client, &id).await;
+    assert_eq!(output.split_whitespace().last(), Some("0"), "{output}");
+
+    let mut slow = shell("sleep 30");
+    slow.timeout = "1s".into();
+    let started = std::time::Instant::now();
+    let id = run(&mut client, slow).await;
+    let done = finished(&mut client, &id).await;
+    assert_eq!(done.status, "FAILED");
+    assert_eq!(done.status_reason, "timed out after 1s");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "timeout plus grace period, not the job's 30 s"
+    );
+    core.terminate().await;
+}
