@@ -48,7 +48,7 @@ pub struct Limits {
 }
 
 /// One sample of a job's resource use.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
     pub cpu_nanos: u64,
     pub memory_bytes: u64,
@@ -57,6 +57,11 @@ pub struct Usage {
     pub io_write_bytes: u64,
     pub pids: u64,
     pub oom_kills: u64,
+    /// Pressure stall information (cgroup v2 only): % of the last 10 s in which some tasks
+    /// waited for CPU, some for memory, all for memory.
+    pub cpu_pressure_some: Option<f64>,
+    pub memory_pressure_some: Option<f64>,
+    pub memory_pressure_full: Option<f64>,
 }
 
 /// Where job cgroups are made.
@@ -393,6 +398,13 @@ impl JobCgroup {
         if let Some(pids) = self.cgroup.controller_of::<PidController>() {
             usage.pids = pids.get_pid_current().unwrap_or(0);
         }
+        if let Some(pressure) = self.v2_file("cpu.pressure") {
+            usage.cpu_pressure_some = pressure_avg10(&pressure, "some");
+        }
+        if let Some(pressure) = self.v2_file("memory.pressure") {
+            usage.memory_pressure_some = pressure_avg10(&pressure, "some");
+            usage.memory_pressure_full = pressure_avg10(&pressure, "full");
+        }
         if let Some(stat) = self.v2_file("io.stat") {
             // One line per device: "8:0 rbytes=N wbytes=N rios=N wios=N dbytes=N dios=N".
             for line in stat.lines() {
@@ -439,6 +451,16 @@ fn keyed_value(text: &str, key: &str) -> Option<u64> {
         }
     }
     None
+}
+
+/// The `avg10` of the `kind` ("some" or "full") line of a PSI file:
+/// "some avg10=1.50 avg60=0.20 avg300=0.00 total=12345".
+fn pressure_avg10(text: &str, kind: &str) -> Option<f64> {
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(kind))?;
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("avg10=")?.parse().ok())
 }
 
 /// (major, minor) of every whole block device except loop, ram and zram devices.
@@ -494,6 +516,13 @@ mod tests {
         assert_eq!(keyed_value(stat, "wbytes"), Some(20_971_520));
         assert_eq!(keyed_value(stat, "rbytes"), Some(4096));
         assert_eq!(keyed_value(stat, "missing"), None);
+        let pressure = "some avg10=12.50 avg60=3.00 avg300=0.61 total=123\nfull avg10=2.25 avg60=0.00 avg300=0.00 total=9\n";
+        assert_eq!(pressure_avg10(pressure, "some"), Some(12.5));
+        assert_eq!(pressure_avg10(pressure, "full"), Some(2.25));
+        assert_eq!(
+            pressure_avg10("some avg10=0.00 avg60=0.00 avg300=0.00 total=0", "full"),
+            None
+        );
     }
 
     #[test]

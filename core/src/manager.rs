@@ -828,6 +828,9 @@ async fn sample_metrics(job: Arc<Job>, interval: Duration) {
                     io_read_bytes: usage.io_read_bytes as i64,
                     io_write_bytes: usage.io_write_bytes as i64,
                     pids: usage.pids as i64,
+                    cpu_pressure_some: usage.cpu_pressure_some,
+                    memory_pressure_some: usage.memory_pressure_some,
+                    memory_pressure_full: usage.memory_pressure_full,
                     ..Default::default()
                 },
             );

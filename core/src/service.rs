@@ -198,6 +198,9 @@ pub fn metric_event(
         net_sent_bytes: data.net_sent_bytes,
         pids: data.pids,
         sequence,
+        cpu_pressure_some: data.cpu_pressure_some,
+        memory_pressure_some: data.memory_pressure_some,
+        memory_pressure_full: data.memory_pressure_full,
         ..Default::default()
     }
 }

@@ -330,6 +330,9 @@ impl PersistService for PersistApi {
                             net_sent_bytes: sample.net_sent_bytes,
                             pids: sample.pids,
                             sequence: record.sequence,
+                            cpu_pressure_some: sample.cpu_pressure_some,
+                            memory_pressure_some: sample.memory_pressure_some,
+                            memory_pressure_full: sample.memory_pressure_full,
                             ..Default::default()
                         }),
                     })

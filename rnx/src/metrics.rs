@@ -132,6 +132,9 @@ impl View {
                     "cpu_percent": sample.cpu_percent, "memory_bytes": sample.memory_bytes,
                     "memory_limit": sample.memory_limit, "io_read_bytes": sample.disk_read_bytes,
                     "io_write_bytes": sample.disk_write_bytes, "pids": sample.pids,
+                    "cpu_pressure_some": sample.cpu_pressure_some,
+                    "memory_pressure_some": sample.memory_pressure_some,
+                    "memory_pressure_full": sample.memory_pressure_full,
                 }),
             )?;
         } else {
@@ -203,13 +206,37 @@ pub fn chart(samples: &[JobMetricsEvent], width: usize) -> String {
     let last = timespec::format_ns(samples[samples.len() - 1].timestamp);
     let cpu_max = cpu.iter().cloned().fold(0.0, f64::max);
     let memory_max = memory.iter().cloned().fold(0.0, f64::max);
-    format!(
+    let mut text = format!(
         "{} samples, {first} .. {last}\nCPU %   {} max {cpu_max:.1}%\nMemory  {} max {}\n",
         samples.len(),
         sparkline(&cpu, width),
         sparkline(&memory, width),
         human_bytes(memory_max as i64)
-    )
+    );
+    // Pressure stall information, where the host has it (cgroup v2).
+    for (name, pressure) in [
+        (
+            "CPU PSI",
+            samples
+                .iter()
+                .map(|s| s.cpu_pressure_some)
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "Mem PSI",
+            samples.iter().map(|s| s.memory_pressure_some).collect(),
+        ),
+    ] {
+        if pressure.iter().any(Option::is_some) {
+            let values: Vec<f64> = pressure.iter().map(|p| p.unwrap_or(0.0)).collect();
+            let max = values.iter().cloned().fold(0.0, f64::max);
+            text.push_str(&format!(
+                "{name} {} max {max:.1}% (some, avg10)\n",
+                sparkline(&values, width)
+            ));
+        }
+    }
+    text
 }
 
 fn sparkline(values: &[f64], width: usize) -> String {

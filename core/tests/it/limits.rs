@@ -154,6 +154,18 @@ async fn metrics_are_sampled_from_the_jobs_cgroup() {
             .windows(2)
             .all(|w| w[0].sequence + 1 == w[1].sequence)
     );
+    // Pressure stall information: on cgroup v2 with PSI in the kernel, nothing on v1.
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let psi = std::fs::read_to_string("/proc/pressure/memory").is_ok();
+    let with_pressure = events
+        .iter()
+        .filter(|e| e.cpu_pressure_some.is_some() && e.memory_pressure_some.is_some())
+        .count();
+    if v2 && psi {
+        assert_eq!(with_pressure, events.len(), "{events:?}");
+    } else {
+        assert_eq!(with_pressure, 0, "no PSI without cgroup v2: {events:?}");
+    }
     core.terminate().await;
 }
 
