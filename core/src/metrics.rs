@@ -8,6 +8,7 @@ pub const JOBS_STARTED: &str = "joblet_core_jobs_started_total";
 pub const JOB_FAILURES: &str = "joblet_core_job_failures_total";
 pub const UP: &str = "joblet_core_up";
 pub const REPLICATION_BEHIND: &str = "joblet_core_replication_behind_lines";
+pub const REPLICATION_OLDEST_UNACKED: &str = "joblet_core_replication_oldest_unacked_seconds";
 pub const JOBS_EVICTED: &str = "joblet_core_jobs_evicted_total";
 pub const REPLICATION_LINES_LOST: &str = "joblet_core_replication_lines_lost_total";
 pub const SPOOL_BYTES: &str = "joblet_core_spool_bytes";
@@ -68,4 +69,11 @@ pub fn describe() {
     metrics::counter!(JOBS_STARTED).absolute(0);
     metrics::counter!(JOB_FAILURES).absolute(0);
     metrics::gauge!(REPLICATION_BEHIND).set(0.0);
+    describe_gauge!(
+        REPLICATION_OLDEST_UNACKED,
+        "How long the job furthest behind has had spooled lines joblet-persist has not \
+         acknowledged (0 when nothing is behind)."
+    );
+    metrics::gauge!(REPLICATION_OLDEST_UNACKED).set(0.0);
+    joblet_ipc::metrics::publish_build_info("joblet-core", env!("CARGO_PKG_VERSION"));
 }

@@ -234,16 +234,32 @@ async fn publish_lag(
     replicating: Arc<Mutex<HashMap<String, Arc<Job>>>>,
     stop: CancellationToken,
 ) {
+    // Since when each job has had lines persist has not acknowledged.
+    let mut behind_since: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
         let jobs: Vec<Arc<Job>> = lock(&replicating).values().cloned().collect();
-        let behind: u64 = jobs
-            .iter()
-            .map(|job| {
-                let written = job.output.progress().last_sequence;
-                written.saturating_sub(sender.acknowledged(&job.id, MessageType::Log))
-            })
-            .sum();
+        let now = std::time::Instant::now();
+        let mut behind = 0;
+        let mut still_behind = HashMap::with_capacity(behind_since.len());
+        for job in &jobs {
+            let written = job.output.progress().last_sequence;
+            let lines = written.saturating_sub(sender.acknowledged(&job.id, MessageType::Log));
+            if lines > 0 {
+                behind += lines;
+                let since = behind_since.get(&job.id).copied().unwrap_or(now);
+                still_behind.insert(job.id.clone(), since);
+            }
+        }
+        behind_since = still_behind;
+        let oldest = behind_since
+            .values()
+            .map(|since| now.duration_since(*since).as_secs_f64())
+            .fold(0.0, f64::max);
         metrics::gauge!(m::REPLICATION_BEHIND).set(behind as f64);
+        metrics::gauge!(m::REPLICATION_OLDEST_UNACKED).set(oldest);
+        // The writer updates the queue depth as it takes batches; refreshed here too, so that
+        // it does not read stale while the writer is blocked on a stuck persist.
+        metrics::gauge!(joblet_ipc::metrics::IPC_QUEUE_DEPTH).set(sender.queue_depth() as f64);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(LAG_INTERVAL) => {}

@@ -14,6 +14,8 @@ pub const IPC_QUEUE_CAPACITY: &str = "joblet_ipc_queue_capacity";
 pub const IPC_CONNECTED: &str = "joblet_ipc_connected";
 pub const IPC_RECONNECTS: &str = "joblet_ipc_reconnects_total";
 pub const IPC_CONNECT_ATTEMPTS: &str = "joblet_ipc_connect_attempts_total";
+pub const IPC_ACKS_RECEIVED: &str = "joblet_ipc_acks_received_total";
+pub const BUILD_INFO: &str = "joblet_build_info";
 pub const IPC_WRITE_DURATION: &str = "joblet_ipc_write_duration_seconds";
 
 pub const PERSIST_IPC_MESSAGES_RECEIVED: &str = "joblet_persist_ipc_messages_received_total";
@@ -46,6 +48,12 @@ pub fn describe_sender() {
     metrics::counter!(IPC_MESSAGES_SENT).absolute(0);
     metrics::counter!(IPC_RECONNECTS).absolute(0);
     metrics::counter!(IPC_CONNECT_ATTEMPTS).absolute(0);
+    metrics::counter!(IPC_ACKS_RECEIVED).absolute(0);
+    describe_counter!(
+        IPC_ACKS_RECEIVED,
+        "Acknowledgements received from joblet-persist: while lines are behind, a counter that \
+         does not grow means replication is stalled."
+    );
     describe_counter!(
         IPC_CONNECT_ATTEMPTS,
         "Attempts to connect to joblet-persist, successful or not (reconnects_total counts \
@@ -77,6 +85,12 @@ pub fn describe_sender() {
         Unit::Seconds,
         "Time to write one batch of frames to the persist socket."
     );
+}
+
+/// `joblet_build_info{component, version}` = 1, so dashboards and alerts can tell what runs.
+pub fn publish_build_info(component: &'static str, version: &'static str) {
+    describe_gauge!(BUILD_INFO, "1, labelled with the daemon and its version.");
+    metrics::gauge!(BUILD_INFO, "component" => component, "version" => version).set(1.0);
 }
 
 /// Registers help text for the receiver's metrics (call once, from joblet-persist), and

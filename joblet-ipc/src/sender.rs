@@ -524,6 +524,7 @@ async fn read_acks(
             }
         };
         shared.acks_received.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::IPC_ACKS_RECEIVED).increment(1);
         let mut table = shared.acks.lock().unwrap_or_else(|e| e.into_inner());
         for job in ack.jobs {
             let slot = ack_slot(job.r#type());

@@ -67,6 +67,7 @@ pub fn describe() {
     metrics::counter!(LINES_STORED).absolute(0);
     metrics::counter!(METRICS_STORED).absolute(0);
     metrics::counter!(JOB_RECORDS_STORED).absolute(0);
+    joblet_ipc::metrics::publish_build_info("joblet-persist", env!("CARGO_PKG_VERSION"));
     for rpc in ["QueryLogs", "QueryMetrics"] {
         // Registered empty so that latency rules and dashboards have series from the start.
         let _ = metrics::histogram!(QUERY_DURATION, "rpc" => rpc);

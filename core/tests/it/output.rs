@@ -138,6 +138,14 @@ async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_lat
         200_000.0,
         "every line is waiting for persist"
     );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let waited = gauge_soon(
+        &core,
+        "joblet_core_replication_oldest_unacked_seconds",
+        -1.0,
+    )
+    .await;
+    assert!(waited >= 1.0, "the lines have waited {waited} s");
 
     let persist = harness::start_persist(dir.path()).await;
     let mut lines = Vec::new();
@@ -157,6 +165,11 @@ async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_lat
         gauge_soon(&core, "joblet_core_replication_behind_lines", 0.0).await,
         0.0,
         "persist acknowledged everything"
+    );
+    assert_eq!(
+        gauge_soon(&core, "joblet_core_replication_oldest_unacked_seconds", 0.0).await,
+        0.0,
+        "nothing waits once persist caught up"
     );
 
     let mut persist_client = PersistServiceClient::connect(format!("http://{}", persist.grpc))
