@@ -29,33 +29,11 @@ struct Args {
     check_config: bool,
 }
 
-/// Values of mimalloc v3's `mi_option_e` (the version libmimalloc-sys builds; it names
-/// neither). The test below checks them against their defaults.
-const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Makes mimalloc give freed memory back to the system as it is freed. By default it commits
-/// its arenas eagerly and purges freed pages only after a delay that is checked when the thread
-/// owning them allocates again: every job's short-lived output threads left their freed pages
-/// resident, and core's RSS grew with every job that ever ran (2,000 `true` jobs: 20 → 330 MiB,
-/// though the pages held nothing; with these options 28 MiB). `MIMALLOC_PURGE_DELAY` and
-/// `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still win.
-#[allow(unsafe_code)]
-fn return_freed_memory_promptly() {
-    for (variable, option) in [
-        ("MIMALLOC_PURGE_DELAY", MI_OPTION_PURGE_DELAY),
-        ("MIMALLOC_ARENA_EAGER_COMMIT", MI_OPTION_ARENA_EAGER_COMMIT),
-    ] {
-        if std::env::var_os(variable).is_none() {
-            // SAFETY: mi_option_set only stores a value in mimalloc's option table; any
-            // option number is accepted (unknown ones are ignored).
-            unsafe { libmimalloc_sys::mi_option_set(option, 0) };
-        }
-    }
-}
+// Every job's short-lived output threads free their pages: give them back at once, or core's
+// RSS grows with every job that ever ran (2,000 `true` jobs: 20 → 330 MiB).
+joblet_ipc::tune_allocator_at_load!(true);
 
 fn main() -> ExitCode {
-    return_freed_memory_promptly();
     let args = Args::parse();
     let config = match args.config {
         Some(path) => Config::load(&path),
@@ -107,30 +85,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics_address.map_or("off".to_owned(), |a| a.to_string())
     );
     core.serve(grpc, shutdown).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[allow(unsafe_code)]
-    fn the_mimalloc_option_numbers_are_those_of_the_bundled_version() {
-        // SAFETY: reads mimalloc's option table.
-        let (eager, delay) = unsafe {
-            (
-                libmimalloc_sys::mi_option_get(MI_OPTION_ARENA_EAGER_COMMIT),
-                libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY),
-            )
-        };
-        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
-            assert_eq!(eager, 2, "arena_eager_commit defaults to 2 (on overcommit)");
-        }
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-            assert_eq!(
-                delay, 1000,
-                "purge_delay defaults to 1000 ms in mimalloc v3"
-            );
-        }
-    }
 }

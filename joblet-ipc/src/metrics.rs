@@ -21,6 +21,7 @@ pub const IPC_WRITE_DURATION: &str = "joblet_ipc_write_duration_seconds";
 pub const PERSIST_IPC_MESSAGES_RECEIVED: &str = "joblet_persist_ipc_messages_received_total";
 pub const PERSIST_IPC_FRAMES_REJECTED: &str = "joblet_persist_ipc_frames_rejected_total";
 pub const PERSIST_IPC_CONNECTIONS: &str = "joblet_persist_ipc_connections";
+pub const PERSIST_IPC_CONNECTIONS_REFUSED: &str = "joblet_persist_ipc_connections_refused_total";
 
 /// Reasons a sender drops a message (`joblet_ipc_messages_dropped_total{reason}`).
 pub const DROP_REASONS: [&str; 4] = ["queue_full", "disconnected", "oversized", "shutdown"];
@@ -98,6 +99,11 @@ pub fn publish_build_info(component: &'static str, version: &'static str) {
 pub fn describe_receiver() {
     metrics::counter!(PERSIST_IPC_MESSAGES_RECEIVED).absolute(0);
     metrics::gauge!(PERSIST_IPC_CONNECTIONS).set(0.0);
+    metrics::counter!(PERSIST_IPC_CONNECTIONS_REFUSED, "reason" => "max_connections").absolute(0);
+    describe_counter!(
+        PERSIST_IPC_CONNECTIONS_REFUSED,
+        "IPC connections closed at once, by reason (max_connections: ipc.max_connections open)."
+    );
     for reason in REJECT_REASONS {
         metrics::counter!(PERSIST_IPC_FRAMES_REJECTED, "reason" => reason).absolute(0);
     }

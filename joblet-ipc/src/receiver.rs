@@ -45,6 +45,9 @@ const QUEUED_RUNS: usize = 32;
 const READ_BUFFER_BYTES: usize = 1024 * 1024;
 /// A buffer with less room than this left is replaced before the next read.
 const MIN_READ_BYTES: usize = 64 * 1024;
+/// A connection that has had nothing to read for this long gives its read buffer back: an idle
+/// connection holds no buffer (only its task and the socket's kernel buffers).
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -52,6 +55,8 @@ pub struct ReceiverConfig {
     pub max_frame_bytes: usize,
     /// Most messages handed to the sink in one batch.
     pub max_batch_messages: usize,
+    /// Connections served at once; more are closed as soon as they are accepted, and counted.
+    pub max_connections: usize,
 }
 
 impl ReceiverConfig {
@@ -60,6 +65,7 @@ impl ReceiverConfig {
             socket_path: socket_path.into(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_batch_messages: 8192,
+            max_connections: 16,
         }
     }
 }
@@ -130,6 +136,7 @@ impl IpcReceiver {
     /// acknowledges what each connection already read, and removes the socket file.
     pub async fn run<S: MessageSink>(self, sink: Arc<S>, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.config.max_connections));
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -137,13 +144,28 @@ impl IpcReceiver {
             };
             match accepted {
                 Ok((stream, _)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        drop(stream);
+                        metrics::counter!(m::PERSIST_IPC_CONNECTIONS_REFUSED, "reason" => "max_connections").increment(1);
+                        if let Some(refused) = CONNECTIONS_REFUSED_LOG.hit() {
+                            tracing::warn!(
+                                max = self.config.max_connections,
+                                refused,
+                                "IPC connection refused: ipc.max_connections are open"
+                            );
+                        }
+                        continue;
+                    };
                     let connection = Connection {
                         config: self.config.clone(),
                         stats: self.stats.clone(),
                         sink: sink.clone(),
                         shutdown: shutdown.clone(),
                     };
-                    connections.spawn(connection.serve(stream));
+                    connections.spawn(async move {
+                        connection.serve(stream).await;
+                        drop(slot);
+                    });
                 }
                 Err(error) => {
                     tracing::warn!(%error, "accept on the IPC socket failed");
@@ -332,6 +354,28 @@ impl<S: MessageSink> Connection<S> {
                     Stop::Undecodable(error) => return self.close_on(error.into()),
                 }
             };
+            // Nothing buffered: wait until there is something to read before taking a
+            // buffer, and give the buffer back if nothing comes for a while.
+            if buffer.is_empty() {
+                let readable = tokio::select! {
+                    () = self.shutdown.cancelled() => return,
+                    readable = tokio::time::timeout(IDLE_RELEASE, socket.readable()) => readable,
+                };
+                match readable {
+                    Err(_idle) => {
+                        buffer = BytesMut::new();
+                        tokio::select! {
+                            () = self.shutdown.cancelled() => return,
+                            _ = socket.readable() => {}
+                        }
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "IPC connection closed");
+                        return;
+                    }
+                    Ok(Ok(())) => {}
+                }
+            }
             // Room for the rest of the frame, and for a large read: one allocation serves
             // several reads, and the runs split off it share it.
             if buffer.capacity() - buffer.len() < need.max(MIN_READ_BYTES) {
@@ -370,6 +414,8 @@ impl<S: MessageSink> Connection<S> {
 /// A failing store fails every batch of every reconnect: logged at the first failure, then at
 /// most once a minute with the count.
 static STORE_ERROR_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
+/// Refused connections: logged at the first, then at most once a minute.
+static CONNECTIONS_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 
 /// Decides when a repeated event is logged: the first time, then at most once per `interval`,
 /// with how many happened since the last line.

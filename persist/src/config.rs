@@ -51,6 +51,9 @@ pub struct IpcConfig {
     pub socket: PathBuf,
     /// Largest accepted frame.
     pub max_frame_size: ByteSize,
+    /// Connections served at once (one joblet-core needs one); more are closed and counted in
+    /// joblet_persist_ipc_connections_refused_total.
+    pub max_connections: usize,
 }
 
 impl Default for IpcConfig {
@@ -58,6 +61,7 @@ impl Default for IpcConfig {
         IpcConfig {
             socket: PathBuf::from("/tmp/joblet-persist.sock"),
             max_frame_size: ByteSize::mib(8),
+            max_connections: 16,
         }
     }
 }
@@ -268,6 +272,9 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.data_dir.as_os_str().is_empty() {
             bail!("data_dir: must not be empty");
+        }
+        if self.ipc.max_connections == 0 {
+            bail!("ipc.max_connections: must be at least 1");
         }
         let socket_dir = self
             .ipc

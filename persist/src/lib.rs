@@ -54,6 +54,7 @@ impl Persist {
             .with_context(|| format!("open store in {}", config.data_dir.display()))?;
         let mut receiver_config = ReceiverConfig::new(&config.ipc.socket);
         receiver_config.max_frame_bytes = config.ipc.max_frame_size.as_u64() as usize;
+        receiver_config.max_connections = config.ipc.max_connections;
         let receiver = IpcReceiver::bind(receiver_config)
             .await
             .context("ipc.socket")?;

@@ -29,6 +29,10 @@ struct Args {
     check_config: bool,
 }
 
+// No eagerly committed arena memory (an idle IPC connection cost ~1 MiB); freed memory is
+// purged on mimalloc's own schedule (ingest allocates and frees constantly).
+joblet_ipc::tune_allocator_at_load!(false);
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = match load_config(args.config) {

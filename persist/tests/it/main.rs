@@ -2,6 +2,7 @@
 //! the real IPC sender and queried over real gRPC.
 
 mod catalogue;
+mod connections;
 mod harness;
 mod ingest_and_query;
 mod restart_and_retention;
