@@ -508,10 +508,10 @@ impl Store {
             .take(2)
             .collect();
         match matches.as_slice() {
-            [] => Err(StoreError::NotFound(id_or_prefix.to_owned())),
+            [] => Err(StoreError::NotFound(echoed(id_or_prefix))),
             [only] => Ok((*only).clone()),
             _ => Err(StoreError::Ambiguous {
-                prefix: id_or_prefix.to_owned(),
+                prefix: echoed(id_or_prefix),
                 count: summaries
                     .keys()
                     .filter(|id| id.starts_with(id_or_prefix))
@@ -769,6 +769,16 @@ impl Store {
             self.db.flush_cf(self.cf(name)?)?;
         }
         Ok(())
+    }
+}
+
+/// Input echoed in an error, cut to 64 characters (a 100 KB id must not make the reply too
+/// large to send), as core does.
+fn echoed(input: &str) -> String {
+    const MAX_ECHOED_CHARS: usize = 64;
+    match input.char_indices().nth(MAX_ECHOED_CHARS) {
+        Some((end, _)) => format!("{}…", &input[..end]),
+        None => input.to_owned(),
     }
 }
 

@@ -148,6 +148,11 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
     {
         return Err(Failure::Usage("--until must be after --since".into()));
     }
+    let Some((start_time, end_time)) = timespec::persist_bounds(filters.since, filters.until)
+    else {
+        // --until at or before 1970: no line is that old.
+        return Ok(());
+    };
 
     let mut sources = Sources::open(node, &args.id).await?;
     let core_has_job = sources.core_has_job;
@@ -181,8 +186,8 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                             Which::Stdout => StreamType::Stdout,
                             Which::Stderr => StreamType::Stderr,
                         } as i32,
-                        start_time: filters.since.unwrap_or(0).max(0),
-                        end_time: filters.until.unwrap_or(0).max(0),
+                        start_time,
+                        end_time,
                         contains: args.grep.clone().unwrap_or_default(),
                         tail: args.tail.unwrap_or(0),
                         ..Default::default()

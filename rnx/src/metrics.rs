@@ -25,6 +25,10 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
     let in_range = |e: &JobMetricsEvent| {
         since.is_none_or(|s| e.timestamp >= s) && until.is_none_or(|u| e.timestamp < u)
     };
+    let Some((start_time, end_time)) = timespec::persist_bounds(since, until) else {
+        // An empty window (--until at or before 1970, or not after --since): no sample.
+        return View::new(json, args.chart, false).finish();
+    };
 
     let mut sources = Sources::open(node, &args.id).await?;
     let core_has_job = sources.core_has_job;
@@ -43,8 +47,8 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
             let mut stream = client
                 .query_metrics(QueryMetricsRequest {
                     job_id: job_id.clone(),
-                    start_time: since.unwrap_or(0).max(0),
-                    end_time: until.unwrap_or(0).max(0),
+                    start_time,
+                    end_time,
                     ..Default::default()
                 })
                 .await?

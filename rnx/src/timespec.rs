@@ -43,3 +43,43 @@ pub fn format_ns(ns: i64) -> String {
     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
     .unwrap_or_else(|| ns.to_string())
 }
+
+/// persist's bounds (`start_time`, `end_time`; 0 leaves a bound open) for `[since, until)`,
+/// or `None` when nothing can be in the window: `until` at or before the epoch (no line is
+/// stamped before 1970) or not after `since`. A `since` before the epoch is no bound at all.
+pub fn persist_bounds(since: Option<i64>, until: Option<i64>) -> Option<(i64, i64)> {
+    if let Some(until) = until
+        && (until <= 0 || since.is_some_and(|since| until <= since))
+    {
+        return None;
+    }
+    Some((since.unwrap_or(0).max(0), until.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_mean_what_they_say() {
+        assert_eq!(persist_bounds(None, None), Some((0, 0)));
+        assert_eq!(
+            persist_bounds(Some(-5), None),
+            Some((0, 0)),
+            "before 1970: no bound"
+        );
+        assert_eq!(
+            persist_bounds(None, Some(0)),
+            None,
+            "until the epoch: nothing"
+        );
+        assert_eq!(
+            persist_bounds(None, Some(-1)),
+            None,
+            "until before it: nothing"
+        );
+        assert_eq!(persist_bounds(Some(7), Some(7)), None, "an empty window");
+        assert_eq!(persist_bounds(Some(7), Some(9)), Some((7, 9)));
+        assert_eq!(persist_bounds(None, Some(1)), Some((0, 1)));
+    }
+}

@@ -322,6 +322,15 @@ async fn bad_queries_get_clear_errors_naming_the_field() {
             status.message()
         );
     }
+    // A 100 KB id is echoed cut short: the answer is a clear NOT_FOUND, not a dropped reply.
+    let huge = "f".repeat(100_000);
+    let status = query_logs(&mut client, request(&huge)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(
+        status.message().len() < 200 && status.message().contains(&"f".repeat(64)),
+        "{:?}",
+        status.message()
+    );
     drop(replicator);
     daemon.terminate().await;
 }

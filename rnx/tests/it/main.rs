@@ -245,6 +245,39 @@ async fn time_tail_stream_and_grep_filters_apply_across_both_sources() {
         ])
         .await;
     assert_eq!(window, "two\n");
+    // Bounds at or before the epoch mean what they say.
+    for until in ["1970-01-01T00:00:00Z", "1969-12-31T23:59:59Z"] {
+        assert_eq!(
+            node.stdout(&["job", "log", "--until", until, &id]).await,
+            "",
+            "--until {until}"
+        );
+        assert_eq!(
+            node.stdout(&["job", "metrics", "--json", "--until", until, &id])
+                .await,
+            "",
+            "metrics --until {until}"
+        );
+    }
+    assert_eq!(
+        node.stdout(&[
+            "job",
+            "log",
+            "--since",
+            "1969-12-31T23:59:59Z",
+            "--stdout",
+            &id
+        ])
+        .await,
+        "one\ntwo\nthree ERROR\n",
+        "--since before the epoch bounds nothing"
+    );
+    assert_eq!(
+        node.stdout(&["job", "log", "--since", "2200-01-01T00:00:00Z", &id])
+            .await,
+        "",
+        "--since in the far future"
+    );
     assert_eq!(
         node.stdout(&["job", "log", "--tail", "2", &id]).await,
         "three ERROR\nerr-two\n"
