@@ -116,6 +116,9 @@ pub struct RetentionConfig {
     pub logs: Retention,
     /// How long metric samples are kept; "0" keeps forever.
     pub metrics: Retention,
+    /// Accepts retention periods under one minute. For tests only: in production such a value
+    /// is a typo ("1ns") that would delete everything.
+    pub allow_under_a_minute: bool,
 }
 
 impl Default for RetentionConfig {
@@ -123,6 +126,7 @@ impl Default for RetentionConfig {
         RetentionConfig {
             logs: Retention(Some(Duration::from_secs(7 * 86_400))),
             metrics: Retention(Some(Duration::from_secs(30 * 86_400))),
+            allow_under_a_minute: false,
         }
     }
 }
@@ -273,6 +277,21 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             bail!("data_dir: must not be empty");
         }
+        for (key, retention) in [
+            ("retention.logs", self.retention.logs),
+            ("retention.metrics", self.retention.metrics),
+        ] {
+            if let Some(period) = retention.0
+                && period < Duration::from_secs(60)
+                && !self.retention.allow_under_a_minute
+            {
+                bail!(
+                    "{key}: {} is under one minute and would delete data as it arrives; use at \
+                     least 1m, or 0 to keep forever",
+                    humantime::format_duration(period)
+                );
+            }
+        }
         if self.ipc.max_connections == 0 {
             bail!("ipc.max_connections: must be at least 1");
         }
@@ -357,6 +376,17 @@ mod tests {
     #[test]
     fn nonsense_is_refused_naming_the_key() {
         assert!(error_of("retention:\n  logs: -5d\n").contains("negative"));
+        let short = error_of("retention:\n  logs: 1ns\n");
+        assert!(
+            short.contains("retention.logs") && short.contains("one minute"),
+            "{short}"
+        );
+        assert!(error_of("retention:\n  metrics: 59s\n").contains("retention.metrics"));
+        assert!(Config::parse("retention:\n  logs: 1m\n").is_ok());
+        assert!(
+            Config::parse("retention:\n  logs: 1s\n  allow_under_a_minute: true\n").is_ok(),
+            "tests may ask for short retention explicitly"
+        );
         assert!(error_of("retention:\n  logs: soon\n").contains("invalid retention"));
         assert!(error_of("bogus: 1\n").contains("unknown field `bogus`"));
         assert!(error_of("nice: 20\n").contains("nice: must be"));
