@@ -56,6 +56,36 @@ pub fn thread_nice_values(pid: u32) -> std::io::Result<Vec<(String, i32)>> {
     Ok(threads)
 }
 
+/// Decides when a repeated event is logged: the first time, then at most once per `interval`,
+/// with how many happened since the last line.
+pub struct LogLimiter {
+    interval: std::time::Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub const fn new(interval: std::time::Duration) -> LogLimiter {
+        LogLimiter {
+            interval,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one event; `Some(events since the last log line)` when this one is to be logged.
+    pub fn hit(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 += 1;
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(at) if now.duration_since(at) < self.interval => None,
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}
+
 /// Values of mimalloc v3's `mi_option_e` (the version libmimalloc-sys builds; it names
 /// neither). A test checks them against their defaults.
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;

@@ -17,7 +17,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::batch::{self, Batch, Envelope, Stop};
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, LENGTH_PREFIX_BYTES, encode_frame};
+use crate::daemon::LogLimiter;
 use crate::metrics as m;
 
 /// Batches handed to the sink at once per connection (a sink may prepare one while it writes
@@ -416,36 +417,6 @@ impl<S: MessageSink> Connection<S> {
 static STORE_ERROR_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 /// Refused connections: logged at the first, then at most once a minute.
 static CONNECTIONS_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
-
-/// Decides when a repeated event is logged: the first time, then at most once per `interval`,
-/// with how many happened since the last line.
-pub struct LogLimiter {
-    interval: Duration,
-    state: std::sync::Mutex<(Option<Instant>, u64)>,
-}
-
-impl LogLimiter {
-    pub const fn new(interval: Duration) -> LogLimiter {
-        LogLimiter {
-            interval,
-            state: std::sync::Mutex::new((None, 0)),
-        }
-    }
-
-    /// Counts one event; `Some(events since the last log line)` when this one is to be logged.
-    pub fn hit(&self) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 += 1;
-        let now = Instant::now();
-        match state.0 {
-            Some(at) if now.duration_since(at) < self.interval => None,
-            _ => {
-                state.0 = Some(now);
-                Some(std::mem::take(&mut state.1))
-            }
-        }
-    }
-}
 
 async fn store_and_ack<S: MessageSink>(
     sink: Arc<S>,

@@ -235,9 +235,23 @@ pub async fn serve(
     }
 }
 
+/// Refused handshakes are logged at the first, then at most once a minute with the count: a
+/// misconfigured client retrying must not flood the log.
+static HANDSHAKE_REFUSALS_LOG: crate::daemon::LogLimiter =
+    crate::daemon::LogLimiter::new(Duration::from_secs(60));
+
 fn deny_handshake(peer: SocketAddr, error: &str) {
-    tracing::warn!(%peer, error, "TLS handshake refused");
-    metrics::counter!(AUTH_DENIED, "reason" => "handshake").increment(1);
+    // rustls reads a plaintext HTTP/2 preface as a record of an unknown type.
+    let plaintext = error.contains("InvalidContentType");
+    let reason = if plaintext { "plaintext" } else { "handshake" };
+    metrics::counter!(AUTH_DENIED, "reason" => reason).increment(1);
+    if let Some(refused) = HANDSHAKE_REFUSALS_LOG.hit() {
+        if plaintext {
+            tracing::warn!(%peer, refused, "plaintext connection refused: this server speaks TLS only (grpc.tls); the client needs a certificate config");
+        } else {
+            tracing::warn!(%peer, error, refused, "TLS handshake refused");
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +312,13 @@ pub struct Authorize<S> {
 /// Zero-initialises the denial counter for every reason.
 pub fn describe() {
     metrics::describe_counter!(AUTH_DENIED, "Calls or connections refused, by reason.");
-    for reason in ["handshake", "no_certificate", "unknown_role", "forbidden"] {
+    for reason in [
+        "handshake",
+        "plaintext",
+        "no_certificate",
+        "unknown_role",
+        "forbidden",
+    ] {
         metrics::counter!(AUTH_DENIED, "reason" => reason).absolute(0);
     }
 }

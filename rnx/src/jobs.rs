@@ -466,7 +466,7 @@ pub async fn node_status(node: &Node, json: bool) -> Result<(), Failure> {
             .get_system_status(EmptyRequest {})
             .await
             .map(|r| r.into_inner())
-            .map_err(|e| e.message().to_owned()),
+            .map_err(|e| Failure::from(e).to_string()),
         Err(failure) => Err(failure.to_string()),
     };
     let persist = match connect::persist(node).await {
@@ -475,7 +475,7 @@ pub async fn node_status(node: &Node, json: bool) -> Result<(), Failure> {
                 .ping(PingRequest {})
                 .await
                 .map(|r| r.into_inner())
-                .map_err(|e| e.message().to_owned()),
+                .map_err(|e| Failure::from(e).to_string()),
         ),
         Ok(None) => None,
         Err(failure) => Some(Err(failure.to_string())),

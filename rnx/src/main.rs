@@ -46,8 +46,22 @@ fn describe_status(status: &tonic::Status) -> String {
     format!("{code}: {}", status.message())
 }
 
+/// What a plaintext client sees from a server that speaks TLS only.
+const PLAINTEXT_TO_TLS: &str = "h2 protocol error";
+
+fn requires_tls(what: &str) -> Failure {
+    Failure::Usage(format!(
+        "the server closed the connection during the HTTP/2 handshake ({what}): it requires \
+         TLS. Give this node cert, key and ca in rnx-config.yml (`rnx certs init` writes a \
+         config with them; see deploy/README.md, Certificates)"
+    ))
+}
+
 impl From<tonic::Status> for Failure {
     fn from(status: tonic::Status) -> Self {
+        if status.message().contains(PLAINTEXT_TO_TLS) {
+            return requires_tls(status.message());
+        }
         if status.code() == tonic::Code::Unavailable {
             Failure::Unavailable(describe_status(&status))
         } else {

@@ -622,6 +622,23 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
         String::from_utf8_lossy(&listed.stderr)
     );
     assert!(String::from_utf8_lossy(&listed.stdout).contains("COMPLETED"));
+
+    // A client without certificates is told the server requires TLS (a configuration error).
+    std::fs::write(
+        dir.path().join("plain.yml"),
+        format!(
+            "nodes:\n  default:\n    address: \"{}\"\n    persistAddress: \"{}\"\n",
+            core.address, persist.address
+        ),
+    )
+    .unwrap();
+    let plain = rnx_as(dir.path(), "plain", &["job", "list"]);
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("requires TLS") && stderr.contains("cert, key and ca"),
+        "{stderr}"
+    );
     let id = String::from_utf8_lossy(&listed.stdout)
         .split("\"uuid\":\"")
         .nth(1)
