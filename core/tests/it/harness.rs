@@ -397,3 +397,23 @@ pub async fn persisted_exactly(
         assert_eq!(text, content(*sequence).as_bytes(), "line {sequence}");
     }
 }
+
+/// Every metric sample core has of `id` (GetJobMetrics).
+pub async fn samples(
+    client: &mut JobServiceClient<Channel>,
+    id: &str,
+) -> Vec<joblet_proto::joblet::JobMetricsEvent> {
+    let mut stream = client
+        .get_job_metrics(joblet_proto::joblet::GetJobMetricsRequest {
+            job_uuid: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        events.push(event);
+    }
+    events
+}

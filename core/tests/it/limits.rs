@@ -94,18 +94,12 @@ async fn the_pids_limit_stops_a_fork_loop() {
     );
     let done = finished(&mut client, &id).await;
     assert_eq!(done.status, "FAILED");
-    let mut samples = client
-        .get_job_metrics(GetJobMetricsRequest {
-            job_uuid: id,
-            ..Default::default()
-        })
+    let highest = harness::samples(&mut client, &id)
         .await
-        .unwrap()
-        .into_inner();
-    let mut highest = 0;
-    while let Some(event) = samples.message().await.unwrap() {
-        highest = highest.max(event.pids);
-    }
+        .iter()
+        .map(|event| event.pids)
+        .max()
+        .unwrap_or(0);
     assert!(
         (1..=16).contains(&highest),
         "pids.max 16, sampled {highest}"
@@ -290,18 +284,12 @@ async fn the_io_limit_holds_and_io_is_measured() {
         millis >= 1200,
         "10 MiB at 5 MiB/s took {millis} ms: the limit did not hold"
     );
-    let mut samples = client
-        .get_job_metrics(GetJobMetricsRequest {
-            job_uuid: id,
-            ..Default::default()
-        })
+    let written = harness::samples(&mut client, &id)
         .await
-        .unwrap()
-        .into_inner();
-    let mut written = 0;
-    while let Some(event) = samples.message().await.unwrap() {
-        written = written.max(event.disk_write_bytes);
-    }
+        .iter()
+        .map(|event| event.disk_write_bytes)
+        .max()
+        .unwrap_or(0);
     assert!(
         written >= 8 << 20,
         "the job wrote 10 MiB; its metrics say {written} bytes"
