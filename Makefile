@@ -57,6 +57,7 @@ bench: deps
 	./target/release/persist
 	./target/release/persist --direct-io
 	./target/release/core
+	./target/release/catalogue
 
 clean-run:
 	rm -rf $(JOBLET_DIR)
