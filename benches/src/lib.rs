@@ -40,6 +40,21 @@ impl Daemon {
     }
 }
 
+/// Writes `dir/persist.yml`: data in `dir/persist-data`, IPC on `socket`, gRPC on a free port,
+/// no metrics endpoint, and `extra` YAML appended. Returns its path.
+pub fn persist_config(dir: &Path, socket: &Path, extra: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join("persist.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\n{extra}",
+            dir.join("persist-data").display(),
+            socket.display()
+        ),
+    )?;
+    Ok(path)
+}
+
 /// Starts `binary --config config` and waits for its ready line.
 pub async fn start(binary: &Path, config: &Path) -> anyhow::Result<Daemon> {
     let mut child = tokio::process::Command::new(binary)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use joblet_benches::{Daemon, Table, sibling, start};
+use joblet_benches::{Daemon, Table, persist_config, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{EmptyRequest, GetJobStatusRequest, RunJobRequest};
 use tonic::transport::Channel;
@@ -89,15 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("persist.sock");
-    let persist_config = dir.path().join("persist.yml");
-    std::fs::write(
-        &persist_config,
-        format!(
-            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\n",
-            dir.path().join("persist-data").display(),
-            socket.display()
-        ),
-    )?;
+    let persist_config = persist_config(dir.path(), &socket, "")?;
     let persist = start(&sibling("joblet-persist")?, &persist_config).await?;
     let core_config = dir.path().join("core.yml");
     std::fs::write(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use joblet_benches::{Table, sibling, start};
+use joblet_benches::{Table, persist_config, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{GetJobStatusRequest, RunJobRequest, StreamLogsRequest};
 use joblet_proto::persist::ListJobsRequest;
@@ -121,15 +121,8 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("persist.sock");
 
-    let persist_config = dir.path().join("persist.yml");
-    std::fs::write(
-        &persist_config,
-        format!(
-            "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
-            dir.path().join("persist-data").display(),
-            socket.display()
-        ),
-    )?;
+    let persist_config =
+        persist_config(dir.path(), &socket, "retention:\n  logs: 0\n  metrics: 0\n")?;
     let core_config = dir.path().join("core.yml");
     std::fs::write(
         &core_config,

@@ -121,18 +121,7 @@ async fn metrics_are_sampled_from_the_jobs_cgroup() {
     request.max_memory = 256;
     let id = run(&mut client, request).await;
     finished(&mut client, &id).await;
-    let mut samples = client
-        .get_job_metrics(GetJobMetricsRequest {
-            job_uuid: id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = samples.message().await.unwrap() {
-        events.push(event);
-    }
+    let events = harness::samples(&mut client, &id).await;
     assert!(events.len() >= 3, "{events:?}");
     assert!(
         events.iter().all(|e| e.memory_limit == 256 * 1024 * 1024),
