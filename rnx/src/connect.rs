@@ -22,6 +22,12 @@ async fn channel(node: &Node, address: &str, what: &str) -> Result<Channel, Fail
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    if tls.is_none() {
+        PLAINTEXT_ADDRESSES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(address.to_owned());
+    }
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
         .map_err(|e| Failure::Usage(format!("{what} address {address:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -37,6 +43,37 @@ async fn channel(node: &Node, address: &str, what: &str) -> Result<Channel, Fail
     }
     endpoint.connect().await.map_err(|e| {
         Failure::Unavailable(format!("cannot reach {what} at {address}: {}", chain(&e)))
+    })
+}
+
+/// Addresses this run talks to in plaintext (the node has no cert, key and ca).
+static PLAINTEXT_ADDRESSES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether a server this run talks to in plaintext speaks TLS only: sent an HTTP/2 preface, a
+/// TLS server answers with a TLS alert record (first byte 0x15). Blocking, at most about a
+/// second per address; only asked when an RPC failed the way such a server makes it fail.
+pub fn plaintext_server_speaks_tls() -> bool {
+    use std::io::{Read, Write};
+    let addresses = PLAINTEXT_ADDRESSES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    addresses.iter().any(|address| {
+        let Ok(mut resolved) = std::net::ToSocketAddrs::to_socket_addrs(address.as_str()) else {
+            return false;
+        };
+        let Some(target) = resolved.next() else {
+            return false;
+        };
+        let Ok(mut stream) = std::net::TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut first = [0u8; 1];
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .is_ok()
+            && matches!(stream.read(&mut first), Ok(1) if first[0] == 0x15)
     })
 }
 

@@ -46,8 +46,11 @@ fn describe_status(status: &tonic::Status) -> String {
     format!("{code}: {}", status.message())
 }
 
-/// What a plaintext client sees from a server that speaks TLS only.
-const PLAINTEXT_TO_TLS: &str = "h2 protocol error";
+/// What a plaintext client sees from a server that speaks TLS only: the server closes the
+/// connection during the HTTP/2 handshake, reported as one or the other depending on timing.
+/// Both also stand for other failures (a daemon dying mid-stream), so the server is asked
+/// ([`connect::plaintext_server_speaks_tls`]) before the error is explained as TLS.
+const PLAINTEXT_TO_TLS: [&str; 2] = ["h2 protocol error", "transport error"];
 
 fn requires_tls(what: &str) -> Failure {
     Failure::Usage(format!(
@@ -59,7 +62,11 @@ fn requires_tls(what: &str) -> Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(status: tonic::Status) -> Self {
-        if status.message().contains(PLAINTEXT_TO_TLS) {
+        if PLAINTEXT_TO_TLS
+            .iter()
+            .any(|symptom| status.message().starts_with(symptom))
+            && connect::plaintext_server_speaks_tls()
+        {
             return requires_tls(status.message());
         }
         if status.code() == tonic::Code::Unavailable {
