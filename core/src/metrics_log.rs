@@ -75,7 +75,7 @@ impl MetricsLog {
     pub fn restore(path: &Path, spooled: Option<(u64, u64)>) -> io::Result<Arc<MetricsLog>> {
         let (last_sequence, end_offset) = match spooled {
             Some(known) => known,
-            None => scan(path)?,
+            None => crate::output::scan_spool::<IpcMessage>(path, |message| message.sequence)?,
         };
         Ok(MetricsLog::with(
             path,
@@ -230,38 +230,24 @@ fn read(path: &Path, start: u64, end: u64) -> io::Result<Vec<Sample>> {
     let file = File::open(path)?;
     let mut bytes = vec![0u8; (end - start) as usize];
     file.read_exact_at(&mut bytes, start)?;
-    Ok(decode_all(&mut BytesMut::from(&bytes[..])).0)
+    Ok(decode_all(&mut BytesMut::from(&bytes[..])))
 }
 
-/// Whole samples at the start of `bytes`, and the length they take.
-fn decode_all(bytes: &mut BytesMut) -> (Vec<Sample>, u64) {
-    let total = bytes.len() as u64;
+/// The whole samples at the start of `bytes`.
+fn decode_all(bytes: &mut BytesMut) -> Vec<Sample> {
     let mut codec = joblet_ipc::FrameCodec::<IpcMessage>::new(usize::MAX >> 1);
     let mut samples = Vec::new();
-    let mut whole = 0;
     while let Ok(Some(message)) = codec.decode(bytes) {
         let Ok(data) = MetricData::decode(message.data) else {
             break;
         };
-        whole = total - bytes.len() as u64;
         samples.push(Sample {
             sequence: message.sequence,
             timestamp: message.timestamp,
             data,
         });
     }
-    (samples, whole)
-}
-
-/// Last sequence and length of the whole samples of the spool at `path` (missing = empty).
-fn scan(path: &Path) -> io::Result<(u64, u64)> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
-        Err(error) => return Err(error),
-    };
-    let (samples, whole) = decode_all(&mut BytesMut::from(&bytes[..]));
-    Ok((samples.last().map_or(0, |s| s.sequence), whole))
+    samples
 }
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ impl Output {
     ) -> io::Result<Arc<Output>> {
         let (last_sequence, end_offset) = match spooled {
             Some(known) => known,
-            None => scan_spool(path)?,
+            None => scan_spool::<LogRecord>(path, |record| record.sequence)?,
         };
         let output = Arc::new(Output {
             job_id: job_id.to_owned(),
@@ -329,15 +329,19 @@ impl SpoolReader {
     }
 }
 
-/// The last sequence and the end of the last whole record of a spool file (a record torn by a
-/// crash is not counted). A missing spool holds nothing.
-fn scan_spool(path: &Path) -> io::Result<(u64, u64)> {
+/// The last sequence and the end of the last whole frame of a spool of `M` frames (the log
+/// spool, and the metrics spool of [`crate::metrics_log`]); a frame torn by a crash is not
+/// counted. A missing spool holds nothing.
+pub(crate) fn scan_spool<M: prost::Message + Default>(
+    path: &Path,
+    sequence_of: impl Fn(&M) -> u64,
+) -> io::Result<(u64, u64)> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
         Err(error) => return Err(error),
     };
-    let mut codec = joblet_ipc::FrameCodec::<LogRecord>::new(usize::MAX >> 1);
+    let mut codec = joblet_ipc::FrameCodec::<M>::new(usize::MAX >> 1);
     let mut buffer = BytesMut::new();
     let mut chunk = vec![0u8; READ_CHUNK as usize];
     let (mut last_sequence, mut end_offset, mut fed) = (0, 0, 0u64);
@@ -352,7 +356,7 @@ fn scan_spool(path: &Path) -> io::Result<(u64, u64)> {
             match codec.decode(&mut buffer) {
                 // After a whole frame the codec has consumed exactly up to its end.
                 Ok(Some(record)) => {
-                    last_sequence = last_sequence.max(record.sequence);
+                    last_sequence = last_sequence.max(sequence_of(&record));
                     end_offset = fed - buffer.len() as u64;
                 }
                 Ok(None) => break,

@@ -152,7 +152,7 @@ fn history_status(summary: joblet_proto::persist::JobSummary) -> GetJobStatusRes
     let Some(job) = summary.record.and_then(|record| record.job) else {
         return GetJobStatusResponse {
             uuid: summary.job_id,
-            status: "UNKNOWN".to_owned(),
+            status: joblet_proto::UNKNOWN_STATUS.to_owned(),
             history: true,
             ..Default::default()
         };

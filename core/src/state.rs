@@ -80,10 +80,11 @@ pub struct Acked {
     pub record: u64,
 }
 
+/// One journal entry: written with a borrowed record (`Entry<&StoredJob>`), read back owned.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "entry", rename_all = "snake_case")]
-enum Entry {
-    Job(Box<StoredJob>),
+enum Entry<J> {
+    Job(J),
     Forget { id: String },
 }
 
@@ -122,7 +123,7 @@ impl Journal {
         let (jobs, skipped_bytes, skipped_regions) = read_entries(&data);
         let mut live = HashMap::with_capacity(jobs.len());
         for job in &jobs {
-            live.insert(job.id.clone(), encode(&Entry::Job(Box::new(job.clone())))?);
+            live.insert(job.id.clone(), encode(&Entry::Job(job))?);
         }
         let file = rewrite(path, live.values())?;
         let journal = Journal {
@@ -145,7 +146,7 @@ impl Journal {
 
     /// Appends `job`'s record and syncs it. Blocking: call from a blocking thread.
     pub fn record(&self, job: &StoredJob) -> io::Result<()> {
-        let entry = encode(&Entry::Job(Box::new(job.clone())))?;
+        let entry = encode(&Entry::Job(job))?;
         let mut inner = self.lock();
         inner.append(&entry)?;
         inner.live.insert(job.id.clone(), entry);
@@ -154,7 +155,7 @@ impl Journal {
 
     /// Removes `id` from the catalogue, durably. Blocking.
     pub fn forget(&self, id: &str) -> io::Result<()> {
-        let entry = encode(&Entry::Forget { id: id.to_owned() })?;
+        let entry = encode(&Entry::<&StoredJob>::Forget { id: id.to_owned() })?;
         let mut inner = self.lock();
         if inner.live.remove(id).is_none() {
             return Ok(());
@@ -191,7 +192,7 @@ impl Inner {
     }
 }
 
-fn encode(entry: &Entry) -> io::Result<Vec<u8>> {
+fn encode(entry: &Entry<&StoredJob>) -> io::Result<Vec<u8>> {
     let payload = serde_json::to_vec(entry).map_err(io::Error::other)?;
     let mut framed = Vec::with_capacity(HEADER_BYTES + payload.len());
     framed.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -201,7 +202,7 @@ fn encode(entry: &Entry) -> io::Result<Vec<u8>> {
 }
 
 /// The entry at the start of `data`, and its length, if it is a whole, valid one.
-fn entry_at(data: &[u8]) -> Option<(Entry, usize)> {
+fn entry_at(data: &[u8]) -> Option<(Entry<StoredJob>, usize)> {
     let header = data.get(..HEADER_BYTES)?;
     let len = u32::from_be_bytes(header[..4].try_into().ok()?) as usize;
     let crc = u32::from_be_bytes(header[4..].try_into().ok()?);
@@ -230,7 +231,7 @@ fn read_entries(data: &[u8]) -> (Vec<StoredJob>, u64, u64) {
                 }
                 match entry {
                     Entry::Job(job) => {
-                        jobs.insert(job.id.clone(), *job);
+                        jobs.insert(job.id.clone(), job);
                     }
                     Entry::Forget { id } => {
                         jobs.remove(&id);
@@ -369,7 +370,7 @@ mod tests {
             record.version = version;
             journal.record(&record).unwrap();
         }
-        let one = encode(&Entry::Job(Box::new(record.clone()))).unwrap().len() as u64;
+        let one = encode(&Entry::Job(&record)).unwrap().len() as u64;
         assert!(
             journal.bytes() <= (2 + COMPACT_SLACK as u64 + 1) * one,
             "{} bytes for one live job",

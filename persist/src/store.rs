@@ -544,15 +544,7 @@ impl Store {
             {
                 summary.record = JobRecord::decode(value.as_ref()).ok();
             }
-            let created = summary
-                .record
-                .as_ref()
-                .map_or(summary.first_timestamp, |r| r.created);
-            let status = summary
-                .record
-                .as_ref()
-                .and_then(|r| r.job.as_ref())
-                .map_or("UNKNOWN", |job| job.status.as_str());
+            let (created, status) = (summary.created(), summary.status());
             let wanted = filter.since.is_none_or(|since| created >= since)
                 && filter.until.is_none_or(|until| created < until)
                 && (filter.statuses.is_empty()

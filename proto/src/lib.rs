@@ -23,6 +23,27 @@ pub mod joblet {
 pub use joblet::ipc;
 pub use joblet::persist;
 
+/// Status of a job in persist's catalogue whose data came without a record (stored before
+/// core replicated job records).
+pub const UNKNOWN_STATUS: &str = "UNKNOWN";
+
+impl persist::JobSummary {
+    /// When the job was submitted (Unix ns): its record's, or else its first stored line's.
+    pub fn created(&self) -> i64 {
+        self.record
+            .as_ref()
+            .map_or(self.first_timestamp, |record| record.created)
+    }
+
+    /// The job's status from its record, or [`UNKNOWN_STATUS`].
+    pub fn status(&self) -> &str {
+        self.record
+            .as_ref()
+            .and_then(|record| record.job.as_ref())
+            .map_or(UNKNOWN_STATUS, |job| job.status.as_str())
+    }
+}
+
 /// Proto3 fields written by hand, as prost writes them (a field at its default value is left
 /// out), for hot paths that encode a message straight from borrowed data. Field numbers are 1
 /// to 15 (one-byte keys). A field's key and varint are put with one `put_slice`, not a byte at

@@ -211,16 +211,13 @@ async fn history_jobs(node: &Node, args: &ListArgs, since: i64, until: i64) -> O
         summaries
             .into_iter()
             .map(|summary| {
-                let created = summary
-                    .record
-                    .as_ref()
-                    .map_or(summary.first_timestamp, |record| record.created);
+                let created = summary.created();
                 let job = summary
                     .record
                     .and_then(|record| record.job)
                     .unwrap_or_else(|| Job {
                         uuid: summary.job_id.clone(),
-                        status: "UNKNOWN".into(),
+                        status: joblet_proto::UNKNOWN_STATUS.into(),
                         ..Default::default()
                     });
                 Listed {
