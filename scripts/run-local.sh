@@ -77,7 +77,8 @@ stop() {
     trap - INT TERM EXIT
     echo
     echo "run: stopping"
-    # core first: it ends its jobs and flushes replication to persist.
+    # core first: it flushes replication to persist (running jobs run on under their
+    # supervisors, jobs.on_core_shutdown: keep, and the next `make run` re-attaches them).
     for (( i=${#pids[@]}-1; i>=0; i-- )); do
         kill -TERM "${pids[$i]}" 2>/dev/null || true
         wait "${pids[$i]}" 2>/dev/null || true

@@ -134,16 +134,20 @@ impl CgroupRoot {
         paths
     }
 
+    /// The cgroup of `job_id` made by an earlier run of core, if it still exists.
+    pub fn open(&self, job_id: &str) -> Option<JobCgroup> {
+        let cgroup = self.handle(&format!("{}/{}", self.parent, job_id));
+        cgroup.exists().then_some(JobCgroup {
+            cgroup,
+            v2: self.v2,
+        })
+    }
+
     /// Kills whatever still runs in the cgroup of `job_id` (left behind by a run of core that
     /// crashed) and removes it, best effort.
     pub fn remove_leftover(&self, job_id: &str) {
-        let cgroup = self.handle(&format!("{}/{}", self.parent, job_id));
-        if !cgroup.exists() {
+        let Some(job) = self.open(job_id) else {
             return;
-        }
-        let job = JobCgroup {
-            cgroup,
-            v2: self.v2,
         };
         tracing::warn!(
             job_id,

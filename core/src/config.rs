@@ -174,6 +174,17 @@ pub struct JobsConfig {
     /// oldest finished jobs are dropped. (With persist enabled a spool is kept until persist
     /// has acknowledged it, whatever its size.)
     pub spool_max_bytes: ByteSize,
+    /// What a stop or restart of joblet-core does to running jobs: `keep` leaves them running
+    /// (their supervisors write their output on, and the next start re-attaches them), `stop`
+    /// stops them (SIGKILL) and records them STOPPED.
+    pub on_core_shutdown: OnCoreShutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCoreShutdown {
+    Keep,
+    Stop,
 }
 
 impl Default for JobsConfig {
@@ -191,6 +202,7 @@ impl Default for JobsConfig {
             max_upload_size: ByteSize::mib(64),
             keep_finished: Duration::from_secs(3600),
             spool_max_bytes: ByteSize::gib(10),
+            on_core_shutdown: OnCoreShutdown::Keep,
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::metrics_log::MetricsLog;
 use crate::output::Output;
 use crate::spec::JobSpec;
 use crate::state::{Acked, Journal, Spooled, StoredJob};
+use crate::supervisor::SupervisorId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -71,8 +72,8 @@ impl Status {
 pub enum Transition {
     /// A scheduled job's time came.
     Initializing,
-    /// Its process started.
-    Running,
+    /// Its process started, under this supervisor.
+    Running { supervisor: SupervisorId },
     /// It ended (or never started); its output is complete.
     Ended {
         status: Status,
@@ -91,6 +92,8 @@ pub struct JobState {
     pub reason: String,
     /// Grows with every transition (the version of the record replicated to persist).
     pub version: u64,
+    /// The supervisor of the running job.
+    pub supervisor: Option<SupervisorId>,
 }
 
 impl JobState {
@@ -103,6 +106,7 @@ impl JobState {
             end_time: None,
             reason: String::new(),
             version: 1,
+            supervisor: None,
         }
     }
 
@@ -114,9 +118,10 @@ impl JobState {
             (Status::Scheduled, Transition::Initializing) => {
                 next.status = Status::Initializing;
             }
-            (Status::Initializing, Transition::Running) => {
+            (Status::Initializing, Transition::Running { supervisor }) => {
                 next.status = Status::Running;
                 next.start_time = Some(Utc::now());
+                next.supervisor = Some(supervisor);
             }
             (
                 from,
@@ -134,6 +139,7 @@ impl JobState {
                 next.exit_code = exit_code;
                 next.reason = reason;
                 next.end_time = Some(Utc::now());
+                next.supervisor = None;
             }
             (from, transition) => {
                 return Err(format!("{} cannot go {transition:?}", from.as_str()));
@@ -169,8 +175,6 @@ pub struct Job {
     pub cancel: CancellationToken,
     end_request: Mutex<Option<EndRequest>>,
     pub cgroup: Mutex<Option<Arc<JobCgroup>>>,
-    /// The output threads; joined before the job is marked ended.
-    pub pumps: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
     pub deleted: AtomicBool,
 }
 
@@ -219,6 +223,7 @@ impl Job {
             end_time: stored.end_time,
             reason: stored.reason,
             version: stored.version,
+            supervisor: stored.supervisor,
         };
         Job::assemble(
             stored.id,
@@ -255,7 +260,6 @@ impl Job {
             cancel: CancellationToken::new(),
             end_request: Mutex::new(None),
             cgroup: Mutex::new(None),
-            pumps: Arc::new(Mutex::new(Vec::new())),
             deleted: AtomicBool::new(false),
         }
     }
@@ -301,6 +305,7 @@ impl Job {
             reason: state.reason.clone(),
             spooled,
             replicated,
+            supervisor: state.supervisor.clone(),
         }
     }
 
@@ -396,6 +401,16 @@ mod tests {
         JobState::initial(status)
     }
 
+    fn running() -> Transition {
+        Transition::Running {
+            supervisor: SupervisorId {
+                pid: 7,
+                started: 1,
+                boot_id: "boot".into(),
+            },
+        }
+    }
+
     fn ended(status: Status) -> Transition {
         Transition::Ended {
             status,
@@ -409,7 +424,7 @@ mod tests {
         use Status::*;
         let legal = [
             (Scheduled, Transition::Initializing, Initializing),
-            (Initializing, Transition::Running, Running),
+            (Initializing, running(), Running),
             (Running, ended(Completed), Completed),
             (Running, ended(Failed), Failed),
             (Running, ended(Stopped), Stopped),
@@ -423,7 +438,7 @@ mod tests {
         }
         let illegal = [
             (Running, Transition::Initializing),
-            (Scheduled, Transition::Running),
+            (Scheduled, running()),
             (Scheduled, ended(Completed)),
             (Running, ended(Canceled)),
             (Running, ended(Running)),
@@ -434,9 +449,13 @@ mod tests {
             let described = format!("{from:?} {transition:?}");
             assert!(state(from).after(transition).is_err(), "{described}");
         }
-        let running = state(Initializing).after(Transition::Running).unwrap();
-        assert!(running.start_time.is_some());
+        let running = state(Initializing).after(running()).unwrap();
+        assert!(running.start_time.is_some() && running.supervisor.is_some());
         let done = running.after(ended(Completed)).unwrap();
         assert!(done.end_time.is_some() && done.version == 3);
+        assert!(
+            done.supervisor.is_none(),
+            "an ended job has no supervisor to re-attach"
+        );
     }
 }

@@ -21,6 +21,7 @@ pub mod service;
 pub mod spawn;
 pub mod spec;
 pub mod state;
+pub mod supervisor;
 
 use std::sync::Arc;
 

@@ -34,6 +34,12 @@ struct Args {
 joblet_ipc::tune_allocator_at_load!(true);
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|mode| mode == joblet_core::supervisor::MODE)
+    {
+        return joblet_core::supervisor::main();
+    }
     let args = Args::parse();
     let config = match args.config {
         Some(path) => Config::load(&path),

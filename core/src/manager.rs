@@ -2,15 +2,21 @@
 //! them, restores them at start, evicts finished ones, and cleans everything up at shutdown
 //! (no leaked processes or cgroups).
 //!
-//! Each running job has three threads (stdout pump, stderr pump, waiter) and two tasks
-//! (metrics sampler, supervisor). The supervisor marks the job finished only after both pipes
-//! reached end of file, so the output of a job that exits at once is always complete.
+//! Each running job has a supervisor process ([`crate::supervisor`]) that owns it and writes
+//! its spool, and two tasks in core: the metrics sampler and a watcher that waits for the
+//! supervisor to exit (through a pidfd), enforces the job's timeout and records its end from
+//! the exit status the supervisor left in `<id>.exit`. The supervisor exits only after both
+//! pipes reached end of file, so the output of a job that exits at once is always complete.
+//!
+//! Running jobs survive core: with `jobs.on_core_shutdown: keep` (the default) a shutdown leaves
+//! them to their supervisors, and at the next start each is re-attached (its supervisor checked
+//! by pid, start time and boot, its cgroup, spool, sampler, timeout and stop taken up again). A
+//! job whose supervisor is gone ends FAILED "lost: …" unless the supervisor recorded its exit.
 //!
 //! Survival across restarts: every job is in core's journal ([`crate::state`]) and its output
 //! in its spools under `state_dir/spool`. At start the journal is read back: finished jobs are
 //! listed and readable as before, replication resumes for each job persist has not
-//! acknowledged in full, jobs that were running when core stopped (a crash) end FAILED with
-//! what they wrote kept, and scheduled jobs are scheduled again. A spool without a record is
+//! acknowledged in full, running jobs are re-attached, and scheduled jobs are scheduled again. A spool without a record is
 //! kept too, as a FAILED job of unknown command. A spool is deleted only when persist has
 //! acknowledged all of it and the job ended more than `jobs.keep_finished` ago — or, with
 //! persist disabled, when spools exceed `jobs.spool_max_bytes` (oldest finished jobs first).
@@ -25,21 +31,22 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use joblet_ipc::{IpcSender, MetricData};
-use joblet_proto::joblet::{LogStream, RunJobRequest};
+use joblet_proto::joblet::RunJobRequest;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cgroup::{CgroupRoot, Limits};
-use crate::config::Config;
+use crate::config::{Config, OnCoreShutdown};
 use crate::error::CoreError;
 use crate::job::{EndRequest, Job, JobParts, Status, Transition};
 use crate::metrics as m;
 use crate::metrics_log::MetricsLog;
-use crate::output::{self, Output};
+use crate::output::{self, Output, SpoolWatch};
 use crate::replicate::Replication;
-use crate::spawn::{SpawnSpec, spawn};
+use crate::spawn::SpawnSpec;
 use crate::spec::JobSpec;
 use crate::state::{Journal, StoredJob};
+use crate::supervisor::{self, Launch, Supervisor};
 
 /// How long shutdown waits for killed jobs to finish their output.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
@@ -57,6 +64,8 @@ pub struct JobManager {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     spool_dir: PathBuf,
+    /// Follows the spools of running jobs as their supervisors write them.
+    spools: Arc<SpoolWatch>,
 }
 
 fn log_spool(spool_dir: &Path, id: &str) -> PathBuf {
@@ -65,6 +74,11 @@ fn log_spool(spool_dir: &Path, id: &str) -> PathBuf {
 
 fn metrics_spool(spool_dir: &Path, id: &str) -> PathBuf {
     spool_dir.join(format!("{id}.metrics"))
+}
+
+/// Where a job's supervisor records how the job ended.
+fn exit_file(spool_dir: &Path, id: &str) -> PathBuf {
+    spool_dir.join(format!("{id}.exit"))
 }
 
 /// Jobs read back from the journal and the spool directory, before they are started again.
@@ -104,6 +118,8 @@ impl JobManager {
             })
             .await??
         };
+        let spools = SpoolWatch::start(&spool_dir)
+            .with_context(|| format!("watch {}", spool_dir.display()))?;
         let manager = Arc::new(JobManager {
             config,
             cgroups,
@@ -119,6 +135,7 @@ impl JobManager {
             tasks: TaskTracker::new(),
             shutdown,
             spool_dir,
+            spools,
         });
         manager.resume(restored.jobs).await;
         manager.publish_job_gauges();
@@ -127,9 +144,10 @@ impl JobManager {
         Ok(manager)
     }
 
-    /// Ends what a crash interrupted, schedules scheduled jobs again and resumes replication.
+    /// Re-attaches running jobs, ends what cannot be re-attached, schedules scheduled jobs again
+    /// and resumes replication.
     async fn resume(self: &Arc<Self>, jobs: Vec<Arc<Job>>) {
-        let mut resumed = 0;
+        let (mut resumed, mut reattached) = (0, 0);
         for job in jobs {
             match job.status() {
                 Status::Scheduled if resumable(&job.spec) => {
@@ -145,16 +163,44 @@ impl JobManager {
                         reason: "joblet-core restarted before the scheduled start, and the job's uploads or secret values are not kept on disk".into(),
                     }).await;
                 }
-                Status::Initializing | Status::Running => {
-                    // Its processes may still run in its cgroup: nobody reads their output.
+                Status::Running => {
+                    let supervisor = job
+                        .state()
+                        .supervisor
+                        .as_ref()
+                        .and_then(Supervisor::reattach);
+                    let cgroups = self.cgroups.clone();
+                    let id = job.id.clone();
+                    let cgroup = tokio::task::spawn_blocking(move || cgroups.open(&id))
+                        .await
+                        .ok()
+                        .flatten();
+                    *job.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = cgroup.map(Arc::new);
+                    if let Some(supervisor) = &supervisor {
+                        tracing::info!(job_id = %job.id, supervisor = supervisor.id.pid, "running job re-attached");
+                        self.spools.follow(&job.output);
+                        reattached += 1;
+                    }
+                    // Without a supervisor it ends at once, from its exit file if it has one.
+                    let manager = self.clone();
+                    let watched = job.clone();
+                    self.tasks
+                        .spawn(async move { manager.watch_running(watched, supervisor).await });
+                }
+                Status::Initializing => {
+                    // Core stopped while starting it: whatever started is not recorded.
                     let cgroups = self.cgroups.clone();
                     let id = job.id.clone();
                     let _ = tokio::task::spawn_blocking(move || cgroups.remove_leftover(&id)).await;
-                    let _ = job.transition(Transition::Ended {
-                        status: Status::Failed,
-                        exit_code: -1,
-                        reason: "lost: joblet-core stopped while the job ran; its output up to then is kept".into(),
-                    }).await;
+                    let _ = job
+                        .transition(Transition::Ended {
+                            status: Status::Failed,
+                            exit_code: -1,
+                            reason: "lost: joblet-core stopped while starting the job".into(),
+                        })
+                        .await;
+                    job.output.finish();
+                    job.metrics.finish();
                 }
                 _ => {}
             }
@@ -164,6 +210,10 @@ impl JobManager {
                 replication.resume(&job);
                 resumed += 1;
             }
+        }
+        metrics::counter!(m::JOBS_REATTACHED).increment(reattached);
+        if reattached > 0 {
+            tracing::info!(jobs = reattached, "running jobs re-attached");
         }
         if resumed > 0 {
             tracing::info!(
@@ -175,6 +225,11 @@ impl JobManager {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Cancelled when core shuts down.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
     }
 
     pub fn replication(&self) -> Option<&IpcSender> {
@@ -298,8 +353,8 @@ impl JobManager {
             let job = job.clone();
             tokio::task::spawn_blocking(move || manager.start_process(&job)).await
         };
-        let child = match started {
-            Ok(Ok(child)) => child,
+        let supervisor = match started {
+            Ok(Ok(supervisor)) => supervisor,
             Ok(Err(error)) => {
                 tracing::warn!(job_id = %job.id, %error, "job failed to start");
                 metrics::counter!(m::JOB_FAILURES).increment(1);
@@ -313,15 +368,20 @@ impl JobManager {
                     .await;
             }
         };
-        let _ = job.transition(Transition::Running).await;
+        let _ = job
+            .transition(Transition::Running {
+                supervisor: supervisor.id.clone(),
+            })
+            .await;
         self.publish_job_gauges();
-        tracing::info!(job_id = %job.id, command = %job.spec.command, pid = child.id(), "job started");
+        tracing::info!(job_id = %job.id, command = %job.spec.command, supervisor = supervisor.id.pid, "job started");
         metrics::counter!(m::JOBS_STARTED).increment(1);
-        self.watch_running(job, child).await;
+        self.watch_running(job, Some(supervisor)).await;
     }
 
-    /// Work dir, uploads, cgroup, process. Blocking: runs on the blocking pool.
-    fn start_process(&self, job: &Job) -> Result<std::process::Child, CoreError> {
+    /// Work dir, uploads, cgroup, then the job's supervisor, which starts the job. Blocking:
+    /// runs on the blocking pool.
+    fn start_process(&self, job: &Job) -> Result<Supervisor, CoreError> {
         let spec = &job.spec;
         let failed =
             |what: &str, e: &dyn std::fmt::Display| CoreError::Internal(format!("{what}: {e}"));
@@ -363,61 +423,97 @@ impl JobManager {
             network: spec.network,
             cgroup_procs: cgroup.procs_files(),
         };
-        let mut child = spawn(&spawn_spec).map_err(|e| {
+        let launch = Launch {
+            job_id: job.id.clone(),
+            spawn: spawn_spec,
+            spool: job.output.path().to_owned(),
+            exit_file: exit_file(&self.spool_dir, &job.id),
+            max_line: self.config.jobs.max_line_length.as_u64() as usize,
+        };
+        self.spools.follow(&job.output);
+        Supervisor::launch(&launch).map_err(|error| {
             cgroup.kill_all();
             cgroup.delete();
-            failed(&format!("start {:?}", spec.command), &e)
-        })?;
-
-        let max_line = self.config.jobs.max_line_length.as_u64() as usize;
-        for (stream, pipe) in [
-            (LogStream::Stdout, child.stdout.take().map(output_pipe)),
-            (LogStream::Stderr, child.stderr.take().map(output_pipe)),
-        ] {
-            let Some(pipe) = pipe else { continue };
-            let output = job.output.clone();
-            let pumps = job.pumps.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("pump-{}", &job.id[..8]))
-                .spawn(move || output::pump(&output, stream, pipe, max_line))
-                .map_err(|e| failed("start output thread", &e))?;
-            pumps.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
-        }
-        Ok(child)
+            CoreError::Internal(error)
+        })
     }
 
-    async fn watch_running(self: Arc<Self>, job: Arc<Job>, mut child: std::process::Child) {
+    /// Watches a running job until it ends, then records how it ended. `None`: a job whose
+    /// supervisor was not found at start, ended from its exit file or as lost.
+    async fn watch_running(self: Arc<Self>, job: Arc<Job>, supervisor: Option<Supervisor>) {
+        let attached = supervisor.is_some();
         let sampler = tokio::spawn(sample_metrics(
             job.clone(),
             self.config.jobs.metrics_interval,
         ));
-        let waiter = tokio::task::spawn_blocking(move || child.wait());
-        let timeout = job.spec.timeout;
-        let ended = async {
-            let mut waiter = waiter;
-            match timeout {
-                None => waiter.await,
-                Some(limit) => tokio::select! {
-                    result = &mut waiter => result,
-                    () = tokio::time::sleep(limit) => {
-                        tracing::info!(job_id = %job.id, "job timed out");
-                        self.end_running(&job, EndRequest::Timeout, self.config.jobs.stop_grace_period).await;
-                        waiter.await
-                    }
-                },
+        let exited = async {
+            if let Some(supervisor) = supervisor {
+                supervisor.exited().await;
             }
         };
-        let exit = ended.await;
-        // Output is complete only when both pipes are closed.
-        let pumps: Vec<_> =
-            std::mem::take(&mut *job.pumps.lock().unwrap_or_else(|e| e.into_inner()));
-        let _ = tokio::task::spawn_blocking(move || {
-            for pump in pumps {
-                let _ = pump.join();
+        // Counted from the start, so that a re-attached job keeps its deadline.
+        let remaining = job.spec.timeout.map(|limit| {
+            let ran = job
+                .state()
+                .start_time
+                .and_then(|start| (Utc::now() - start).to_std().ok())
+                .unwrap_or_default();
+            limit.saturating_sub(ran)
+        });
+        let ended = async {
+            tokio::pin!(exited);
+            if let Some(remaining) = remaining {
+                tokio::select! {
+                    () = &mut exited => return,
+                    () = tokio::time::sleep(remaining) => {}
+                }
+                tracing::info!(job_id = %job.id, "job timed out");
+                job.request_end(EndRequest::Timeout);
+                if let Some(cgroup) = job.cgroup() {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        cgroup.signal_all(nix::sys::signal::Signal::SIGTERM);
+                    })
+                    .await;
+                }
+                tokio::select! {
+                    () = &mut exited => return,
+                    () = tokio::time::sleep(self.config.jobs.stop_grace_period) => {}
+                }
+                if let Some(cgroup) = job.cgroup() {
+                    let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
+                }
             }
-        })
-        .await;
+            exited.await;
+        };
+        let kept = async {
+            match self.config.jobs.on_core_shutdown {
+                OnCoreShutdown::Keep => self.shutdown.cancelled().await,
+                OnCoreShutdown::Stop => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = ended => {}
+            // The job runs on under its supervisor; the next start re-attaches it.
+            () = kept => {
+                sampler.abort();
+                return;
+            }
+        }
         sampler.abort();
+        let exit_path = exit_file(&self.spool_dir, &job.id);
+        let exit = {
+            let exit_path = exit_path.clone();
+            let output = job.output.clone();
+            tokio::task::spawn_blocking(move || {
+                // All of the output, before the end is recorded with what the spool holds.
+                if let Err(error) = output.refresh(&mut Vec::new()) {
+                    tracing::error!(job_id = %output.job_id(), %error, "cannot read the end of the job's spool");
+                }
+                supervisor::read_exit(&exit_path)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
         // Taken out of the job: a finished job keeps no cgroup handle.
         let cgroup = job.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take();
         let usage = match cgroup {
@@ -431,47 +527,19 @@ impl JobManager {
             .unwrap_or_default(),
             None => Default::default(),
         };
-        let exit_code = match exit {
-            Ok(Ok(status)) => exit_code_of(status),
-            Ok(Err(error)) => {
-                tracing::error!(job_id = %job.id, %error, "waiting for job failed");
-                -1
+        let (status, exit_code, reason) = match exit {
+            Ok(Some(exit)) => {
+                let (status, reason) = end_of(&job, exit.exit_code, usage.oom_kills);
+                (status, exit.exit_code, reason)
             }
-            Err(error) => {
-                tracing::error!(job_id = %job.id, %error, "job waiter failed");
-                -1
-            }
-        };
-        let (status, reason) = match job.end_request() {
-            Some(EndRequest::Stop) => (Status::Stopped, "stopped by request".to_owned()),
-            Some(EndRequest::Shutdown) => (Status::Stopped, "joblet-core shut down".to_owned()),
-            Some(EndRequest::Timeout) => (
+            Ok(None) => (Status::Failed, -1, lost_reason(&job, attached)),
+            Err(error) => (
                 Status::Failed,
-                format!("timed out after {}", job.spec.timeout_text),
-            ),
-            // A process of the job was OOM-killed but the job went on and succeeded.
-            None if usage.oom_kills > 0 && exit_code == 0 => (
-                Status::Completed,
+                -1,
                 format!(
-                    "completed; {} killed for exceeding max_memory {} MiB",
-                    processes(usage.oom_kills),
-                    job.spec.max_memory_mb
+                    "lost: the job's exit status cannot be read ({error}); its output up to then is kept"
                 ),
             ),
-            None if usage.oom_kills > 0 => (
-                Status::Failed,
-                format!(
-                    "out of memory: {} killed for exceeding max_memory {} MiB",
-                    processes(usage.oom_kills),
-                    job.spec.max_memory_mb
-                ),
-            ),
-            None if exit_code == 0 => (Status::Completed, String::new()),
-            None if exit_code > 128 => (
-                Status::Failed,
-                format!("killed by signal {}", exit_code - 128),
-            ),
-            None => (Status::Failed, format!("exited with code {exit_code}")),
         };
         if status == Status::Failed {
             metrics::counter!(m::JOB_FAILURES).increment(1);
@@ -487,6 +555,8 @@ impl JobManager {
         job.metrics.finish();
         job.output.finish();
         self.publish_job_gauges();
+        // The journal holds the end now.
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(exit_path)).await;
         tracing::info!(job_id = %job.id, status = status.as_str(), exit_code, "job ended");
     }
 
@@ -604,7 +674,11 @@ impl JobManager {
     }
 
     async fn remove_spools(&self, job: &Job) {
-        let files = [job.output.path().to_owned(), job.metrics.path().to_owned()];
+        let files = [
+            job.output.path().to_owned(),
+            job.metrics.path().to_owned(),
+            exit_file(&self.spool_dir, &job.id),
+        ];
         let _ = tokio::task::spawn_blocking(move || {
             for file in files {
                 let _ = std::fs::remove_file(file);
@@ -675,18 +749,32 @@ impl JobManager {
         self.drop_job(job).await;
     }
 
-    /// Ends everything at shutdown: kills running jobs and waits for their output, leaves
-    /// scheduled jobs scheduled for the next start, waits a while for persist to acknowledge
-    /// what is left, records how far replication got, and says what is still unreplicated.
+    /// Ends core's part at shutdown. Running jobs are left to their supervisors
+    /// (`on_core_shutdown: keep`) or stopped and waited for (`stop`); scheduled jobs stay
+    /// scheduled for the next start. Then waits a while for persist to acknowledge what ended
+    /// jobs wrote, records how far replication got, and says what is still unreplicated.
     pub async fn shutdown(&self) {
         let jobs = self.jobs();
-        for job in &jobs {
-            if matches!(job.status(), Status::Initializing | Status::Running) {
-                job.request_end(EndRequest::Shutdown);
-                if let Some(cgroup) = job.cgroup() {
-                    let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
+        let running: Vec<_> = jobs
+            .iter()
+            .filter(|job| matches!(job.status(), Status::Initializing | Status::Running))
+            .collect();
+        match self.config.jobs.on_core_shutdown {
+            OnCoreShutdown::Stop => {
+                for job in &running {
+                    job.request_end(EndRequest::Shutdown);
+                    if let Some(cgroup) = job.cgroup() {
+                        let _ = tokio::task::spawn_blocking(move || cgroup.kill_all()).await;
+                    }
                 }
             }
+            OnCoreShutdown::Keep if !running.is_empty() => {
+                tracing::info!(
+                    jobs = running.len(),
+                    "running jobs keep running under their supervisors; the next start of joblet-core re-attaches them"
+                );
+            }
+            OnCoreShutdown::Keep => {}
         }
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_WAIT, self.tasks.wait())
@@ -696,12 +784,23 @@ impl JobManager {
             tracing::warn!("some jobs did not finish within the shutdown wait");
         }
         if let Some(replication) = &self.replication {
-            replication.drain(REPLICATION_DRAIN_WAIT).await;
+            // Jobs that run on are replicated after the next start, from their checkpoint.
+            let deadline = Instant::now() + REPLICATION_DRAIN_WAIT;
+            while replication.sender().is_connected()
+                && Instant::now() < deadline
+                && self
+                    .jobs()
+                    .iter()
+                    .any(|job| job.status().is_terminal() && !replication.is_complete(job))
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            replication.drain(Duration::ZERO).await;
             let (mut waiting_jobs, mut waiting_lines) = (0u64, 0u64);
             for job in self.jobs() {
                 replication.checkpoint(&job).await;
                 let behind = replication.lines_behind(&job);
-                if behind > 0 || !replication.is_complete(&job) {
+                if job.status().is_terminal() && (behind > 0 || !replication.is_complete(&job)) {
                     tracing::warn!(job_id = %job.id, lines = behind, "job output waits in its spool for joblet-persist; it is sent after the next start");
                     waiting_jobs += 1;
                     waiting_lines += behind;
@@ -731,27 +830,57 @@ impl JobManager {
     }
 }
 
-/// Pipe capacity asked for the job's stdout and stderr (Linux's default limit for
-/// unprivileged processes): the job can write on while its pump thread waits for a CPU.
-const PIPE_BYTES: i32 = 1024 * 1024;
-
-/// The read end of a job's output pipe as a file, enlarged to [`PIPE_BYTES`] when the kernel
-/// allows.
-fn output_pipe(pipe: impl Into<std::os::fd::OwnedFd>) -> std::fs::File {
-    let file = std::fs::File::from(pipe.into());
-    if let Err(error) = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES)) {
-        tracing::debug!(%error, "cannot enlarge the output pipe");
+/// The status and reason of a job that exited with `exit_code` (128+N: killed by signal N),
+/// `oom_kills` of its processes killed for lack of memory.
+fn end_of(job: &Job, exit_code: i32, oom_kills: u64) -> (Status, String) {
+    match job.end_request() {
+        Some(EndRequest::Stop) => (Status::Stopped, "stopped by request".to_owned()),
+        Some(EndRequest::Shutdown) => (Status::Stopped, "joblet-core shut down".to_owned()),
+        Some(EndRequest::Timeout) => (
+            Status::Failed,
+            format!("timed out after {}", job.spec.timeout_text),
+        ),
+        // A process of the job was OOM-killed but the job went on and succeeded.
+        None if oom_kills > 0 && exit_code == 0 => (
+            Status::Completed,
+            format!(
+                "completed; {} killed for exceeding max_memory {} MiB",
+                processes(oom_kills),
+                job.spec.max_memory_mb
+            ),
+        ),
+        None if oom_kills > 0 => (
+            Status::Failed,
+            format!(
+                "out of memory: {} killed for exceeding max_memory {} MiB",
+                processes(oom_kills),
+                job.spec.max_memory_mb
+            ),
+        ),
+        None if exit_code == 0 => (Status::Completed, String::new()),
+        None if exit_code > 128 => (
+            Status::Failed,
+            format!("killed by signal {}", exit_code - 128),
+        ),
+        None => (Status::Failed, format!("exited with code {exit_code}")),
     }
-    file
 }
 
-/// The waiter already maps signal deaths to 128+N; a waiter killed itself shows as a signal.
-fn exit_code_of(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
+/// Why a job ended without an exit status: its supervisor is gone (`attached`: it exited
+/// without recording one, else it was not found when core started).
+fn lost_reason(job: &Job, attached: bool) -> String {
+    let rebooted = job.state().supervisor.is_some_and(|id| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .is_ok_and(|boot| boot.trim() != id.boot_id)
+    });
+    let what = if rebooted {
+        "the host restarted while the job ran"
+    } else if attached {
+        "the job's supervisor was killed"
+    } else {
+        "the job's supervisor ended while joblet-core was down, without recording how the job ended"
+    };
+    format!("lost: {what}; its output up to then is kept")
 }
 
 /// Refuses uploads that would be written through a symlink in the work dir (which could
@@ -945,6 +1074,7 @@ fn restore(state_dir: &Path, spool_dir: &Path) -> anyhow::Result<Restored> {
             reason: "lost: joblet-core kept no record of this job (its state journal was damaged); its output is kept".into(),
             spooled: None,
             replicated: Default::default(),
+            supervisor: None,
         };
         match restore_job(stored, spool_dir, &journal) {
             Ok(job) => {
@@ -988,17 +1118,18 @@ fn restore_job(
         };
         return Ok(Job::restore(stored, parts));
     }
-    let output = Output::restore(
-        &id,
-        &log_spool(spool_dir, &id),
-        spooled.map(|s| (s.log_lines, s.log_bytes)),
-    )
-    .map_err(|e| (id.clone(), e))?;
-    let metrics = MetricsLog::restore(
-        &metrics_spool(spool_dir, &id),
-        spooled.map(|s| (s.samples, s.sample_bytes)),
-    )
-    .map_err(|e| (id.clone(), e))?;
+    let (logs, samples) = (log_spool(spool_dir, &id), metrics_spool(spool_dir, &id));
+    let (output, metrics) = if stored.status.is_terminal() {
+        (
+            Output::restore(&id, &logs, spooled.map(|s| (s.log_lines, s.log_bytes))),
+            MetricsLog::restore(&samples, spooled.map(|s| (s.samples, s.sample_bytes))),
+        )
+    } else {
+        // Its supervisor may still be writing: followed until it is known to have ended.
+        (Output::follow(&id, &logs), MetricsLog::reopen(&samples))
+    };
+    let output = output.map_err(|e| (id.clone(), e))?;
+    let metrics = metrics.map_err(|e| (id.clone(), e))?;
     Ok(Job::restore(
         stored,
         JobParts {

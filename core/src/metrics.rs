@@ -15,6 +15,7 @@ pub const SPOOL_BYTES: &str = "joblet_core_spool_bytes";
 pub const STATE_SKIPPED_BYTES: &str = "joblet_core_state_skipped_bytes_total";
 pub const STATE_WRITE_ERRORS: &str = "joblet_core_state_write_errors_total";
 pub const JOBS_RESTORED: &str = "joblet_core_jobs_restored_total";
+pub const JOBS_REATTACHED: &str = "joblet_core_jobs_reattached_total";
 
 pub fn describe() {
     joblet_ipc::metrics::describe_sender();
@@ -54,6 +55,10 @@ pub fn describe() {
         "Jobs read back from core's state journal at start."
     );
     describe_counter!(
+        JOBS_REATTACHED,
+        "Running jobs whose supervisor an earlier run of core started, re-attached at start."
+    );
+    describe_counter!(
         REPLICATION_LINES_LOST,
         "Log lines that could not be replicated, by reason (oversized: larger than an IPC \
          frame; the job's later lines are still replicated)."
@@ -65,6 +70,7 @@ pub fn describe() {
     metrics::counter!(STATE_SKIPPED_BYTES).absolute(0);
     metrics::counter!(STATE_WRITE_ERRORS).absolute(0);
     metrics::counter!(JOBS_RESTORED).absolute(0);
+    metrics::counter!(JOBS_REATTACHED).absolute(0);
     metrics::gauge!(SPOOL_BYTES).set(0.0);
     metrics::counter!(JOBS_STARTED).absolute(0);
     metrics::counter!(JOB_FAILURES).absolute(0);

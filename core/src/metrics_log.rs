@@ -88,6 +88,24 @@ impl MetricsLog {
         ))
     }
 
+    /// The metrics spool of a job that still runs (re-attached after a restart of core): read
+    /// to its last whole frame (a frame torn by a crash is cut off), then appended to.
+    pub fn reopen(path: &Path) -> io::Result<Arc<MetricsLog>> {
+        let (last_sequence, end_offset) =
+            crate::output::scan_spool::<IpcMessage>(path, |message| message.sequence)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        file.set_len(end_offset)?;
+        let progress = SampleProgress {
+            last_sequence,
+            end_offset,
+            finished: false,
+        };
+        Ok(MetricsLog::with(path, Some(file), progress))
+    }
+
     fn with(path: &Path, file: Option<File>, progress: SampleProgress) -> Arc<MetricsLog> {
         Arc::new(MetricsLog {
             path: path.to_owned(),

@@ -1,24 +1,32 @@
 //! A job's output: captured lines, the spool file and live readers.
 //!
-//! Two pump threads (stdout, stderr) read the job's pipes, split lines (a line longer than the
-//! configured maximum becomes several records; a last line without newline is kept) and hand
-//! each read's lines to one [`Append`], which under one lock gives every line the job's next
-//! sequence number and the read's nanosecond timestamp (never decreasing), encodes them into
-//! one buffer, appends it to the spool file with one write and publishes the new end of the
-//! spool. No allocation happens per line. Readers ([`SpoolReader`]) — live subscribers and the
+//! The job's supervisor ([`crate::supervisor`], a process of its own that outlives core) owns
+//! the job's pipes. Two pump threads there (stdout, stderr) read them, split lines (a line longer
+//! than the configured maximum becomes several records; a last line without newline is kept)
+//! and hand each read's lines to one [`Append`] on the [`SpoolWriter`], which under one lock
+//! gives every line the job's next sequence number and the read's nanosecond timestamp (never
+//! decreasing), encodes them into one buffer and appends it to the spool file with one write.
+//! No allocation happens per line.
+//!
+//! In core, the job's [`Output`] follows that file: [`SpoolWatch`] (one thread, inotify on the
+//! spool directory) wakes it when the spool grows, and it reads the new whole frames' sequences
+//! and publishes the new end of the spool. Readers ([`SpoolReader`]) — live subscribers and the
 //! replication to joblet-persist alike — read the spool file at their own pace and wait on that
-//! progress signal when they reach the end: a slow reader (or persist being slow or down) never
-//! slows the job, and memory does not grow with the number of readers.
+//! progress signal when they reach the end: a slow reader (or persist being slow or down, or
+//! core being restarted) never slows the job, and memory does not grow with the number of
+//! readers.
 //!
 //! Spool format: frames of `joblet.LogRecord` (4-byte big-endian length + protobuf), the same
 //! framing as the IPC stream.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
 use joblet_proto::joblet::{LogRecord, LogStream};
@@ -31,12 +39,19 @@ use tokio_util::codec::Decoder;
 const INDEX_EVERY: u64 = 1024;
 /// Bytes a reader takes from the spool per read.
 const READ_CHUNK: u64 = 1024 * 1024;
+/// A frame longer than this in a spool means the spool is damaged (lines are at most
+/// `jobs.max_line_length`, far less).
+const MAX_FRAME: usize = 1 << 30;
 /// Largest pipe read. A pump starts with [`FIRST_PIPE_READ`] and doubles its buffer each time
 /// a read fills it, so a chatty job reads in big chunks while the many jobs that print a few
-/// lines never allocate big buffers (freed memory the allocator keeps would grow core's RSS
-/// with every job).
+/// lines never allocate big buffers.
 const PIPE_READ: usize = 256 * 1024;
 const FIRST_PIPE_READ: usize = 16 * 1024;
+/// A pump whose buffer grew lets it go once its pipe was quiet this long.
+const BURST_OVER: Duration = Duration::from_secs(1);
+/// How often every followed spool is read even without a notification (inotify's queue can
+/// overflow).
+const FOLLOW_SWEEP: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -47,77 +62,119 @@ pub struct Progress {
     pub finished: bool,
 }
 
-struct SpoolState {
-    /// Open for appending while the job runs; closed when it finished, so a finished job
-    /// holds no file descriptor (readers open the spool themselves).
-    file: Option<File>,
-    next_sequence: u64,
-    last_timestamp: i64,
-    end_offset: u64,
-    /// (sequence, offset of its frame), every INDEX_EVERY records.
-    index: Vec<(u64, u64)>,
-    buffer: BytesMut,
-    write_failed: bool,
-}
-
-pub struct Output {
-    job_id: String,
-    path: PathBuf,
-    state: Mutex<SpoolState>,
-    progress: watch::Sender<Progress>,
-}
-
 pub fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
-impl Output {
-    pub fn create(job_id: &str, path: &Path) -> io::Result<Arc<Output>> {
-        let file = std::fs::OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .read(true)
-            .open(path)?;
-        Ok(Arc::new(Output {
-            job_id: job_id.to_owned(),
+/// Writes a job's spool: used by its supervisor, the only writer.
+pub struct SpoolWriter {
+    path: PathBuf,
+    state: Mutex<WriterState>,
+}
+
+struct WriterState {
+    file: File,
+    next_sequence: u64,
+    last_timestamp: i64,
+    buffer: BytesMut,
+    write_failed: bool,
+}
+
+impl SpoolWriter {
+    /// Opens the job's spool (created by core) for appending after what it holds.
+    pub fn open(path: &Path) -> io::Result<SpoolWriter> {
+        let (last_sequence, end_offset) = scan_spool::<LogRecord>(path, |r| r.sequence)?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        // A frame torn by an earlier writer's crash would hide every later one.
+        file.set_len(end_offset)?;
+        Ok(SpoolWriter {
             path: path.to_owned(),
-            state: Mutex::new(SpoolState {
-                file: Some(file),
-                next_sequence: 1,
+            state: Mutex::new(WriterState {
+                file,
+                next_sequence: last_sequence + 1,
                 last_timestamp: 0,
-                end_offset: 0,
-                index: Vec::new(),
                 // Grows with the first reads; most jobs print little.
                 buffer: BytesMut::new(),
                 write_failed: false,
             }),
-            progress: watch::Sender::new(Progress::default()),
-        }))
+        })
     }
 
-    fn lock(&self) -> MutexGuard<'_, SpoolState> {
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts recording lines of `stream` read now; they are written and published when the
-    /// returned [`Append`] is dropped.
+    /// Starts recording lines of `stream` read now; they are written when the returned
+    /// [`Append`] is dropped.
     pub fn append(&self, stream: LogStream) -> Append<'_> {
         let mut state = self.lock();
         let timestamp = now_ns().max(state.last_timestamp);
         state.last_timestamp = timestamp;
         Append {
-            output: self,
+            writer: self,
             state,
             stream,
             timestamp,
         }
     }
 
-    /// The spool of a job recorded by an earlier run of core. `spooled` is what the journal
-    /// says it holds (written when the job ended); without it (core stopped while the job ran)
-    /// the spool is read to find its last whole record. Either way no more lines will come.
+    /// Frees the encoding buffer a burst of output grew.
+    pub fn release_buffer(&self) {
+        self.lock().buffer = BytesMut::new();
+    }
+
+    /// Makes what was written durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.lock().file.sync_data()
+    }
+}
+
+/// A job's output as core sees it: the spool its supervisor writes, followed (see the module
+/// docs), and readers of it.
+pub struct Output {
+    job_id: String,
+    path: PathBuf,
+    state: Mutex<Followed>,
+    progress: watch::Sender<Progress>,
+}
+
+struct Followed {
+    /// Open while the job runs, to read what its supervisor appends; a finished job holds no
+    /// file descriptor (readers open the spool themselves).
+    file: Option<File>,
+    /// End of the whole frames read so far.
+    end_offset: u64,
+    last_sequence: u64,
+    records: u64,
+    /// (sequence, offset of its frame), every INDEX_EVERY records.
+    index: Vec<(u64, u64)>,
+}
+
+impl Output {
+    /// A new job's empty spool, for its supervisor to write.
+    pub fn create(job_id: &str, path: &Path) -> io::Result<Arc<Output>> {
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .read(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Output::with(job_id, path, Some(file), Progress::default()))
+    }
+
+    /// The spool of a job that still runs (re-attached after a restart of core): read to its
+    /// current end, then followed.
+    pub fn follow(job_id: &str, path: &Path) -> io::Result<Arc<Output>> {
+        let output = Output::with(job_id, path, Some(File::open(path)?), Progress::default());
+        output.refresh(&mut Vec::new())?;
+        Ok(output)
+    }
+
+    /// The spool of a finished job recorded by an earlier run of core. `spooled` is what the
+    /// journal says it holds (written when the job ended); without it the spool is read to find
+    /// its last whole record. Either way no more lines will come.
     pub fn restore(
         job_id: &str,
         path: &Path,
@@ -127,36 +184,106 @@ impl Output {
             Some(known) => known,
             None => scan_spool::<LogRecord>(path, |record| record.sequence)?,
         };
-        let output = Arc::new(Output {
-            job_id: job_id.to_owned(),
-            path: path.to_owned(),
-            state: Mutex::new(SpoolState {
-                file: None,
-                next_sequence: last_sequence + 1,
-                last_timestamp: 0,
-                end_offset,
-                index: Vec::new(),
-                buffer: BytesMut::new(),
-                write_failed: false,
-            }),
-            progress: watch::Sender::new(Progress {
-                last_sequence,
-                end_offset,
-                finished: true,
-            }),
-        });
-        Ok(output)
+        let progress = Progress {
+            last_sequence,
+            end_offset,
+            finished: true,
+        };
+        Ok(Output::with(job_id, path, None, progress))
     }
 
-    /// No more lines will come: closes the spool for writing and frees the write buffer.
+    fn with(job_id: &str, path: &Path, file: Option<File>, progress: Progress) -> Arc<Output> {
+        Arc::new(Output {
+            job_id: job_id.to_owned(),
+            path: path.to_owned(),
+            state: Mutex::new(Followed {
+                file,
+                end_offset: progress.end_offset,
+                last_sequence: progress.last_sequence,
+                records: 0,
+                index: Vec::new(),
+            }),
+            progress: watch::Sender::new(progress),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Followed> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the whole frames appended since the last call (into `buffer`, kept by the caller
+    /// between calls) and publishes the new end. Blocking.
+    pub fn refresh(&self, buffer: &mut Vec<u8>) -> io::Result<()> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(file) = state.file.as_ref() else {
+            return Ok(());
+        };
+        let before = state.end_offset;
+        if buffer.is_empty() {
+            buffer.resize(READ_CHUNK as usize, 0);
+        }
+        loop {
+            let n = file.read_at(buffer, state.end_offset)?;
+            let mut position = 0;
+            let mut needed = 0;
+            while position + 4 <= n {
+                let header: [u8; 4] = buffer[position..position + 4].try_into().unwrap_or([0; 4]);
+                let len = u32::from_be_bytes(header) as usize;
+                if len > MAX_FRAME {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "a frame of {len} bytes at offset {}",
+                            state.end_offset + position as u64
+                        ),
+                    ));
+                }
+                if position + 4 + len > n {
+                    needed = 4 + len;
+                    break;
+                }
+                let body = &buffer[position + 4..position + 4 + len];
+                let sequence = wire::varint_field(body, 3)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                if state.records.is_multiple_of(INDEX_EVERY) {
+                    state
+                        .index
+                        .push((sequence, state.end_offset + position as u64));
+                }
+                state.records += 1;
+                state.last_sequence = state.last_sequence.max(sequence);
+                position += 4 + len;
+            }
+            state.end_offset += position as u64;
+            if position == 0 && needed > buffer.len() {
+                buffer.resize(needed, 0); // one frame larger than the buffer
+                continue;
+            }
+            if n < buffer.len() || position == 0 {
+                break;
+            }
+        }
+        if state.end_offset != before {
+            self.progress.send_replace(Progress {
+                last_sequence: state.last_sequence,
+                end_offset: state.end_offset,
+                finished: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// No more lines will come (the supervisor exited): reads what is left, closes the spool
+    /// and publishes the end.
     pub fn finish(&self) {
+        if let Err(error) = self.refresh(&mut Vec::new()) {
+            tracing::error!(job_id = %self.job_id, %error, "cannot read the end of the job's spool");
+        }
         {
             let mut state = self.lock();
             state.file = None;
-            state.buffer = BytesMut::new();
-            // A copy made here, not on the pump thread that grew it: an allocation that outlives
-            // its thread keeps that thread's allocator pages (tens of KiB) alive with it.
-            state.index = state.index.clone();
+            state.index.shrink_to_fit();
         }
         self.progress.send_modify(|p| p.finished = true);
     }
@@ -171,6 +298,10 @@ impl Output {
 
     pub fn job_id(&self) -> &str {
         &self.job_id
+    }
+
+    fn is_followed(&self) -> bool {
+        self.lock().file.is_some()
     }
 
     /// A reader of the records after `after_sequence`.
@@ -193,10 +324,94 @@ impl Output {
     }
 }
 
+/// Wakes the [`Output`] of each running job when its supervisor appends to its spool: one
+/// thread for all jobs, blocked on inotify (`IN_MODIFY` on the spool directory), which also
+/// reads every followed spool each [`FOLLOW_SWEEP`] in case a notification was lost.
+pub struct SpoolWatch {
+    followed: Mutex<HashMap<OsString, Weak<Output>>>,
+}
+
+impl SpoolWatch {
+    /// Watches `dir` (the spool directory) on a thread of its own.
+    pub fn start(dir: &Path) -> io::Result<Arc<SpoolWatch>> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
+        inotify.add_watch(dir, AddWatchFlags::IN_MODIFY)?;
+        let watch = Arc::new(SpoolWatch {
+            followed: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&watch);
+        std::thread::Builder::new()
+            .name("joblet-spools".into())
+            .spawn(move || follow_spools(&inotify, &weak))?;
+        Ok(watch)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<OsString, Weak<Output>>> {
+        self.followed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows `output` until it is finished.
+    pub fn follow(&self, output: &Arc<Output>) {
+        if let Some(name) = output.path.file_name() {
+            self.lock().insert(name.to_owned(), Arc::downgrade(output));
+        }
+    }
+
+    /// The outputs to read: those named by `names`, or all (`None`). Forgets finished ones.
+    fn outputs(&self, names: Option<&[OsString]>) -> Vec<Arc<Output>> {
+        let mut followed = self.lock();
+        followed.retain(|_, output| output.upgrade().is_some_and(|o| o.is_followed()));
+        match names {
+            Some(names) => names
+                .iter()
+                .filter_map(|name| followed.get(name)?.upgrade())
+                .collect(),
+            None => followed.values().filter_map(Weak::upgrade).collect(),
+        }
+    }
+}
+
+fn follow_spools(inotify: &nix::sys::inotify::Inotify, watch: &Weak<SpoolWatch>) {
+    use std::os::fd::AsFd;
+    let mut buffer = Vec::new();
+    let mut last_sweep = std::time::Instant::now();
+    loop {
+        let mut fds = [nix::poll::PollFd::new(
+            inotify.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(
+            &mut fds,
+            nix::poll::PollTimeout::from(FOLLOW_SWEEP.as_millis() as u16),
+        );
+        let mut names: Vec<OsString> = match inotify.read_events() {
+            Ok(events) => events.into_iter().filter_map(|e| e.name).collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort_unstable();
+        names.dedup();
+        let Some(watch) = watch.upgrade() else { return };
+        let sweep = last_sweep.elapsed() >= FOLLOW_SWEEP;
+        if sweep {
+            last_sweep = std::time::Instant::now();
+        }
+        for output in watch.outputs((!sweep).then_some(&names[..])) {
+            if let Err(error) = output.refresh(&mut buffer) {
+                tracing::error!(job_id = %output.job_id, %error, "cannot follow the job's spool");
+            }
+        }
+        // Memory only for as long as a burst needs it.
+        if buffer.len() > READ_CHUNK as usize || names.is_empty() {
+            buffer = Vec::new();
+        }
+    }
+}
+
 /// Lines of one stream read at one instant, being recorded; holds the job's output lock.
 pub struct Append<'a> {
-    output: &'a Output,
-    state: MutexGuard<'a, SpoolState>,
+    writer: &'a SpoolWriter,
+    state: MutexGuard<'a, WriterState>,
     stream: LogStream,
     timestamp: i64,
 }
@@ -206,10 +421,6 @@ impl Append<'_> {
         let state = &mut *self.state;
         let sequence = state.next_sequence;
         state.next_sequence += 1;
-        if sequence % INDEX_EVERY == 1 {
-            let offset = state.end_offset + state.buffer.len() as u64;
-            state.index.push((sequence, offset));
-        }
         encode_record(
             &mut state.buffer,
             self.stream,
@@ -226,26 +437,16 @@ impl Drop for Append<'_> {
         if state.buffer.is_empty() {
             return;
         }
-        let written = match state.file.as_mut() {
-            Some(file) => file.write_all(&state.buffer),
-            None => Err(io::Error::other("the spool was closed")),
-        };
-        match written {
-            Ok(()) => state.end_offset += state.buffer.len() as u64,
-            Err(error) => {
-                if !state.write_failed {
-                    tracing::error!(job_id = %self.output.job_id, %error, "cannot write the job's spool file; readers miss lines from here");
-                    state.write_failed = true;
-                }
-            }
+        if let Err(error) = state.file.write_all(&state.buffer)
+            && !state.write_failed
+        {
+            eprintln!(
+                "joblet-supervisor: cannot write the job's spool {}: {error}; lines from here are lost",
+                self.writer.path.display()
+            );
+            state.write_failed = true;
         }
         state.buffer.clear();
-        let progress = Progress {
-            last_sequence: state.next_sequence - 1,
-            end_offset: state.end_offset,
-            finished: false,
-        };
-        self.output.progress.send_replace(progress);
     }
 }
 
@@ -367,16 +568,23 @@ pub(crate) fn scan_spool<M: prost::Message + Default>(
     }
 }
 
-/// Reads a job's pipe until end of file, handing complete lines to `output`. Runs on its own
+/// Reads a job's pipe until end of file, handing complete lines to `writer`. Runs on its own
 /// thread: the pipe and the spool are blocking I/O.
-pub fn pump(output: &Output, stream: LogStream, mut pipe: impl Read, max_line: usize) {
+pub fn pump(writer: &SpoolWriter, stream: LogStream, mut pipe: File, max_line: usize) {
     let mut splitter = LineSplitter::new(max_line);
     let mut buffer = vec![0u8; FIRST_PIPE_READ];
     loop {
+        if buffer.len() > FIRST_PIPE_READ && !readable_within(&pipe, BURST_OVER) {
+            // The burst is over: a job that runs on quietly keeps no big buffer, and the pages
+            // go back to the system rather than stay with the allocator.
+            buffer = vec![0u8; FIRST_PIPE_READ];
+            writer.release_buffer();
+            joblet_ipc::daemon::release_free_memory();
+        }
         match pipe.read(&mut buffer) {
             Ok(0) => break,
             Ok(n) => {
-                let mut append = output.append(stream);
+                let mut append = writer.append(stream);
                 splitter.push(&buffer[..n], &mut |line| append.line(line));
                 drop(append);
                 if n == buffer.len() && n < PIPE_READ {
@@ -385,13 +593,25 @@ pub fn pump(output: &Output, stream: LogStream, mut pipe: impl Read, max_line: u
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
-                tracing::warn!(job_id = %output.job_id, %error, "reading job output failed");
+                eprintln!("joblet-supervisor: reading the job's output failed: {error}");
                 break;
             }
         }
     }
-    let mut append = output.append(stream);
+    let mut append = writer.append(stream);
     splitter.finish(&mut |line| append.line(line));
+}
+
+/// Whether `pipe` has something to read (or reached its end) within `wait`.
+fn readable_within(pipe: &File, wait: Duration) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        pipe.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let timeout = nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::MAX);
+    // An error (EINTR) reads at once, as before.
+    !matches!(nix::poll::poll(&mut fds, timeout), Ok(0))
 }
 
 /// Splits a byte stream into lines without their newline; lines longer than `max` are cut
@@ -531,14 +751,24 @@ mod tests {
     #[tokio::test]
     async fn readers_see_every_line_once_from_any_cursor() {
         let dir = tempfile::tempdir().unwrap();
-        let output = Output::create("job", &dir.path().join("spool")).unwrap();
+        let path = dir.path().join("spool");
+        let output = Output::create("job", &path).unwrap();
+        let writer = SpoolWriter::open(&path).unwrap();
+        let mut buffer = vec![0; 100]; // smaller than a read: frames span reads
         for batch in 0..10u64 {
-            let mut append = output.append(LogStream::Stdout);
+            let mut append = writer.append(LogStream::Stdout);
             for i in 0..500 {
                 append.line(format!("{}", batch * 500 + i + 1).as_bytes());
             }
+            drop(append);
+            output.refresh(&mut buffer).unwrap();
+            assert_eq!(output.progress().last_sequence, (batch + 1) * 500);
         }
         output.finish();
+        assert_eq!(
+            output.progress().end_offset,
+            std::fs::metadata(&path).unwrap().len()
+        );
         for after in [0u64, 1, 1023, 1024, 1025, 2500, 4999, 5000] {
             let mut reader = output.reader(after).unwrap();
             let mut seen = Vec::new();

@@ -19,6 +19,7 @@ use joblet_proto::joblet::{
 use joblet_proto::persist::{QueryLogsRequest, QueryMetricsRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::CoreError;
@@ -210,15 +211,30 @@ fn sample_event(job_id: &str, sample: &Sample) -> JobMetricsEvent {
 }
 
 /// A response stream fed by `produce` through a bounded channel. `produce` should return when
-/// sending fails (the client went away).
-fn channel_stream<T, F, Fut>(produce: F) -> ResponseStream<T>
+/// sending fails (the client went away). When core shuts down the stream ends with
+/// UNAVAILABLE, so that a following client reconnects (the job may run on) rather than take
+/// the end for the job's.
+fn channel_stream<T, F, Fut>(shutdown: &CancellationToken, produce: F) -> ResponseStream<T>
 where
     T: Send + 'static,
     F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
-    tokio::spawn(produce(sender));
+    let produced = produce(sender.clone());
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = produced => {}
+            () = shutdown.cancelled() => {
+                let _ = sender
+                    .send(Err(Status::unavailable(
+                        "joblet-core is shutting down; reconnect to continue",
+                    )))
+                    .await;
+            }
+        }
+    });
     Box::pin(ReceiverStream::new(receiver))
 }
 
@@ -385,43 +401,49 @@ impl JobService for JobApi {
                     }
                     _ => status,
                 })?;
-                return Ok(Response::new(channel_stream(|sender| async move {
-                    loop {
-                        let item = match lines.message().await {
-                            Ok(Some(line)) => Ok(DataChunk {
-                                payload: with_newline(&line.content),
-                            }),
-                            Ok(None) => return,
-                            Err(status) => Err(status),
-                        };
+                return Ok(Response::new(channel_stream(
+                    self.manager.shutdown_token(),
+                    |sender| async move {
+                        loop {
+                            let item = match lines.message().await {
+                                Ok(Some(line)) => Ok(DataChunk {
+                                    payload: with_newline(&line.content),
+                                }),
+                                Ok(None) => return,
+                                Err(status) => Err(status),
+                            };
+                            if sender.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                )));
+            }
+        };
+        let mut batches = log_records(job, 0, true)?;
+        Ok(Response::new(channel_stream(
+            self.manager.shutdown_token(),
+            |sender| async move {
+                while let Some(batch) = batches.recv().await {
+                    let items: Vec<Result<DataChunk, Status>> = match batch {
+                        Ok(records) => records
+                            .into_iter()
+                            .map(|r| {
+                                Ok(DataChunk {
+                                    payload: with_newline(&r.content),
+                                })
+                            })
+                            .collect(),
+                        Err(status) => vec![Err(status)],
+                    };
+                    for item in items {
                         if sender.send(item).await.is_err() {
                             return;
                         }
                     }
-                })));
-            }
-        };
-        let mut batches = log_records(job, 0, true)?;
-        Ok(Response::new(channel_stream(|sender| async move {
-            while let Some(batch) = batches.recv().await {
-                let items: Vec<Result<DataChunk, Status>> = match batch {
-                    Ok(records) => records
-                        .into_iter()
-                        .map(|r| {
-                            Ok(DataChunk {
-                                payload: with_newline(&r.content),
-                            })
-                        })
-                        .collect(),
-                    Err(status) => vec![Err(status)],
-                };
-                for item in items {
-                    if sender.send(item).await.is_err() {
-                        return;
-                    }
                 }
-            }
-        })))
+            },
+        )))
     }
 
     async fn list_jobs(&self, _: Request<EmptyRequest>) -> Result<Response<Jobs>, Status> {
@@ -445,6 +467,7 @@ impl JobService for JobApi {
         let job = self.find(&request.into_inner().job_uuid)?;
         let after = job.metrics.last_sequence();
         Ok(Response::new(follow_metrics(
+            self.manager.shutdown_token(),
             job,
             after,
             true,
@@ -479,14 +502,17 @@ impl JobService for JobApi {
                 )
                 .await
                 .map_err(|_| Status::not_found(format!("job {:?} not found", request.job_uuid)))?;
-                return Ok(Response::new(channel_stream(|sender| async move {
-                    while let Ok(Some(metric)) = metrics.message().await {
-                        let Some(event) = metric.sample else { continue };
-                        if sender.send(Ok(event)).await.is_err() {
-                            return;
+                return Ok(Response::new(channel_stream(
+                    self.manager.shutdown_token(),
+                    |sender| async move {
+                        while let Ok(Some(metric)) = metrics.message().await {
+                            let Some(event) = metric.sample else { continue };
+                            if sender.send(Ok(event)).await.is_err() {
+                                return;
+                            }
                         }
-                    }
-                })));
+                    },
+                )));
             }
         };
         let limit = if request.limit > 0 {
@@ -528,23 +554,26 @@ impl JobService for JobApi {
             }
         }
         let mut batches = log_records(job, request.after_sequence, request.follow)?;
-        Ok(Response::new(channel_stream(|sender| async move {
-            while let Some(batch) = batches.recv().await {
-                let items: Vec<Result<LogRecord, Status>> = match batch {
-                    Ok(records) => records
-                        .into_iter()
-                        .filter(|r| wanted.is_empty() || wanted.contains(&r.stream))
-                        .map(Ok)
-                        .collect(),
-                    Err(status) => vec![Err(status)],
-                };
-                for item in items {
-                    if sender.send(item).await.is_err() {
-                        return;
+        Ok(Response::new(channel_stream(
+            self.manager.shutdown_token(),
+            |sender| async move {
+                while let Some(batch) = batches.recv().await {
+                    let items: Vec<Result<LogRecord, Status>> = match batch {
+                        Ok(records) => records
+                            .into_iter()
+                            .filter(|r| wanted.is_empty() || wanted.contains(&r.stream))
+                            .map(Ok)
+                            .collect(),
+                        Err(status) => vec![Err(status)],
+                    };
+                    for item in items {
+                        if sender.send(item).await.is_err() {
+                            return;
+                        }
                     }
                 }
-            }
-        })))
+            },
+        )))
     }
 
     type StreamMetricsStream = ResponseStream<MetricRecord>;
@@ -556,6 +585,7 @@ impl JobService for JobApi {
         let request = request.into_inner();
         let job = self.find(&request.job_uuid)?;
         Ok(Response::new(follow_metrics(
+            self.manager.shutdown_token(),
             job,
             request.after_sequence,
             request.follow,
@@ -576,12 +606,13 @@ fn with_newline(content: &[u8]) -> bytes::Bytes {
 
 /// Samples after `after`, then (if `follow`) new ones until the job ends.
 fn follow_metrics<T: Send + 'static>(
+    shutdown: &CancellationToken,
     job: Arc<Job>,
     mut after: u64,
     follow: bool,
     convert: fn(&Job, &Sample) -> T,
 ) -> ResponseStream<T> {
-    channel_stream(move |sender| async move {
+    channel_stream(shutdown, move |sender| async move {
         let mut progress = job.metrics.subscribe();
         loop {
             let finished = progress.borrow_and_update().finished;

@@ -1,8 +1,9 @@
 //! Starting a job's process: into its cgroup and new namespaces before it execs.
 //!
-//! Everything happens in the forked child of the daemon (`pre_exec`), never in the
-//! multi-threaded daemon itself, and without allocating there: cgroup files are opened and all
-//! strings prepared beforehand. The child
+//! The job's supervisor ([`crate::supervisor`]) calls [`spawn`]. Everything happens in its
+//! forked child (`pre_exec`), without allocating there: cgroup files are opened and all strings
+//! prepared beforehand. The child
+//! 0. restores the default action of the termination signals the supervisor ignores,
 //! 1. writes "0" to each `cgroup.procs` of the job cgroup (so even its first page is charged
 //!    to the job),
 //! 2. starts a new session and unshares mount, UTS, IPC and PID namespaces (and the network
@@ -37,6 +38,7 @@ pub enum Network {
     None,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct SpawnSpec {
     pub command: String,
     pub args: Vec<String>,
@@ -83,7 +85,32 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<Child> {
     child
 }
 
+/// Signals that end a process when nobody handles them, and that the supervisor and the
+/// waiter ignore.
+const TERMINATING: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+/// Ignores [`TERMINATING`] signals (the supervisor: only SIGKILL ends it).
+pub fn ignore_termination_signals() {
+    for terminating in TERMINATING {
+        // SAFETY: setting a signal to be ignored installs no handler code.
+        unsafe {
+            let _ = signal(terminating, SigHandler::SigIgn);
+        }
+    }
+}
+
 fn enter_job(procs_fds: &[i32], hostname: &CString, network: Network) -> io::Result<()> {
+    for terminating in TERMINATING {
+        // SAFETY: restores the default action; no handler code.
+        unsafe {
+            let _ = signal(terminating, SigHandler::SigDfl);
+        }
+    }
     for &fd in procs_fds {
         // SAFETY: fd is an open cgroup.procs file owned by the parent until spawn returns.
         let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
@@ -137,17 +164,10 @@ fn wait_and_exit(child: nix::unistd::Pid) -> ! {
     // not when the job ends.
     // SAFETY: close_range only closes descriptors of this process.
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    for terminating in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        // SAFETY: setting a signal to be ignored installs no handler code.
-        unsafe {
-            let _ = signal(terminating, SigHandler::SigIgn);
-        }
-    }
+    // Its command line is still the supervisor's (it never execs): its name tells them apart.
+    // SAFETY: plain prctl call with a static NUL-terminated name.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"joblet-waiter".as_ptr()) };
+    ignore_termination_signals();
     let code = loop {
         match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, code)) => break code,

@@ -61,6 +61,9 @@ pub struct StoredJob {
     /// resumes from here after a restart).
     #[serde(default)]
     pub replicated: Acked,
+    /// The supervisor of a running job (to re-attach it after a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<crate::supervisor::SupervisorId>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +302,7 @@ mod tests {
             reason: String::new(),
             spooled: None,
             replicated: Acked::default(),
+            supervisor: None,
         }
     }
 

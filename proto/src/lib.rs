@@ -112,6 +112,22 @@ pub mod wire {
         put_key_and_varint(key(tag, LENGTH_DELIMITED), len as u64, buf);
     }
 
+    /// The value of varint field `tag` of an encoded message (0 when absent, as proto3 reads
+    /// it; the last one when repeated), skipping every other field without decoding it.
+    pub fn varint_field(mut message: &[u8], tag: u32) -> Result<u64, prost::DecodeError> {
+        use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+        let mut value = 0;
+        while !message.is_empty() {
+            let (field, wire_type) = decode_key(&mut message)?;
+            if field == tag && wire_type == WireType::Varint {
+                value = decode_varint(&mut message)?;
+            } else {
+                skip_field(wire_type, field, &mut message, DecodeContext::default())?;
+            }
+        }
+        Ok(value)
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -144,6 +160,24 @@ pub mod wire {
                     assert_eq!(ours.len(), bytes_field_len(&bytes));
                 }
             }
+        }
+
+        #[test]
+        fn a_varint_field_is_read_past_the_others() {
+            for sequence in [0u64, 1, 300, u64::MAX] {
+                let record = crate::joblet::LogRecord {
+                    stream: 2,
+                    timestamp: -5,
+                    sequence,
+                    content: bytes::Bytes::from_static(b"a line\n"),
+                };
+                let encoded = prost::Message::encode_to_vec(&record);
+                assert_eq!(varint_field(&encoded, 3), Ok(sequence));
+                assert_eq!(varint_field(&encoded, 2), Ok(-5i64 as u64));
+                assert_eq!(varint_field(&encoded, 9), Ok(0));
+            }
+            assert!(varint_field(&[0x18], 3).is_err(), "a torn varint");
+            assert!(varint_field(&[0x22, 5, b'x'], 3).is_err(), "a torn field");
         }
     }
 }

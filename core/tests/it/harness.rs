@@ -156,6 +156,12 @@ pub async fn start_core_with(command: Command, dir: &Path, extra: &str) -> Daemo
             dir.join("work").display()
         )
     };
+    // Tests end their daemons with their jobs (a test that keeps jobs running says so).
+    let config = if config.contains("on_core_shutdown:") {
+        config
+    } else {
+        config.replace("\njobs:\n", "\njobs:\n  on_core_shutdown: stop\n")
+    };
     let config = if config.contains("\npersist:") {
         config
     } else {
@@ -416,4 +422,54 @@ pub async fn samples(
         events.push(event);
     }
     events
+}
+
+/// Log records core has of `id` now, without following.
+pub async fn records_now(client: &mut JobServiceClient<Channel>, id: &str) -> usize {
+    let mut stream = client
+        .stream_logs(StreamLogsRequest {
+            job_uuid: id.into(),
+            follow: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut count = 0;
+    while let Some(_record) = stream.message().await.unwrap() {
+        count += 1;
+    }
+    count
+}
+
+/// Waits until core has at least `count` log records of `id`.
+pub async fn wait_records(client: &mut JobServiceClient<Channel>, id: &str, count: usize) {
+    tokio::time::timeout(WAIT, async {
+        while records_now(client, id).await < count {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the job never wrote {count} lines"));
+}
+
+/// Whether a process whose command line contains `marker` runs.
+pub fn process_with(marker: &str) -> bool {
+    !pids_with(marker).is_empty()
+}
+
+/// The processes whose command line contains `marker`.
+pub fn pids_with(marker: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(marker)
+                .then_some(pid)
+        })
+        .collect()
 }

@@ -7,3 +7,4 @@ mod limits;
 mod outage;
 mod output;
 mod restart;
+mod survive;
