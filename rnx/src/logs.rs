@@ -11,17 +11,20 @@
 
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use joblet_proto::joblet::{LogStream, StreamLogsRequest};
+use joblet_proto::joblet::job_service_client::JobServiceClient;
+use joblet_proto::joblet::{GetJobStatusRequest, LogStream, StreamLogsRequest};
 use joblet_proto::persist::{QueryLogsRequest, StreamType};
 use serde_json::json;
+use tonic::transport::Channel;
 
 use crate::cli::LogArgs;
 use crate::config::Node;
 use crate::hybrid::Sources;
 use crate::output::{flush, json_line, write};
-use crate::{Failure, timespec};
+use crate::{Failure, connect, timespec};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Which {
@@ -232,28 +235,47 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
             };
             let mut after = through;
             for &follow in passes {
-                let mut stream = client
-                    .stream_logs(StreamLogsRequest {
-                        job_uuid: job_id.clone(),
-                        after_sequence: after,
-                        follow,
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                while let Some(record) = stream.message().await? {
-                    after = record.sequence;
-                    if filters.until.is_some_and(|u| record.timestamp >= u) {
-                        break; // timestamps only grow
-                    }
-                    let line = Line {
-                        stderr: record.stream == LogStream::Stderr as i32,
-                        timestamp: record.timestamp,
-                        sequence: record.sequence,
-                        content: record.content,
+                loop {
+                    let streamed = async {
+                        let mut stream = client
+                            .stream_logs(StreamLogsRequest {
+                                job_uuid: job_id.clone(),
+                                after_sequence: after,
+                                follow,
+                                ..Default::default()
+                            })
+                            .await?
+                            .into_inner();
+                        while let Some(record) = stream.message().await? {
+                            after = record.sequence;
+                            if filters.until.is_some_and(|u| record.timestamp >= u) {
+                                break; // timestamps only grow
+                            }
+                            let line = Line {
+                                stderr: record.stream == LogStream::Stderr as i32,
+                                timestamp: record.timestamp,
+                                sequence: record.sequence,
+                                content: record.content,
+                            };
+                            if filters.keep(&line) {
+                                printer.emit(line).map_err(Streamed::Print)?;
+                            }
+                        }
+                        Ok::<(), Streamed>(())
                     };
-                    if filters.keep(&line) {
-                        printer.emit(line)?;
+                    match streamed.await {
+                        Ok(()) => break,
+                        // Restarted or crashed: the job runs on; continue where it stopped.
+                        Err(Streamed::Rpc(status)) if follow && went_away(&status) => {
+                            printer.release_tail()?;
+                            eprintln!(
+                                "rnx: joblet-core went away ({}); reconnecting to continue after line {after}",
+                                status.message()
+                            );
+                            *client = reconnect(node, &job_id).await?;
+                        }
+                        Err(Streamed::Rpc(status)) => return Err(status.into()),
+                        Err(Streamed::Print(failure)) => return Err(failure),
                     }
                 }
                 printer.release_tail()?;
@@ -272,4 +294,53 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
         }
     }
     printer.release_tail()
+}
+
+/// How a live stream ended early.
+enum Streamed {
+    Rpc(tonic::Status),
+    Print(Failure),
+}
+
+impl From<tonic::Status> for Streamed {
+    fn from(status: tonic::Status) -> Self {
+        Streamed::Rpc(status)
+    }
+}
+
+/// How long `--follow` waits for joblet-core to come back (a restart or an upgrade).
+const RECONNECT_FOR: Duration = Duration::from_secs(300);
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+/// Whether a live stream failed because core went away (shut down, crashed, unreachable)
+/// rather than answered with an error: the job may run on, so following resumes.
+fn went_away(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+/// A new client of core once it answers for `job_id` again, trying for [`RECONNECT_FOR`].
+async fn reconnect(node: &Node, job_id: &str) -> Result<JobServiceClient<Channel>, Failure> {
+    let deadline = Instant::now() + RECONNECT_FOR;
+    loop {
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+        let failure = match connect::core(node).await {
+            Ok(mut client) => match client
+                .get_job_status(GetJobStatusRequest {
+                    uuid: job_id.to_owned(),
+                })
+                .await
+            {
+                Ok(_) => return Ok(client),
+                Err(status) if went_away(&status) => Failure::from(status),
+                Err(status) => return Err(status.into()),
+            },
+            Err(failure) => failure,
+        };
+        if Instant::now() >= deadline {
+            return Err(failure);
+        }
+    }
 }

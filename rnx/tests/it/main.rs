@@ -79,6 +79,17 @@ impl Node {
     /// Like [`Node::start`], `core_jobs` added to core's `jobs:` block; core reaches persist's
     /// query API when persist runs.
     async fn start_with(with_persist: bool, core_jobs: &str) -> Node {
+        Node::start_on(with_persist, core_jobs, "127.0.0.1:0").await
+    }
+
+    /// Like [`Node::start_with`], core listening on `listen`. Jobs are stopped with core unless
+    /// `core_jobs` sets `on_core_shutdown`.
+    async fn start_on(with_persist: bool, core_jobs: &str, listen: &str) -> Node {
+        let on_shutdown = if core_jobs.contains("on_core_shutdown") {
+            ""
+        } else {
+            "  on_core_shutdown: stop\n"
+        };
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("persist.sock");
         let persist = if with_persist {
@@ -96,7 +107,7 @@ impl Node {
             .as_ref()
             .map_or("null".to_owned(), |p| p.address.clone());
         std::fs::write(&config, format!(
-            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {query}\n  query_tls: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n{core_jobs}",
+            "grpc:\n  listen: {listen}\n  insecure: true\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {query}\n  query_tls: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n{on_shutdown}{core_jobs}",
             dir.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'),
             dir.path().join("state").display(), socket.display(), dir.path().join("work").display()
         )).unwrap();
@@ -202,6 +213,67 @@ async fn follow_switches_from_history_to_live_without_gap_or_duplicate() {
         "in order"
     );
     node.stop().await;
+}
+
+/// `rnx job log -f` of a running job while core restarts (SIGTERM, or kill -9 when `crash`):
+/// one line on stderr, then it continues from the next line.
+async fn follow_across_a_core_restart(crash: bool) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut node = Node::start_on(
+        true,
+        "  on_core_shutdown: keep\n",
+        &format!("127.0.0.1:{port}"),
+    )
+    .await;
+    let id = node
+        .run("i=0; while [ $i -lt 6000 ]; do i=$((i+1)); echo $i; if [ $((i % 100)) -eq 0 ]; then sleep 0.05; fi; done")
+        .await;
+    let follower = node.rnx(&["job", "log", "-f", &id]).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut core = node.core.take().unwrap();
+    if crash {
+        core.child.kill().await.unwrap();
+    } else {
+        core.stop().await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    node.core = Some(Daemon::start("joblet-core", &node.dir.path().join("core.yml")).await);
+    let output = tokio::time::timeout(WAIT, follower.wait_with_output())
+        .await
+        .expect("rnx job log -f did not end with the job")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.contains("reconnecting"))
+            .count(),
+        1,
+        "one line says it reconnects: {stderr}"
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let numbers: Vec<u64> = text.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(numbers.len(), 6000, "every line exactly once");
+    assert!(
+        numbers.iter().enumerate().all(|(i, n)| *n == i as u64 + 1),
+        "in order"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn follow_continues_across_a_core_restart_without_gap_or_duplicate() {
+    follow_across_a_core_restart(false).await;
+}
+
+#[tokio::test]
+async fn follow_continues_across_a_core_crash_without_gap_or_duplicate() {
+    follow_across_a_core_restart(true).await;
 }
 
 #[tokio::test]
