@@ -58,6 +58,7 @@ bench: deps
 	./target/release/persist --direct-io
 	./target/release/core
 	./target/release/catalogue
+	./target/release/reattach
 
 clean-run:
 	rm -rf $(JOBLET_DIR)

@@ -77,6 +77,26 @@ pub async fn start(binary: &Path, config: &Path) -> anyhow::Result<Daemon> {
     Ok(Daemon { child, grpc })
 }
 
+/// A field of `/proc/<pid>/status` or `/proc/<pid>/smaps_rollup` (`name:` followed by kB), in
+/// MiB.
+pub fn proc_mib(pid: u32, file: &str, name: &str) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .with_context(|| format!("{name} in /proc/{pid}/{file}"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// A process's resident set (VmRSS), in MiB.
+pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    proc_mib(pid, "status", "VmRSS")
+}
+
 /// One measured figure, with the baseline it is compared against (if any) and the aim.
 pub struct Row {
     pub name: String,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use joblet_benches::{Daemon, Table, persist_config, sibling, start};
+use joblet_benches::{Daemon, Table, persist_config, rss_mib, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{EmptyRequest, GetJobStatusRequest, RunJobRequest};
 use tonic::transport::Channel;
@@ -29,19 +29,6 @@ struct Args {
     /// Jobs run through the rnx binary for the end-to-end figure.
     #[arg(long, default_value_t = 50)]
     rnx_jobs: usize,
-}
-
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .context("VmRSS")?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()?;
-    Ok(kib / 1024.0)
 }
 
 fn open_files(pid: u32) -> anyhow::Result<f64> {
