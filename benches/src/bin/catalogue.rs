@@ -14,7 +14,6 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Parser;
 use joblet_benches::{Daemon, Table, persist_config, rss_mib, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
