@@ -47,6 +47,10 @@ const MAX_FRAME: usize = 1 << 30;
 /// lines never allocate big buffers.
 const PIPE_READ: usize = 256 * 1024;
 const FIRST_PIPE_READ: usize = 16 * 1024;
+/// After a read of at least [`COALESCE_ABOVE`] bytes that emptied the pipe, the pump waits
+/// [`COALESCE_FOR`] before it reads again. A job printing a line now and then is read at once.
+const COALESCE_ABOVE: usize = 4096;
+const COALESCE_FOR: Duration = Duration::from_millis(1);
 /// A pump whose buffer grew lets it go once its pipe was quiet this long.
 const BURST_OVER: Duration = Duration::from_secs(1);
 /// How often every followed spool is read even without a notification (inotify's queue can
@@ -589,6 +593,10 @@ pub fn pump(writer: &SpoolWriter, stream: LogStream, mut pipe: File, max_line: u
                 drop(append);
                 if n == buffer.len() && n < PIPE_READ {
                     buffer.resize(n * 2, 0);
+                } else if n >= COALESCE_ABOVE && n < buffer.len() {
+                    // A chatty job writing in small pieces: let them gather in the pipe, so
+                    // that the next read, spool write and wake-up of core carry many, not few.
+                    std::thread::sleep(COALESCE_FOR);
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,

@@ -44,6 +44,44 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / hz)
 }
 
+/// The CPU seconds of job `id`'s supervisor (`joblet-core supervise <id>`), sampled until it
+/// exits (its last sample); 0 for a core without supervisors.
+fn watch_supervisor_cpu(id: &str) -> tokio::task::JoinHandle<f64> {
+    let marker = format!("supervise {id}");
+    tokio::spawn(async move {
+        let found = async {
+            loop {
+                let pid = std::fs::read_dir("/proc")
+                    .ok()?
+                    .flatten()
+                    .find_map(|entry| {
+                        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+                        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+                        (comm.trim() == "joblet-supervis"
+                            && String::from_utf8_lossy(&cmdline)
+                                .replace('\0', " ")
+                                .contains(&marker))
+                        .then_some(pid)
+                    });
+                if pid.is_some() {
+                    return pid;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let Ok(Some(pid)) = tokio::time::timeout(Duration::from_secs(2), found).await else {
+            return 0.0;
+        };
+        let mut last = 0.0;
+        while let Ok(seconds) = cpu_seconds(pid) {
+            last = seconds;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        last
+    })
+}
+
 fn generator(args: &Args) -> String {
     // yes repeats one 150-byte line (149 characters and the newline) as fast as a pipe takes it.
     let line: String = "x".repeat(args.line_bytes - 1);
@@ -143,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
         PersistServiceClient::connect(format!("http://{}", persist.grpc)).await?;
     let (mut baseline_walls, mut null_walls, mut core_walls, mut core_cpus, mut catch_ups) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut supervisor_cpus = Vec::new();
     for _ in 0..args.rounds {
         nix::unistd::sync();
         baseline_walls.push(run_direct(&args, &dir.path().join("direct.out")).await?);
@@ -160,10 +199,12 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .into_inner()
             .job_uuid;
+        let supervisor_cpu = watch_supervisor_cpu(&id);
         let ended = wait_ended(&mut client, &id).await?;
         anyhow::ensure!(ended == "COMPLETED", "bench job ended {ended}");
         core_walls.push(started.elapsed().as_secs_f64());
         core_cpus.push(cpu_seconds(core_pid)? - cpu_before);
+        supervisor_cpus.push(supervisor_cpu.await?);
         let job_end = Instant::now();
         wait_persisted(&mut persist_client, &id, args.lines).await?;
         catch_ups.push(job_end.elapsed().as_secs_f64());
@@ -172,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
     let baseline_wall = median(&mut baseline_walls);
     let null_wall = median(&mut null_walls);
     let core_cpu = median(&mut core_cpus);
+    let supervisor_cpu = median(&mut supervisor_cpus);
 
     // Live latency.
     let script = format!(
@@ -243,6 +285,13 @@ async fn main() -> anyhow::Result<()> {
         None,
         "s",
         "",
+    );
+    table.add(
+        "job's supervisor CPU s per million lines",
+        supervisor_cpu / (args.lines as f64 / 1e6),
+        None,
+        "s",
+        "(the pump; 0 before supervisors)",
     );
     table.add(
         "live latency write→subscriber p50",
