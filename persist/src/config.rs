@@ -119,6 +119,12 @@ pub struct RetentionConfig {
     /// Accepts retention periods under one minute. For tests only: in production such a value
     /// is a typo ("1ns") that would delete everything.
     pub allow_under_a_minute: bool,
+    /// Most the data directory may take; above it the jobs with the oldest data are dropped
+    /// whole until it is back under 90 % of it. 0: no cap.
+    pub max_bytes: ByteSize,
+    /// How often expired jobs are dropped and their disk space freed (and the cap checked).
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -127,6 +133,8 @@ impl Default for RetentionConfig {
             logs: Retention(Some(Duration::from_secs(7 * 86_400))),
             metrics: Retention(Some(Duration::from_secs(30 * 86_400))),
             allow_under_a_minute: false,
+            max_bytes: ByteSize::b(0),
+            check_interval: Duration::from_secs(60),
         }
     }
 }
@@ -291,6 +299,9 @@ impl Config {
                     humantime::format_duration(period)
                 );
             }
+        }
+        if self.retention.check_interval < Duration::from_secs(1) {
+            bail!("retention.check_interval: must be at least 1s");
         }
         if self.ipc.max_connections == 0 {
             bail!("ipc.max_connections: must be at least 1");

@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod keys;
 pub mod log_route;
 pub mod metrics;
+pub mod retention;
 pub mod service;
 pub mod store;
 
@@ -37,6 +38,8 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct Persist {
     config: Config,
+    /// The file the configuration came from: SIGHUP re-reads its retention settings.
+    config_path: Option<std::path::PathBuf>,
     store: Arc<Store>,
     receiver: IpcReceiver,
 }
@@ -60,9 +63,16 @@ impl Persist {
             .context("ipc.socket")?;
         Ok(Persist {
             config,
+            config_path: None,
             store: Arc::new(store),
             receiver,
         })
+    }
+
+    /// Names the file the configuration came from, so that SIGHUP re-reads retention from it.
+    pub fn with_config_path(mut self, path: std::path::PathBuf) -> Persist {
+        self.config_path = Some(path);
+        self
     }
 
     pub fn store(&self) -> Arc<Store> {
@@ -72,6 +82,7 @@ impl Persist {
     pub async fn serve(self, grpc: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Persist {
             config,
+            config_path,
             store,
             receiver,
         } = self;
@@ -83,6 +94,21 @@ impl Persist {
             config.clone(),
             shutdown.clone(),
         ));
+        tasks.spawn(retention::run(
+            store.clone(),
+            config.data_dir.clone(),
+            config.retention.check_interval,
+            shutdown.clone(),
+        ));
+        if let Some(path) = &config_path {
+            retention::reload_on_sighup(
+                path,
+                config.clone(),
+                store.policy().clone(),
+                shutdown.clone(),
+            )
+            .context("install the SIGHUP handler")?;
+        }
         if config.storage.durability == Durability::Wal {
             tasks.spawn(sync_wal_periodically(
                 store.clone(),

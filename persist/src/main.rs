@@ -35,8 +35,8 @@ joblet_ipc::tune_allocator_at_load!(false);
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match load_config(args.config) {
-        Ok(config) => config,
+    let (config, config_path) = match load_config(args.config) {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("joblet-persist: {error:#}");
             return ExitCode::from(2);
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, config_path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -69,17 +69,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+/// The configuration and the file it came from (none: the built-in defaults).
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    let path = path.or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG);
+        default.exists().then_some(default)
+    });
     match path {
-        Some(path) => Config::load(&path),
-        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
-            Config::load(std::path::Path::new(DEFAULT_CONFIG))
-        }
-        None => Ok(Config::default()),
+        Some(path) => Ok((Config::load(&path)?, Some(path))),
+        None => Ok((Config::default(), None)),
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let metrics_address = joblet_ipc::metrics::serve_exporter(config.metrics.listen).await?;
     joblet_persist::metrics::describe();
     let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
@@ -87,7 +89,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("grpc.listen: bind {}", config.grpc.listen))?;
     let grpc_address = grpc.local_addr()?;
     let socket = config.ipc.socket.clone();
-    let persist = Persist::open(config).await?;
+    let mut persist = Persist::open(config).await?;
+    if let Some(path) = config_path {
+        persist = persist.with_config_path(path);
+    }
 
     let shutdown = CancellationToken::new();
     joblet_ipc::daemon::cancel_on_signals(shutdown.clone()).context("install signal handlers")?;

@@ -8,6 +8,8 @@ pub const QUERY_DURATION: &str = "joblet_persist_query_duration_seconds";
 pub const STORAGE_BYTES: &str = "joblet_persist_storage_bytes";
 pub const STORAGE_CAPACITY_BYTES: &str = "joblet_persist_storage_capacity_bytes";
 pub const RETENTION_EXPIRED: &str = "joblet_persist_retention_expired_total";
+pub const RETENTION_EVICTED_JOBS: &str = "joblet_persist_retention_evicted_jobs_total";
+pub const RETENTION_EVICTED_BYTES: &str = "joblet_persist_retention_evicted_bytes_total";
 pub const INDEX_BYTES: &str = "joblet_persist_index_bytes";
 pub const LINES_STORED: &str = "joblet_persist_log_lines_stored_total";
 pub const METRICS_STORED: &str = "joblet_persist_metric_samples_stored_total";
@@ -43,6 +45,20 @@ pub fn describe() {
         RETENTION_EXPIRED,
         "Records removed by retention during compaction, by column family."
     );
+    describe_counter!(
+        RETENTION_EVICTED_JOBS,
+        "Jobs dropped whole by the retention pass, by reason: retention (every record expired) \
+         or max_bytes (the size cap)."
+    );
+    describe_counter!(
+        RETENTION_EVICTED_BYTES,
+        "Log bytes (as stored, before compression) of the jobs the retention pass dropped, by \
+         reason."
+    );
+    for reason in ["retention", "max_bytes"] {
+        metrics::counter!(RETENTION_EVICTED_JOBS, "reason" => reason).absolute(0);
+        metrics::counter!(RETENTION_EVICTED_BYTES, "reason" => reason).absolute(0);
+    }
     describe_gauge!(
         INDEX_BYTES,
         Unit::Bytes,

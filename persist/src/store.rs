@@ -12,8 +12,10 @@
 //! - Writes are idempotent: a record is identified by its key; one that is already stored is
 //!   skipped (and not counted twice in the summary).
 //! - Retention is enforced by compaction filters on each column family, relative to a record's
-//!   own timestamp; reads clamp their time range to the retention window so expired records
-//!   are never returned even before compaction removes them.
+//!   own timestamp, and by [`Store::enforce_retention`], which drops whole expired key ranges
+//!   and compacts them at once (see [`crate::retention`]); reads clamp their time range to the
+//!   retention window so expired records are never returned even before they are removed. The
+//!   periods are read from the shared [`Policy`] at each use, so a reload applies at once.
 //! - Ingest is pipelined in two steps, each serialised by its own lock, taken in this order:
 //!   `pending` (prepare: dedup decisions, the write batch, the summaries it leads to) and
 //!   `commit` (the RocksDB write). A batch takes `commit` before it releases `pending`, so
@@ -27,8 +29,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use joblet_ipc::{Batch, MessageType, MetricData};
@@ -44,6 +46,7 @@ use rocksdb::{
 use crate::config::{Compression, Config, Durability, Retention};
 use crate::keys;
 use crate::metrics as m;
+use crate::retention::{CAP_TARGET_PERCENT, Dropped, Policy};
 
 pub const CF_LOGS: &str = "logs";
 pub const CF_METRICS: &str = "metrics";
@@ -132,6 +135,8 @@ pub struct IngestOutcome {
     pub records: u64,
     pub duplicates: u64,
     pub invalid: u64,
+    /// Bytes of log content stored.
+    pub bytes: u64,
 }
 
 /// Data block size. Logs are mostly read in long forward scans: 16 KiB blocks mean a quarter
@@ -147,8 +152,10 @@ pub struct Store {
     /// after the write, outside the commit lock.
     ingest_options: WriteOptions,
     sync_after_write: bool,
-    retention_logs: Retention,
-    retention_metrics: Retention,
+    /// Retention periods and size cap in force, shared with the compaction filters.
+    policy: Arc<Policy>,
+    /// Bytes of log content ingested since start (the size cap's trigger).
+    ingested: AtomicU64,
     /// Summaries including batches prepared but perhaps not yet written; the prepare lock.
     pending: Mutex<HashMap<String, JobSummary>>,
     /// The write lock, taken while `pending` is held.
@@ -196,26 +203,24 @@ impl Store {
             options.set_periodic_compaction_seconds(86_400);
             (name, options)
         };
+        let policy = Policy::new(&config.retention);
         let (logs_name, mut logs) = base(CF_LOGS);
         logs.set_compaction_filter(
             "joblet-log-retention",
-            record_filter(config.retention.logs, CF_LOGS),
+            record_filter(policy.clone(), Policy::logs, CF_LOGS),
         );
         let (metrics_name, mut metrics) = base(CF_METRICS);
         metrics.set_compaction_filter(
             "joblet-metric-retention",
-            record_filter(config.retention.metrics, CF_METRICS),
+            record_filter(policy.clone(), Policy::metrics, CF_METRICS),
         );
         let (jobs_name, mut jobs) = base(CF_JOBS);
         jobs.set_compaction_filter(
             "joblet-job-record-retention",
-            job_record_filter(config.retention.logs),
+            job_record_filter(policy.clone()),
         );
         let (summaries_name, mut summaries) = base(CF_SUMMARIES);
-        summaries.set_compaction_filter(
-            "joblet-summary-retention",
-            summary_filter(config.retention.logs, config.retention.metrics),
-        );
+        summaries.set_compaction_filter("joblet-summary-retention", summary_filter(policy.clone()));
 
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
@@ -223,6 +228,9 @@ impl Store {
         db_options.increase_parallelism(2);
         db_options.set_use_direct_io_for_flush_and_compaction(config.rocksdb.direct_io);
         db_options.set_use_direct_reads(config.rocksdb.direct_io);
+        // RocksDB's own info log must not fill the disk either: a few small files.
+        db_options.set_keep_log_file_num(4);
+        db_options.set_max_log_file_size(8 << 20);
         let db = DB::open_cf_descriptors(
             &db_options,
             path,
@@ -242,8 +250,8 @@ impl Store {
             write_options,
             ingest_options: WriteOptions::default(),
             sync_after_write: sync,
-            retention_logs: config.retention.logs,
-            retention_metrics: config.retention.metrics,
+            policy,
+            ingested: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             commit: Mutex::new(()),
             durable: Mutex::new(HashMap::new()),
@@ -401,6 +409,7 @@ impl Store {
                 value.extend_from_slice(content);
                 summary.log_lines += 1;
                 summary.log_bytes += content.len() as u64;
+                outcome.bytes += content.len() as u64;
                 summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
                 outcome.lines += 1;
             } else {
@@ -458,6 +467,7 @@ impl Store {
                 self.db.flush_wal(true)?;
             }
         }
+        self.ingested.fetch_add(outcome.bytes, Ordering::Relaxed);
         metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::LINES_STORED).increment(outcome.lines);
         metrics::counter!(m::METRICS_STORED).increment(outcome.samples);
@@ -522,7 +532,7 @@ impl Store {
 
     /// Summaries of stored jobs whose id starts with `prefix`, ordered by id.
     pub fn list_jobs(&self, prefix: &str) -> Vec<JobSummary> {
-        let oldest_kept = oldest_kept_ns(longest(self.retention_logs, self.retention_metrics));
+        let oldest_kept = oldest_kept_ns(longest(self.policy.logs(), self.policy.metrics()));
         let mut jobs: Vec<JobSummary> = lock(&self.durable)
             .values()
             .filter(|s| s.job_id.starts_with(prefix) && s.last_timestamp >= oldest_kept)
@@ -563,6 +573,172 @@ impl Store {
         Ok(listed.into_iter().map(|(_, summary)| summary).collect())
     }
 
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Bytes of log content ingested since start.
+    pub fn ingested_bytes(&self) -> u64 {
+        self.ingested.load(Ordering::Relaxed)
+    }
+
+    /// One retention pass (see [`crate::retention`]): drops the jobs whose newest record is
+    /// older than retention, the log or metric range of a job whose newest line or sample is,
+    /// then (with a size cap) the jobs with the oldest newest-record while `data_dir` is over
+    /// the cap, and compacts every dropped range. Blocking.
+    pub fn enforce_retention(&self, data_dir: &Path) -> Result<Dropped, StoreError> {
+        let (logs, metrics) = (self.policy.logs(), self.policy.metrics());
+        let cutoffs = [oldest_kept_ns(logs), oldest_kept_ns(metrics)];
+        let whole_cutoff = oldest_kept_ns(longest(logs, metrics));
+        let mut summaries: Vec<JobSummary> = lock(&self.durable).values().cloned().collect();
+        summaries.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        let mut dropped = Dropped::default();
+        // Per column family (logs, metrics): which jobs' ranges were dropped.
+        let mut cleared: [HashSet<String>; 2] = Default::default();
+        let mut gone = HashSet::new();
+        for summary in &summaries {
+            if summary.last_timestamp < whole_cutoff {
+                if self.delete_job(&summary.job_id)? {
+                    dropped.expired_jobs += 1;
+                    dropped.expired_bytes += summary.log_bytes;
+                }
+                gone.insert(summary.job_id.clone());
+                continue;
+            }
+            for (kind, cf_name) in [CF_LOGS, CF_METRICS].into_iter().enumerate() {
+                if self.drop_kind_if_expired(&summary.job_id, cf_name, cutoffs[kind])? {
+                    cleared[kind].insert(summary.job_id.clone());
+                }
+            }
+        }
+        if !gone.is_empty() {
+            metrics::counter!(m::RETENTION_EVICTED_JOBS, "reason" => "retention")
+                .increment(dropped.expired_jobs);
+            metrics::counter!(m::RETENTION_EVICTED_BYTES, "reason" => "retention")
+                .increment(dropped.expired_bytes);
+        }
+        for set in &mut cleared {
+            set.extend(gone.iter().cloned());
+        }
+        self.compact_dropped(&summaries, &cleared)?;
+
+        let Some(cap) = self.policy.max_bytes() else {
+            return Ok(dropped);
+        };
+        let used = directory_bytes(data_dir);
+        if used <= cap {
+            return Ok(dropped);
+        }
+        // What each job takes on disk, estimated from its share of the raw bytes.
+        let mut alive: Vec<&JobSummary> = summaries
+            .iter()
+            .filter(|s| !gone.contains(&s.job_id))
+            .collect();
+        let raw = |s: &JobSummary| s.log_bytes + s.metric_samples * 64 + 512;
+        let total_raw: u64 = alive.iter().map(|s| raw(s)).sum::<u64>().max(1);
+        let on_disk_per_raw = used as f64 / total_raw as f64;
+        let mut to_free = used - cap * CAP_TARGET_PERCENT / 100;
+        alive.sort_by_key(|s| s.last_timestamp);
+        let mut capped = HashSet::new();
+        for summary in alive {
+            if to_free == 0 {
+                break;
+            }
+            let estimate = (raw(summary) as f64 * on_disk_per_raw) as u64;
+            if self.delete_job(&summary.job_id)? {
+                tracing::warn!(
+                    job_id = %summary.job_id,
+                    bytes = estimate,
+                    cap,
+                    used,
+                    "retention.max_bytes: the job with the oldest data is dropped"
+                );
+                metrics::counter!(m::RETENTION_EVICTED_JOBS, "reason" => "max_bytes").increment(1);
+                metrics::counter!(m::RETENTION_EVICTED_BYTES, "reason" => "max_bytes")
+                    .increment(summary.log_bytes);
+                dropped.capped_jobs += 1;
+                dropped.capped_bytes += summary.log_bytes;
+            }
+            capped.insert(summary.job_id.clone());
+            to_free = to_free.saturating_sub(estimate.max(1));
+        }
+        self.compact_dropped(&summaries, &[capped.clone(), capped])?;
+        Ok(dropped)
+    }
+
+    /// Drops the `cf_name` range of `job_id` if its newest record there is older than `cutoff`
+    /// (under the ingest locks, so that no line arriving meanwhile goes with it). Returns
+    /// whether it did.
+    fn drop_kind_if_expired(
+        &self,
+        job_id: &str,
+        cf_name: &'static str,
+        cutoff: i64,
+    ) -> Result<bool, StoreError> {
+        if cutoff == i64::MIN {
+            return Ok(false);
+        }
+        let cf = self.cf(cf_name)?;
+        let (start, end) = (keys::job_start(job_id), keys::job_end(job_id));
+        let _pending = lock(&self.pending);
+        let _commit = lock(&self.commit);
+        let mut iter = self.db.raw_iterator_cf(cf);
+        iter.seek_for_prev(&end);
+        let newest = iter
+            .key()
+            .filter(|key| key.starts_with(&start))
+            .and_then(keys::timestamp_of);
+        iter.status()?;
+        match newest {
+            Some(timestamp) if timestamp < cutoff => {
+                let mut write = WriteBatch::default();
+                write.delete_range_cf(cf, &start, &end);
+                self.db.write_opt(write, &self.write_options)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Compacts the key ranges of the jobs in `dropped` (per logs, metrics), merging neighbours
+    /// (in key order, among `all` jobs) into one range, so that their files are rewritten or
+    /// deleted now rather than at the next periodic compaction.
+    fn compact_dropped(
+        &self,
+        all: &[JobSummary],
+        dropped: &[HashSet<String>; 2],
+    ) -> Result<(), StoreError> {
+        for (kind, cf_name) in [CF_LOGS, CF_METRICS].into_iter().enumerate() {
+            if dropped[kind].is_empty() {
+                continue;
+            }
+            let cf = self.cf(cf_name)?;
+            let mut run: Option<(&str, &str)> = None;
+            let compact = |(first, last): (&str, &str)| {
+                self.db.compact_range_cf(
+                    cf,
+                    Some(keys::job_start(first)),
+                    Some(keys::job_end(last)),
+                );
+            };
+            // `all` is sorted by job id, which is key order.
+            for summary in all {
+                let id = summary.job_id.as_str();
+                if dropped[kind].contains(id) {
+                    run = Some(run.map_or((id, id), |(first, _)| (first, id)));
+                } else if let Some(span) = run.take() {
+                    compact(span);
+                }
+            }
+            if let Some(span) = run {
+                compact(span);
+            }
+        }
+        // The WAL files that held the dropped records go only once every column family's
+        // memtable that shares them is flushed.
+        self.flush()
+    }
+
     /// Removes every record and the summary of `job_id`; returns whether it had any.
     pub fn delete_job(&self, job_id: &str) -> Result<bool, StoreError> {
         let mut pending = lock(&self.pending);
@@ -593,7 +769,7 @@ impl Store {
         let finder = (!contains.is_empty()).then(|| memchr::memmem::Finder::new(contains));
         self.scan(
             CF_LOGS,
-            self.retention_logs,
+            self.policy.logs(),
             selection,
             |value| {
                 parse_log_value(value).is_some_and(|(stream, content)| {
@@ -625,7 +801,7 @@ impl Store {
     ) -> Result<Option<(i64, u64)>, StoreError> {
         self.scan(
             CF_METRICS,
-            self.retention_metrics,
+            self.policy.metrics(),
             selection,
             |value| MetricData::decode(value).is_ok(),
             &mut |timestamp, sequence, value| match MetricData::decode(value) {
@@ -821,16 +997,18 @@ fn longest(a: Retention, b: Retention) -> Retention {
 }
 
 fn record_filter(
-    retention: Retention,
+    policy: Arc<Policy>,
+    retention: fn(&Policy) -> Retention,
     cf: &'static str,
 ) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
     let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => cf);
     move |_level, key, _value| {
-        let Some(period) = retention.0 else {
+        let retention = retention(&policy);
+        if retention.0.is_none() {
             return Decision::Keep;
-        };
+        }
         match keys::timestamp_of(key) {
-            Some(timestamp) if timestamp < oldest_kept_ns(Retention(Some(period))) => {
+            Some(timestamp) if timestamp < oldest_kept_ns(retention) => {
                 expired.increment(1);
                 Decision::Remove
             }
@@ -840,10 +1018,11 @@ fn record_filter(
 }
 
 fn job_record_filter(
-    retention: Retention,
+    policy: Arc<Policy>,
 ) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
     let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => CF_JOBS);
     move |_level, _key, value| {
+        let retention = policy.logs();
         if retention.0.is_none() {
             return Decision::Keep;
         }
@@ -858,12 +1037,11 @@ fn job_record_filter(
 }
 
 fn summary_filter(
-    logs: Retention,
-    metrics_retention: Retention,
+    policy: Arc<Policy>,
 ) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
-    let retention = longest(logs, metrics_retention);
     let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => CF_SUMMARIES);
     move |_level, _key, value| {
+        let retention = longest(policy.logs(), policy.metrics());
         if retention.0.is_none() {
             return Decision::Keep;
         }

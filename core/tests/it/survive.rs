@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use joblet_proto::joblet::job_service_client::JobServiceClient;
-use joblet_proto::joblet::{EmptyRequest, StopJobRequest};
+use joblet_proto::joblet::{DeleteJobRequest, EmptyRequest, StopJobRequest};
 use tonic::transport::Channel;
 
 use crate::harness::{
@@ -115,6 +115,16 @@ async fn survives(stop: impl AsyncFnOnce(Daemon)) {
     core_has_every_line(&mut client, &id, count).await;
     harness::persisted_exactly(&persist, &id, count, |n| n.to_string()).await;
     nothing_left_of(&id, "i % 50");
+    client
+        .delete_job(DeleteJobRequest { uuid: id.clone() })
+        .await
+        .unwrap();
+    let spools: Vec<_> = std::fs::read_dir(dir.path().join("state/spool"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(&id))
+        .collect();
+    assert_eq!(spools, Vec::<String>::new(), "a deleted job leaves no file");
     core.terminate().await;
     persist.terminate().await;
 }

@@ -232,3 +232,207 @@ async fn every_thread_runs_at_the_configured_nice_value() {
     );
     daemon.terminate().await;
 }
+
+/// `count` lines of `job` of about 100 bytes that compress little, timestamped from `base`.
+fn incompressible_lines(job: &str, count: u64, base: i64) -> Vec<joblet_ipc::IpcMessage> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ job.len() as u64;
+    (1..=count)
+        .map(|sequence| {
+            let mut content = format!("{sequence:08} ");
+            for _ in 0..6 {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                content.push_str(&format!("{state:016x}"));
+            }
+            log_message(
+                job,
+                sequence,
+                base + sequence as i64,
+                Stream::Stdout,
+                content.into(),
+            )
+        })
+        .collect()
+}
+
+async fn listed_jobs(daemon: &harness::Daemon) -> Vec<String> {
+    let mut client = daemon.client().await;
+    client
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(|job| job.job_id)
+        .collect()
+}
+
+/// Waits up to `within` for `done`, checking every 200 ms.
+async fn eventually(within: std::time::Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if done().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    false
+}
+
+fn data_bytes(dir: &std::path::Path) -> u64 {
+    joblet_persist::store::directory_bytes(&dir.join("data"))
+}
+
+#[tokio::test]
+async fn an_expired_job_frees_its_disk_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = harness::start(
+        dir.path(),
+        "retention:\n  logs: 3s\n  metrics: 3s\n  allow_under_a_minute: true\n  check_interval: 1s\n",
+    )
+    .await;
+    let replicator = Replicator::connect(&daemon.socket).await;
+    let expiring = "e0000000-0000-4000-8000-000000000001";
+    let kept = "e0000000-0000-4000-8000-000000000002";
+    replicator
+        .send_all_acked(incompressible_lines(expiring, 200_000, now()))
+        .await;
+    // Newer than the retention for the whole test.
+    let in_an_hour = now() + 3600 * 1_000_000_000;
+    replicator
+        .send_all_acked(incompressible_lines(kept, 1000, in_an_hour))
+        .await;
+    let full = data_bytes(dir.path());
+    assert!(full > 15 << 20, "the job takes room: {full} bytes");
+    let freed = eventually(std::time::Duration::from_secs(30), async || {
+        !listed_jobs(&daemon).await.contains(&expiring.to_owned())
+            && data_bytes(dir.path()) < full / 4
+    })
+    .await;
+    assert!(
+        freed,
+        "the expired job is gone and its disk freed: {} of {full} bytes left",
+        data_bytes(dir.path())
+    );
+    assert_eq!(listed_jobs(&daemon).await, [kept]);
+    assert_eq!(
+        all_sequences(&daemon, kept).await.len(),
+        1000,
+        "the live job is untouched"
+    );
+    let scraped = daemon.scrape().await;
+    assert!(
+        scraped.contains("joblet_persist_retention_evicted_jobs_total{reason=\"retention\"} 1"),
+        "{scraped}"
+    );
+    drop(replicator);
+    daemon.terminate().await;
+}
+
+#[tokio::test]
+async fn the_size_cap_drops_the_jobs_with_the_oldest_data_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 12u64 << 20;
+    let daemon = harness::start(
+        dir.path(),
+        &format!("retention:\n  logs: 0\n  metrics: 0\n  max_bytes: {cap}\n  check_interval: 1s\n"),
+    )
+    .await;
+    let replicator = Replicator::connect(&daemon.socket).await;
+    let jobs: Vec<String> = (1..=6)
+        .map(|n| format!("c0000000-0000-4000-8000-00000000000{n}"))
+        .collect();
+    let hour = 3600 * 1_000_000_000i64;
+    for (n, job) in jobs.iter().enumerate() {
+        // Job 1 has the oldest data, job 6 the newest: about 5 MB each, 30 MB in all.
+        let base = now() - (10 - n as i64) * hour;
+        replicator
+            .send_all_acked(incompressible_lines(job, 40_000, base))
+            .await;
+    }
+    let under = eventually(std::time::Duration::from_secs(30), async || {
+        data_bytes(dir.path()) <= cap
+    })
+    .await;
+    assert!(
+        under,
+        "the data directory is back under the cap: {} bytes",
+        data_bytes(dir.path())
+    );
+    let left = listed_jobs(&daemon).await;
+    assert!(!left.is_empty() && left.len() < 6, "{left:?}");
+    let first_kept = jobs.iter().position(|job| left.contains(job)).unwrap();
+    assert_eq!(
+        left,
+        jobs[first_kept..],
+        "the oldest go first, the newest stay"
+    );
+    let log = std::fs::read_to_string(&daemon.stderr_log).unwrap();
+    assert_eq!(
+        log.matches("retention.max_bytes: the job with the oldest data is dropped")
+            .count(),
+        first_kept,
+        "each drop is logged: {log}"
+    );
+    drop(replicator);
+    daemon.terminate().await;
+}
+
+#[tokio::test]
+async fn sighup_applies_new_retention_at_once_and_refuses_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = harness::write_config(
+        dir.path(),
+        "127.0.0.1:0",
+        "retention:\n  logs: 7d\n  metrics: 7d\n",
+    );
+    let daemon = harness::start_with_config(dir.path(), &config).await;
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id().unwrap() as i32);
+    let replicator = Replicator::connect(&daemon.socket).await;
+    let ten_minutes_ago = now() - 600 * 1_000_000_000;
+    replicator
+        .send_all_acked(lines(JOB, 1..=100, ten_minutes_ago))
+        .await;
+    assert_eq!(listed_jobs(&daemon).await, [JOB]);
+
+    // A file that does not validate changes nothing.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("logs: 7d", "logs: 5 parsecs")).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let refused = eventually(std::time::Duration::from_secs(10), async || {
+        std::fs::read_to_string(&daemon.stderr_log)
+            .unwrap()
+            .contains("configuration refused")
+    })
+    .await;
+    assert!(refused, "the bad file is refused and said so");
+    assert_eq!(
+        all_sequences(&daemon, JOB).await.len(),
+        100,
+        "old settings kept"
+    );
+
+    std::fs::write(
+        &config,
+        text.replace(
+            "logs: 7d\n  metrics: 7d\n",
+            "logs: 1m\n  metrics: 1m\n  check_interval: 1s\n",
+        ),
+    )
+    .unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let applied = eventually(std::time::Duration::from_secs(10), async || {
+        listed_jobs(&daemon).await.is_empty()
+    })
+    .await;
+    assert!(
+        applied,
+        "the job older than the new retention is dropped without a restart"
+    );
+    let log = std::fs::read_to_string(&daemon.stderr_log).unwrap();
+    assert!(log.contains("retention.logs: 7days → 1m"), "{log}");
+    drop(replicator);
+    daemon.terminate().await;
+}
