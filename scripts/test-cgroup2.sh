@@ -14,7 +14,7 @@ cargo build --workspace --bins
 binary=$(cargo test -p joblet-core --test it --no-run --message-format=json \
     | grep -o '"executable":"[^"]*/it-[^"]*"' | head -1 | cut -d'"' -f4)
 [ -x "$binary" ] || { echo "test-cgroup2: no test binary" >&2; exit 1; }
-tests=(limits:: jobs::stop jobs::the_job_is_pid_1 survive::)
+tests=(limits:: jobs::stop jobs::the_job_runs_under_its_own_init survive::)
 run_tests='cd core && "$0" "$@" --test-threads 1'
 status=0
 echo "== cgroup v2, tests at the root cgroup"

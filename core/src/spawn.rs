@@ -9,10 +9,16 @@
 //! 2. starts a new session and unshares mount, UTS, IPC and PID namespaces (and the network
 //!    namespace for network mode `none`),
 //! 3. forks: the new child is PID 1 of the job's PID namespace; it makes mounts private,
-//!    mounts a fresh /proc, sets the host name, brings up loopback, then execs the command.
-//!    Its parent stays outside as a tiny waiter that ignores termination signals and exits
-//!    with the job's status (128+N for a death by signal N). When PID 1 exits the kernel kills
-//!    whatever else is left in the namespace, so no orphan outlives the job.
+//!    mounts a fresh /proc, sets the host name and brings up loopback. Its parent stays outside
+//!    as a tiny waiter that ignores termination signals and exits with the job's status (128+N
+//!    for a death by signal N).
+//! 4. PID 1 forks once more: the child execs the command (PID 2), and PID 1 stays as the job's
+//!    init (`joblet-init`, like Docker's `--init`): it reaps orphans and, when the command
+//!    exits, exits with its status. The kernel shields a namespace's PID 1 from signals it has
+//!    no handler for, so a command run as PID 1 ignored `stop`'s SIGTERM and was SIGKILLed
+//!    after the grace period; as PID 2 it gets SIGTERM's default action like anywhere else.
+//!    When the init exits the kernel kills whatever is left in the namespace, so no orphan
+//!    outlives the job.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -152,12 +158,40 @@ fn enter_job(procs_fds: &[i32], hostname: &CString, network: Network) -> io::Res
             if network == Network::None {
                 loopback_up()?;
             }
-            Ok(())
+            // SAFETY: the process is single-threaded here (a freshly forked child).
+            match unsafe { fork() }? {
+                ForkResult::Parent { child } => init(child),
+                ForkResult::Child => Ok(()),
+            }
         }
     }
 }
 
-/// The waiter: outside the job's PID namespace, waits for its PID 1 and exits with its status.
+/// The job's init (PID 1 of its namespace): reaps every child, and exits with the command's
+/// status once the command (`command`, PID 2) has exited.
+fn init(command: nix::unistd::Pid) -> ! {
+    // SAFETY: plain prctl call with a static NUL-terminated name.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"joblet-init".as_ptr()) };
+    // It writes nothing and must hold neither the job's pipes nor the pipe through which the
+    // supervisor learns that the command exec'd.
+    // SAFETY: close_range only closes descriptors of this process.
+    unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
+    let code = loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == command => break code,
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == command => {
+                break 128 + signal as i32;
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break 255,
+        }
+    };
+    // SAFETY: _exit skips atexit handlers and destructors, which belong to the supervisor.
+    unsafe { libc::_exit(code) }
+}
+
+/// The waiter: outside the job's PID namespace, waits for its PID 1 (the init) and exits with
+/// its status.
 fn wait_and_exit(child: nix::unistd::Pid) -> ! {
     // Close every inherited descriptor but stdio, in particular the pipe through which the
     // daemon learns whether exec succeeded: it must see EOF once the job's PID 1 has exec'd,

@@ -395,6 +395,14 @@ fn nonzero(value: i32, unit: &str) -> String {
 
 pub async fn stop(node: &Node, id: &str, grace: Option<String>, json: bool) -> Result<(), Failure> {
     let mut core = connect::core(node).await?;
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let wait = grace
+            .as_deref()
+            .map_or("the node's grace period".to_owned(), |g| {
+                format!("up to {g}")
+            });
+        eprintln!("rnx: stopping job {id}: SIGTERM now, SIGKILL if it still runs after {wait}…");
+    }
     let r = core
         .stop_job(StopJobRequest {
             uuid: id.into(),
@@ -533,8 +541,9 @@ pub async fn node_status(node: &Node, json: bool) -> Result<(), Failure> {
         write(&mut out, text.as_bytes())?;
     }
     out.flush().ok();
-    match core {
-        Ok(_) => Ok(()),
-        Err(e) => Err(Failure::Unavailable(e)),
+    // Each daemon's state is printed above, once: exit 69 (unavailable) if either is down.
+    match (&core, &persist) {
+        (Ok(_), None | Some(Ok(_))) => Ok(()),
+        _ => Err(Failure::Exit(69)),
     }
 }

@@ -6,8 +6,9 @@
 //! history lines up to `through` come from persist and core continues with `through + 1` —
 //! core's spool holds every line, so the switch is exact however fast the job writes. If
 //! persist is unreachable, has nothing, or has a gap still being replayed, everything comes
-//! from core, with one warning on stderr. If core no longer has the job (or is down), history
-//! alone is shown.
+//! from core — with one warning on stderr when persist is unreachable or misses many lines, and
+//! quietly when it just has not caught up with a running job. If core no longer has the job
+//! (or is down), history alone is shown.
 
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
@@ -209,13 +210,17 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                     })?;
                 }
             }
-            Some(_) => eprintln!(
-                "rnx: warning: joblet-persist is still catching up on this job; reading everything from joblet-core"
-            ),
-            None if core_has_job => eprintln!(
-                "rnx: warning: joblet-persist has no history of this job yet; reading everything from joblet-core"
-            ),
-            None => {}
+            // Normal for a running job: persist is a little behind core, which has it all.
+            Some(summary)
+                if summary.last_log_sequence.saturating_sub(summary.log_lines)
+                    > BEHIND_WARNING_LINES =>
+            {
+                eprintln!(
+                    "rnx: warning: joblet-persist misses {} lines of this job; reading everything from joblet-core",
+                    summary.last_log_sequence - summary.log_lines
+                )
+            }
+            Some(_) | None => {}
         }
     }
 
@@ -307,6 +312,10 @@ impl From<tonic::Status> for Streamed {
         Streamed::Rpc(status)
     }
 }
+
+/// persist missing more lines of a job than this (it is still catching up after an outage) is
+/// worth a warning; fewer is the usual lag of a running job.
+const BEHIND_WARNING_LINES: u64 = 10_000;
 
 /// How long `--follow` waits for joblet-core to come back (a restart or an upgrade).
 const RECONNECT_FOR: Duration = Duration::from_secs(300);

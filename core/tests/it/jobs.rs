@@ -7,7 +7,7 @@ use joblet_proto::joblet::{
     GetJobStatusRequest, RunJobRequest, StopJobRequest,
 };
 
-use crate::harness::{self, finished, logs, run, shell, status};
+use crate::harness::{self, finished, logs, run, shell, status, wait_status};
 
 #[tokio::test]
 async fn a_job_runs_and_its_output_and_exit_code_are_reported() {
@@ -60,18 +60,18 @@ async fn a_job_runs_and_its_output_and_exit_code_are_reported() {
 }
 
 #[tokio::test]
-async fn the_job_is_pid_1_in_its_own_namespaces() {
+async fn the_job_runs_under_its_own_init_in_its_own_namespaces() {
     let dir = tempfile::tempdir().unwrap();
     let core = harness::start_core(dir.path(), "").await;
     let mut client = core.client().await;
     let mut request = shell(
-        "echo pid=$$; hostname; ls /proc | grep -c '^[0-9]'; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
+        "echo pid=$$ parent=$PPID init=$(cat /proc/1/comm); hostname; ls /proc | grep -c '^[0-9]'; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
     );
     request.network = "none".into();
     let id = run(&mut client, request).await;
     let output = logs(&mut client, &id).await;
     let lines: Vec<&str> = output.lines().collect();
-    assert_eq!(lines[0], "pid=1", "{output}");
+    assert_eq!(lines[0], "pid=2 parent=1 init=joblet-init", "{output}");
     assert!(lines[1].starts_with("job-"), "{output}");
     let processes: u32 = lines[2].parse().unwrap();
     assert!(
@@ -189,6 +189,38 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "{took:?}"
+    );
+
+    // An ordinary program (no SIGTERM handler) ends on SIGTERM at once, not after the grace
+    // period: it is not its namespace's PID 1.
+    let plain = run(
+        &mut client,
+        RunJobRequest {
+            command: "sleep".into(),
+            args: vec!["100".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_status(&mut client, &plain, "RUNNING").await;
+    let started = std::time::Instant::now();
+    let stopped = client
+        .stop_job(StopJobRequest {
+            uuid: plain,
+            grace_period: "10s".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (stopped.status.as_str(), stopped.exit_code),
+        ("STOPPED", 143),
+        "ended by SIGTERM"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
     );
 
     // Stopping an ended job is refused.

@@ -387,6 +387,31 @@ async fn without_persist_logs_come_from_core_with_one_warning() {
 }
 
 #[tokio::test]
+async fn a_fresh_job_logs_quietly_and_status_fails_while_a_daemon_is_down() {
+    let node = Node::start(true).await;
+    // persist has nothing of a job that just started: normal, nothing to warn about.
+    let id = node.run("echo one; sleep 30").await;
+    let output = node.output(&["job", "log", &id]).await;
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "", "no warning");
+    let up = node.output(&["status"]).await;
+    assert_eq!(up.status.code(), Some(0));
+    node.stop().await;
+
+    let node = Node::start(false).await;
+    let down = node.output(&["status"]).await;
+    assert_eq!(down.status.code(), Some(69), "persist is down");
+    let stdout = String::from_utf8_lossy(&down.stdout);
+    assert_eq!(stdout.matches("DOWN").count(), 1, "{stdout}");
+    assert_eq!(
+        String::from_utf8_lossy(&down.stderr),
+        "",
+        "said once, on stdout"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn run_follow_exits_with_the_jobs_exit_code() {
     let node = Node::start(true).await;
     let ok = node
