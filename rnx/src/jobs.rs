@@ -398,9 +398,7 @@ pub async fn stop(node: &Node, id: &str, grace: Option<String>, json: bool) -> R
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let wait = grace
             .as_deref()
-            .map_or("the node's grace period".to_owned(), |g| {
-                format!("up to {g}")
-            });
+            .map_or("the node's grace period".to_owned(), str::to_owned);
         eprintln!("rnx: stopping job {id}: SIGTERM now, SIGKILL if it still runs after {wait}…");
     }
     let r = core
