@@ -113,19 +113,19 @@ pub mod wire {
     }
 
     /// The value of varint field `tag` of an encoded message (0 when absent, as proto3 reads
-    /// it; the last one when repeated), skipping every other field without decoding it.
+    /// it), read up to its first occurrence: the fields before it are skipped without decoding,
+    /// those after it (a record's content, say) not even looked at. Meant for messages whose
+    /// writers put the field once, as ours do.
     pub fn varint_field(mut message: &[u8], tag: u32) -> Result<u64, prost::DecodeError> {
         use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
-        let mut value = 0;
         while !message.is_empty() {
             let (field, wire_type) = decode_key(&mut message)?;
             if field == tag && wire_type == WireType::Varint {
-                value = decode_varint(&mut message)?;
-            } else {
-                skip_field(wire_type, field, &mut message, DecodeContext::default())?;
+                return decode_varint(&mut message);
             }
+            skip_field(wire_type, field, &mut message, DecodeContext::default())?;
         }
-        Ok(value)
+        Ok(0)
     }
 
     #[cfg(test)]
@@ -177,7 +177,15 @@ pub mod wire {
                 assert_eq!(varint_field(&encoded, 9), Ok(0));
             }
             assert!(varint_field(&[0x18], 3).is_err(), "a torn varint");
-            assert!(varint_field(&[0x22, 5, b'x'], 3).is_err(), "a torn field");
+            assert!(
+                varint_field(&[0x22, 5, b'x'], 3).is_err(),
+                "a torn field before it"
+            );
+            assert_eq!(
+                varint_field(&[0x18, 7, 0x22, 5, b'x'], 3),
+                Ok(7),
+                "what follows the field is not read"
+            );
         }
     }
 }
