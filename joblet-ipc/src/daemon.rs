@@ -15,17 +15,24 @@ pub fn init_tracing() {
         .init();
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT. Call inside a tokio runtime.
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once (status 130),
+/// for an operator who will not wait for a long drain. Call inside a tokio runtime.
 pub fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
         tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down (a second SIGTERM or SIGINT exits at once)"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down (a second SIGTERM or SIGINT exits at once)"),
         }
         shutdown.cancel();
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now, without finishing the shutdown");
+        std::process::exit(130);
     });
     Ok(())
 }

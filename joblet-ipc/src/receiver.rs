@@ -341,7 +341,14 @@ impl<S: MessageSink> Connection<S> {
                     Stop::Invalid { frame_bytes, why } => {
                         let envelope = Envelope::read(&buffer[LENGTH_PREFIX_BYTES..frame_bytes]);
                         let job_id = envelope.map(|e| e.job_id).unwrap_or_default();
-                        tracing::warn!(job_id, reason = why.reason(), "rejected IPC message");
+                        if let Some(rejected) = REJECTED_LOG.hit() {
+                            tracing::warn!(
+                                job_id,
+                                reason = why.reason(),
+                                rejected,
+                                "rejected IPC message (logged at most once a minute, with how many since; all are counted in joblet_persist_ipc_frames_rejected_total)"
+                            );
+                        }
                         self.reject(why.reason());
                         buffer.advance(frame_bytes);
                     }
@@ -403,7 +410,9 @@ impl<S: MessageSink> Connection<S> {
 
     fn close_on(&self, error: FrameError) {
         self.reject(error.reason());
-        tracing::warn!(%error, "bad IPC frame; closing the connection");
+        if let Some(closed) = BAD_FRAME_LOG.hit() {
+            tracing::warn!(%error, closed, "bad IPC frame; closing the connection (logged at most once a minute, with how many since)");
+        }
     }
 
     fn reject(&self, reason: &'static str) {
@@ -415,6 +424,9 @@ impl<S: MessageSink> Connection<S> {
 /// A failing store fails every batch of every reconnect: logged at the first failure, then at
 /// most once a minute with the count.
 static STORE_ERROR_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
+/// A sender writing garbage must not flood the log: one line a minute per kind, with a count.
+static REJECTED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
+static BAD_FRAME_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 /// Refused connections: logged at the first, then at most once a minute.
 static CONNECTIONS_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 

@@ -430,3 +430,41 @@ async fn hostile_ids_symlinks_and_oversized_requests_change_nothing() {
     assert!(listed.jobs.is_empty(), "nothing was created: {listed:?}");
     core.terminate().await;
 }
+
+#[tokio::test]
+async fn a_second_sigterm_ends_a_long_shutdown_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = harness::start_core(dir.path(), "").await;
+    let mut client = core.client().await;
+    let id = run(&mut client, shell("trap '' TERM; echo up; exec sleep 600")).await;
+    wait_status(&mut client, &id, "RUNNING").await;
+    // A StopJob waiting out a long grace period holds the graceful shutdown open.
+    let mut stopping = client.clone();
+    let stop = tokio::spawn(async move {
+        stopping
+            .stop_job(StopJobRequest {
+                uuid: id,
+                grace_period: "60s".into(),
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = nix::unistd::Pid::from_raw(core.child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        core.child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the shutdown"
+    );
+    let second = std::time::Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), core.child.wait())
+        .await
+        .expect("the second SIGTERM exits at once")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{:?}", second.elapsed());
+    let _ = stop.await;
+    // What the shutdown left behind is cleaned up by the next start (stop mode).
+    let core = harness::start_core(dir.path(), "").await;
+    core.terminate().await;
+}

@@ -96,3 +96,49 @@ async fn idle_connections_cost_little_and_those_beyond_the_limit_are_refused() {
         .await;
     daemon.terminate().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_bad_messages_is_counted_each_but_logged_once_a_minute() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = harness::start(dir.path(), "").await;
+    let mut stream = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    // Messages of a protocol version persist does not speak: each is rejected, the connection
+    // stays open.
+    let bad = 20_000u64;
+    let mut frames = bytes::BytesMut::new();
+    for sequence in 1..=bad {
+        let mut message = joblet_ipc::log_message(
+            "b0000000-0000-4000-8000-000000000001",
+            sequence,
+            1,
+            joblet_ipc::Stream::Stdout,
+            "x".into(),
+        );
+        message.version = 99;
+        joblet_ipc::codec::encode_frame(&message, usize::MAX, &mut frames).unwrap();
+    }
+    stream.write_all(&frames).await.unwrap();
+    let rejected = |scrape: &str| -> u64 {
+        scrape
+            .lines()
+            .filter(|l| l.starts_with("joblet_persist_ipc_frames_rejected_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + harness::WAIT;
+    while rejected(&daemon.scrape().await) < bad {
+        assert!(std::time::Instant::now() < deadline, "not all counted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&daemon.stderr_log).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("rejected IPC message") || l.contains("bad IPC frame"))
+        .count();
+    assert!(lines <= 2, "{lines} log lines for {bad} bad messages");
+    drop(stream);
+    daemon.terminate().await;
+}
