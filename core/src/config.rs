@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytesize::ByteSize;
-use joblet_ipc::tls::TlsFiles;
+use joblet_daemon::tls::TlsFiles;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,7 +239,7 @@ impl Config {
         if self.state_dir.as_os_str().is_empty() {
             bail!("state_dir: must not be empty");
         }
-        joblet_ipc::tls::check_listener(
+        joblet_daemon::tls::check_listener(
             self.grpc.listen,
             self.grpc.tls.as_ref(),
             self.grpc.insecure,

@@ -8,7 +8,7 @@ use joblet_proto::persist::{
     DeleteJobRequest, JobSummary, ListJobsRequest, LogLine, Metric, QueryLogsRequest,
     QueryMetricsRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -16,30 +16,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct PersistAddress {
     pub address: String,
-    pub tls: Option<joblet_ipc::tls::TlsFiles>,
+    pub tls: Option<joblet_daemon::tls::TlsFiles>,
 }
 
 async fn client(target: &PersistAddress) -> Result<PersistServiceClient<Channel>, tonic::Status> {
     let address = &target.address;
-    let scheme = if target.tls.is_some() {
-        "https"
-    } else {
-        "http"
+    let tls = match &target.tls {
+        Some(files) => Some(
+            files
+                .client_config()
+                .map_err(|e| tonic::Status::internal(format!("persist.query_tls: {e}")))?,
+        ),
+        None => None,
     };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+    let channel = joblet_daemon::client::endpoint(address, tls, CONNECT_TIMEOUT)
         .map_err(|e| tonic::Status::internal(format!("persist.query_address: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20));
-    if let Some(files) = &target.tls {
-        let tls = files
-            .client_config()
-            .map_err(|e| tonic::Status::internal(format!("persist.query_tls: {e}")))?;
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| tonic::Status::internal(format!("persist.query_tls: {e}")))?;
-    }
-    let channel = endpoint
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("joblet-persist at {address}: {e}")))?;

@@ -87,7 +87,7 @@ impl Core {
         } = self;
         ::metrics::gauge!(metrics::UP).set(1.0);
         let grpc_config = &manager.config().grpc;
-        let (tls, auth) = joblet_ipc::tls::listener_security(
+        let (tls, auth) = joblet_daemon::tls::listener_security(
             grpc_config.listen,
             grpc_config.tls.as_ref(),
             grpc_config.insecure,
@@ -107,7 +107,7 @@ impl Core {
             .add_service(MonitoringServiceServer::new(service::MonitoringApi::new(
                 manager.clone(),
             )));
-        let served = joblet_ipc::tls::serve(router, grpc, tls, shutdown.clone()).await;
+        let served = joblet_daemon::tls::serve(router, grpc, tls, shutdown.clone()).await;
         shutdown.cancel();
         manager.shutdown().await;
         if let Some(replication) = replication {

@@ -31,7 +31,7 @@ struct Args {
 
 // Every job's short-lived output threads free their pages: give them back at once, or core's
 // RSS grows with every job that ever ran (2,000 `true` jobs: 20 → 330 MiB).
-joblet_ipc::tune_allocator_at_load!(true);
+joblet_daemon::tune_allocator_at_load!(true);
 
 fn main() -> ExitCode {
     if std::env::args_os()
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    joblet_ipc::daemon::init_tracing();
+    joblet_daemon::init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let metrics_address = joblet_ipc::metrics::serve_exporter(config.metrics.listen).await?;
+    let metrics_address = joblet_daemon::exporter::serve(config.metrics.listen).await?;
     joblet_core::metrics::describe();
     let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
         .await
@@ -84,7 +84,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_address = grpc.local_addr()?;
     let shutdown = CancellationToken::new();
     let core = Core::open(config, shutdown.clone()).await?;
-    joblet_ipc::daemon::cancel_on_signals(shutdown.clone()).context("install signal handlers")?;
+    joblet_daemon::cancel_on_signals(shutdown.clone()).context("install signal handlers")?;
     tracing::info!(grpc = %grpc_address, "joblet-core ready");
     println!(
         "joblet-core ready grpc={grpc_address} metrics={}",

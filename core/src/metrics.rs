@@ -19,7 +19,7 @@ pub const JOBS_REATTACHED: &str = "joblet_core_jobs_reattached_total";
 
 pub fn describe() {
     joblet_ipc::metrics::describe_sender();
-    joblet_ipc::tls::describe();
+    joblet_daemon::tls::describe();
     describe_gauge!(JOBS, "Jobs known to core, by state.");
     describe_counter!(JOBS_STARTED, "Jobs whose process was started.");
     describe_counter!(
@@ -81,5 +81,5 @@ pub fn describe() {
          acknowledged (0 when nothing is behind)."
     );
     metrics::gauge!(REPLICATION_OLDEST_UNACKED).set(0.0);
-    joblet_ipc::metrics::publish_build_info("joblet-core", env!("CARGO_PKG_VERSION"));
+    joblet_daemon::exporter::publish_build_info("joblet-core", env!("CARGO_PKG_VERSION"));
 }

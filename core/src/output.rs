@@ -621,7 +621,7 @@ pub fn pump(writer: &SpoolWriter, stream: LogStream, mut pipe: File, max_line: u
             // go back to the system rather than stay with the allocator.
             buffer = vec![0u8; FIRST_PIPE_READ];
             writer.release_buffer();
-            joblet_ipc::daemon::release_free_memory();
+            joblet_daemon::release_free_memory();
         }
         match pipe.read(&mut buffer) {
             Ok(0) => break,

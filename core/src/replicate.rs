@@ -71,7 +71,7 @@ impl Replication {
             .name("joblet-replication".into())
             .spawn(move || {
                 // Threads the runtime starts (its blocking pool) inherit the nice value.
-                match joblet_ipc::daemon::set_thread_nice(nice) {
+                match joblet_daemon::set_thread_nice(nice) {
                     Ok(()) => tracing::info!(nice, "replication runs at a lower CPU priority than jobs"),
                     Err(error) => tracing::warn!(nice, %error, "cannot set the replication thread's nice value"),
                 }

@@ -28,13 +28,11 @@
 
 pub mod batch;
 pub mod codec;
-pub mod daemon;
 pub mod message;
 pub mod metrics;
 mod queue;
 pub mod receiver;
 pub mod sender;
-pub mod tls;
 
 pub use batch::{Batch, Envelope};
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError};

@@ -32,8 +32,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::batch::{self, Batch, Envelope, Stop};
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, LENGTH_PREFIX_BYTES, encode_frame};
-use crate::daemon::LogLimiter;
 use crate::metrics as m;
+use joblet_daemon::LogLimiter;
 
 /// Batches handed to the sink at once per connection (a sink may prepare one while it writes
 /// the other).

@@ -71,7 +71,7 @@ impl Default for IpcConfig {
 pub struct GrpcConfig {
     pub listen: SocketAddr,
     /// Server certificate, key and the CA client certificates must chain to (mutual TLS).
-    pub tls: Option<joblet_ipc::tls::TlsFiles>,
+    pub tls: Option<joblet_daemon::tls::TlsFiles>,
     /// Plaintext gRPC without client certificates: only on a loopback address, and only when
     /// set explicitly.
     pub insecure: bool,
@@ -83,7 +83,7 @@ impl Default for GrpcConfig {
     fn default() -> Self {
         GrpcConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
-            tls: Some(joblet_ipc::tls::TlsFiles {
+            tls: Some(joblet_daemon::tls::TlsFiles {
                 cert: PathBuf::from("/etc/joblet/certs/server.pem"),
                 key: PathBuf::from("/etc/joblet/certs/server-key.pem"),
                 ca: PathBuf::from("/etc/joblet/certs/ca.pem"),
@@ -326,7 +326,7 @@ impl Config {
         if !(1024..=u32::MAX as u64).contains(&frame) {
             bail!("ipc.max_frame_size: must be between 1 KiB and 4 GiB, got {frame} bytes");
         }
-        joblet_ipc::tls::check_listener(
+        joblet_daemon::tls::check_listener(
             self.grpc.listen,
             self.grpc.tls.as_ref(),
             self.grpc.insecure,

@@ -121,7 +121,7 @@ impl Persist {
             service::PersistApi::new(store.clone(), config.query.max_tail),
             config.grpc.max_request_size.as_u64() as usize,
         );
-        let (tls, auth) = joblet_ipc::tls::listener_security(
+        let (tls, auth) = joblet_daemon::tls::listener_security(
             config.grpc.listen,
             config.grpc.tls.as_ref(),
             config.grpc.insecure,
@@ -133,7 +133,7 @@ impl Persist {
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(auth)
             .add_service(api);
-        let served = joblet_ipc::tls::serve(router, grpc, tls, shutdown.clone()).await;
+        let served = joblet_daemon::tls::serve(router, grpc, tls, shutdown.clone()).await;
         shutdown.cancel();
         tasks.close();
         tasks.wait().await;

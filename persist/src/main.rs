@@ -31,7 +31,7 @@ struct Args {
 
 // No eagerly committed arena memory (an idle IPC connection cost ~1 MiB); freed memory is
 // purged on mimalloc's own schedule (ingest allocates and frees constantly).
-joblet_ipc::tune_allocator_at_load!(false);
+joblet_daemon::tune_allocator_at_load!(false);
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -46,9 +46,9 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    joblet_ipc::daemon::init_tracing();
+    joblet_daemon::init_tracing();
     // Before any thread starts: every thread of the daemon (RocksDB's too) inherits it.
-    match joblet_ipc::daemon::set_thread_nice(config.nice) {
+    match joblet_daemon::set_thread_nice(config.nice) {
         Ok(()) => tracing::info!(nice = config.nice, "CPU priority set"),
         Err(error) => tracing::warn!(nice = config.nice, %error, "cannot set the nice value"),
     }
@@ -82,7 +82,7 @@ fn load_config(path: Option<PathBuf>) -> anyhow::Result<(Config, Option<PathBuf>
 }
 
 async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let metrics_address = joblet_ipc::metrics::serve_exporter(config.metrics.listen).await?;
+    let metrics_address = joblet_daemon::exporter::serve(config.metrics.listen).await?;
     joblet_persist::metrics::describe();
     let grpc = tokio::net::TcpListener::bind(config.grpc.listen)
         .await
@@ -95,7 +95,7 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     }
 
     let shutdown = CancellationToken::new();
-    joblet_ipc::daemon::cancel_on_signals(shutdown.clone()).context("install signal handlers")?;
+    joblet_daemon::cancel_on_signals(shutdown.clone()).context("install signal handlers")?;
     tracing::info!(grpc = %grpc_address, ipc = %socket.display(), "joblet-persist ready");
     // One line on stdout for scripts and tests that start the daemon with port 0.
     println!(

@@ -20,7 +20,7 @@ pub const UP: &str = "joblet_persist_up";
 
 pub fn describe() {
     joblet_ipc::metrics::describe_receiver();
-    joblet_ipc::tls::describe();
+    joblet_daemon::tls::describe();
     describe_histogram!(
         WRITE_DURATION,
         Unit::Seconds,
@@ -83,7 +83,7 @@ pub fn describe() {
     metrics::counter!(LINES_STORED).absolute(0);
     metrics::counter!(METRICS_STORED).absolute(0);
     metrics::counter!(JOB_RECORDS_STORED).absolute(0);
-    joblet_ipc::metrics::publish_build_info("joblet-persist", env!("CARGO_PKG_VERSION"));
+    joblet_daemon::exporter::publish_build_info("joblet-persist", env!("CARGO_PKG_VERSION"));
     for rpc in ["QueryLogs", "QueryMetrics"] {
         // Registered empty so that latency rules and dashboards have series from the start.
         let _ = metrics::histogram!(QUERY_DURATION, "rpc" => rpc);

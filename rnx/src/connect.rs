@@ -5,7 +5,7 @@ use std::time::Duration;
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::monitoring_service_client::MonitoringServiceClient;
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::Failure;
 use crate::config::Node;
@@ -14,33 +14,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn channel(node: &Node, address: &str, what: &str) -> Result<Channel, Failure> {
     let tls = match (&node.cert, &node.key, &node.ca) {
-        (Some(cert), Some(key), Some(ca)) => Some(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .identity(tonic::transport::Identity::from_pem(cert, key)),
-        ),
+        (Some(cert), Some(key), Some(ca)) => Some(joblet_daemon::client::tls_config(ca, cert, key)),
         _ => None,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
     if tls.is_none() {
         PLAINTEXT_ADDRESSES
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(address.to_owned());
     }
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
-        .map_err(|e| Failure::Usage(format!("{what} address {address:?}: {e}")))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        // Large windows: the 64 KiB default throttles long history streams.
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
+    let endpoint = joblet_daemon::client::endpoint(address, tls, CONNECT_TIMEOUT)
+        .map_err(|e| Failure::Usage(format!("{what}: {e}")))?
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| Failure::Usage(format!("TLS settings for {what}: {e}")))?;
-    }
     endpoint.connect().await.map_err(|e| {
         Failure::Unavailable(format!("cannot reach {what} at {address}: {}", chain(&e)))
     })

@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .on_thread_start(move || {
-            let _ = joblet_ipc::daemon::set_thread_nice(nice);
+            let _ = joblet_daemon::set_thread_nice(nice);
         })
         .build()?;
 
@@ -306,7 +306,7 @@ async fn real(args: Args, contents: Vec<bytes::Bytes>, client: Client) -> anyhow
         // Like joblet-core's replication: its own thread, a single-threaded runtime, the
         // persist nice value (core's replication_nice has the same default).
         tokio::task::spawn_blocking(move || {
-            let _ = joblet_ipc::daemon::set_thread_nice(nice);
+            let _ = joblet_daemon::set_thread_nice(nice);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?

@@ -299,7 +299,7 @@ async fn replication_runs_below_the_jobs_cpu_priority() {
     // Spool readers (blocking threads) start once a job's output is replicated.
     let id = run(&mut client, shell("seq 1 1000")).await;
     finished(&mut client, &id).await;
-    let threads = joblet_ipc::daemon::thread_nice_values(core.child.id().unwrap()).unwrap();
+    let threads = joblet_daemon::thread_nice_values(core.child.id().unwrap()).unwrap();
     let replication: Vec<_> = threads
         .iter()
         .filter(|(name, _)| name.starts_with("joblet-replicat"))

@@ -225,7 +225,7 @@ fn configuration_errors_name_the_key_and_the_reference_config_is_valid() {
 async fn every_thread_runs_at_the_configured_nice_value() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = harness::start(dir.path(), "nice: 7\n").await;
-    let threads = joblet_ipc::daemon::thread_nice_values(daemon.child.id().unwrap()).unwrap();
+    let threads = joblet_daemon::thread_nice_values(daemon.child.id().unwrap()).unwrap();
     assert!(
         threads.len() > 2 && threads.iter().all(|(_, nice)| *nice == 7),
         "{threads:?}"

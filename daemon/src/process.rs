@@ -143,7 +143,7 @@ macro_rules! tune_allocator_at_load {
         #[unsafe(link_section = ".init_array")]
         static TUNE_ALLOCATOR_AT_LOAD: extern "C" fn() = {
             extern "C" fn tune() {
-                $crate::daemon::tune_allocator($purge_at_once);
+                $crate::tune_allocator($purge_at_once);
             }
             tune
         };

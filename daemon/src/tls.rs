@@ -44,7 +44,7 @@ impl TlsFiles {
         let read = |what, path: &Path| {
             std::fs::read_to_string(path).map_err(|e| read_error(what, path, e))
         };
-        Ok(client_config(
+        Ok(crate::client::tls_config(
             &read("tls.ca", &self.ca)?,
             &read("tls.cert", &self.cert)?,
             &read("tls.key", &self.key)?,
@@ -237,8 +237,7 @@ pub async fn serve(
 
 /// Refused handshakes are logged at the first, then at most once a minute with the count: a
 /// misconfigured client retrying must not flood the log.
-static HANDSHAKE_REFUSALS_LOG: crate::daemon::LogLimiter =
-    crate::daemon::LogLimiter::new(Duration::from_secs(60));
+static HANDSHAKE_REFUSALS_LOG: crate::LogLimiter = crate::LogLimiter::new(Duration::from_secs(60));
 
 fn deny_handshake(peer: SocketAddr, error: &str) {
     // rustls reads a plaintext HTTP/2 preface as a record of an unknown type.
@@ -394,15 +393,4 @@ where
             }
         }
     }
-}
-
-/// A client TLS configuration for tonic: CA, and our certificate and key (all PEM text).
-pub fn client_config(
-    ca_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
-) -> tonic::transport::ClientTlsConfig {
-    tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem))
 }
