@@ -2,11 +2,10 @@
 //! default (`deploy/config/joblet-config.yml` lists them), unknown keys are refused, and
 //! [`Config::validate`] rejects nonsense naming the key.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytesize::ByteSize;
 use joblet_daemon::tls::TlsFiles;
 use serde::Deserialize;
@@ -39,48 +38,19 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GrpcConfig {
-    pub listen: SocketAddr,
-    /// Server certificate, key and the CA client certificates must chain to (mutual TLS).
-    pub tls: Option<TlsFiles>,
-    /// Plaintext gRPC without client certificates: only on a loopback address, and only when
-    /// set explicitly.
-    pub insecure: bool,
-    /// Largest request message accepted (uploads travel inside RunJob).
-    pub max_request_size: ByteSize,
+/// joblet-core's defaults: gRPC on 50051 with requests up to 80 MiB (uploads travel inside
+/// RunJob), Prometheus on 9091.
+#[derive(Debug, Clone)]
+pub struct CoreDefaults;
+
+impl joblet_daemon::config::Defaults for CoreDefaults {
+    const GRPC_PORT: u16 = 50051;
+    const MAX_REQUEST_MIB: u64 = 80;
+    const METRICS_PORT: u16 = 9091;
 }
 
-impl Default for GrpcConfig {
-    fn default() -> Self {
-        GrpcConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            tls: Some(TlsFiles {
-                cert: PathBuf::from("/etc/joblet/certs/server.pem"),
-                key: PathBuf::from("/etc/joblet/certs/server-key.pem"),
-                ca: PathBuf::from("/etc/joblet/certs/ca.pem"),
-            }),
-            insecure: false,
-            max_request_size: ByteSize::mib(80),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Prometheus exporter address; null disables it.
-    pub listen: Option<SocketAddr>,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
-        }
-    }
-}
+pub type GrpcConfig = joblet_daemon::config::GrpcConfig<CoreDefaults>;
+pub type MetricsConfig = joblet_daemon::config::MetricsConfig<CoreDefaults>;
 
 /// The ADR's `persist:` block, plus where persist answers queries.
 #[derive(Debug, Clone, Deserialize)]
@@ -220,19 +190,11 @@ impl PersistConfig {
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read config {}", path.display()))?;
-        Config::parse(&text).with_context(|| format!("config {}", path.display()))
+        joblet_daemon::config::load(path, Config::validate)
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = if text.trim().is_empty() {
-            Config::default()
-        } else {
-            serde_norway::from_str(text)?
-        };
-        config.validate()?;
-        Ok(config)
+        joblet_daemon::config::parse(text, Config::validate)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {

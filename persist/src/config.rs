@@ -2,11 +2,10 @@
 //! (`deploy/config/persist-config.yml` lists them), unknown keys are refused, and
 //! [`Config::validate`] rejects nonsense with a message naming the key.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer};
 
@@ -66,48 +65,18 @@ impl Default for IpcConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GrpcConfig {
-    pub listen: SocketAddr,
-    /// Server certificate, key and the CA client certificates must chain to (mutual TLS).
-    pub tls: Option<joblet_daemon::tls::TlsFiles>,
-    /// Plaintext gRPC without client certificates: only on a loopback address, and only when
-    /// set explicitly.
-    pub insecure: bool,
-    /// Largest request message accepted.
-    pub max_request_size: ByteSize,
+/// joblet-persist's defaults: gRPC on 50052 with requests up to 4 MiB, Prometheus on 9092.
+#[derive(Debug, Clone)]
+pub struct PersistDefaults;
+
+impl joblet_daemon::config::Defaults for PersistDefaults {
+    const GRPC_PORT: u16 = 50052;
+    const MAX_REQUEST_MIB: u64 = 4;
+    const METRICS_PORT: u16 = 9092;
 }
 
-impl Default for GrpcConfig {
-    fn default() -> Self {
-        GrpcConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
-            tls: Some(joblet_daemon::tls::TlsFiles {
-                cert: PathBuf::from("/etc/joblet/certs/server.pem"),
-                key: PathBuf::from("/etc/joblet/certs/server-key.pem"),
-                ca: PathBuf::from("/etc/joblet/certs/ca.pem"),
-            }),
-            insecure: false,
-            max_request_size: ByteSize::mib(4),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Prometheus exporter address; null disables it.
-    pub listen: Option<SocketAddr>,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9092))),
-        }
-    }
-}
+pub type GrpcConfig = joblet_daemon::config::GrpcConfig<PersistDefaults>;
+pub type MetricsConfig = joblet_daemon::config::MetricsConfig<PersistDefaults>;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -265,20 +234,11 @@ impl Default for QueryConfig {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read config {}", path.display()))?;
-        let config = Config::parse(&text).with_context(|| format!("config {}", path.display()))?;
-        Ok(config)
+        joblet_daemon::config::load(path, Config::validate)
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = if text.trim().is_empty() {
-            Config::default()
-        } else {
-            serde_norway::from_str(text)?
-        };
-        config.validate()?;
-        Ok(config)
+        joblet_daemon::config::parse(text, Config::validate)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
