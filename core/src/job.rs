@@ -7,9 +7,10 @@
 //! the job, replication of the job's record) need no polling, and nothing a client saw is lost
 //! in a restart.
 
+use joblet_daemon::lock;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -181,10 +182,6 @@ pub struct Job {
 pub fn rfc3339(time: Option<DateTime<Utc>>) -> String {
     time.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
         .unwrap_or_default()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The parts of a job that live outside its record.

@@ -41,7 +41,7 @@ use crate::error::CoreError;
 use crate::job::{EndRequest, Job, JobParts, Status, Transition};
 use crate::metrics as m;
 use crate::metrics_log::MetricsLog;
-use crate::output::{self, Output, SpoolWatch};
+use crate::output::{Output, SpoolWatch};
 use crate::replicate::Replication;
 use crate::spawn::SpawnSpec;
 use crate::spec::JobSpec;
@@ -175,7 +175,7 @@ impl JobManager {
                         .await
                         .ok()
                         .flatten();
-                    *job.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = cgroup.map(Arc::new);
+                    *joblet_daemon::lock(&job.cgroup) = cgroup.map(Arc::new);
                     if let Some(supervisor) = &supervisor {
                         tracing::info!(job_id = %job.id, supervisor = supervisor.id.pid, "running job re-attached");
                         self.spools.follow(&job.output);
@@ -237,7 +237,7 @@ impl JobManager {
     }
 
     pub fn jobs(&self) -> Vec<Arc<Job>> {
-        let jobs = self.jobs.read().unwrap_or_else(|e| e.into_inner());
+        let jobs = joblet_daemon::read(&self.jobs);
         let mut list: Vec<Arc<Job>> = jobs.values().cloned().collect();
         list.sort_by_key(|job| job.created);
         list
@@ -246,7 +246,7 @@ impl JobManager {
     /// Finds a job by full id or unique prefix.
     pub fn find(&self, id_or_prefix: &str) -> Result<Arc<Job>, CoreError> {
         check_id(id_or_prefix)?;
-        let jobs = self.jobs.read().unwrap_or_else(|e| e.into_inner());
+        let jobs = joblet_daemon::read(&self.jobs);
         if let Some(job) = jobs.get(id_or_prefix) {
             return Ok(job.clone());
         }
@@ -316,10 +316,7 @@ impl JobManager {
         if let Some(replication) = &self.replication {
             replication.watch(&job);
         }
-        self.jobs
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, job.clone());
+        joblet_daemon::write(&self.jobs).insert(id, job.clone());
         self.publish_job_gauges();
         let manager = self.clone();
         let supervised = job.clone();
@@ -405,7 +402,7 @@ impl JobManager {
                 .create(&job.id, &limits)
                 .map_err(|e| failed("cgroup", &e))?,
         );
-        *job.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = Some(cgroup.clone());
+        *joblet_daemon::lock(&job.cgroup) = Some(cgroup.clone());
 
         let mut environment: Vec<(String, String)> = spec
             .environment
@@ -515,7 +512,7 @@ impl JobManager {
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         };
         // Taken out of the job: a finished job keeps no cgroup handle.
-        let cgroup = job.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let cgroup = joblet_daemon::lock(&job.cgroup).take();
         let usage = match cgroup {
             Some(cgroup) => tokio::task::spawn_blocking(move || {
                 let usage = cgroup.usage();
@@ -646,10 +643,7 @@ impl JobManager {
 
     /// Forgets a finished job in core: its record, spools and the work dir joblet made.
     async fn drop_job(&self, job: &Arc<Job>) {
-        self.jobs
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&job.id);
+        joblet_daemon::write(&self.jobs).remove(&job.id);
         job.deleted.store(true, Ordering::Relaxed);
         let journal = self.journal.clone();
         let id = job.id.clone();
@@ -820,7 +814,7 @@ impl JobManager {
 
     fn publish_job_gauges(&self) {
         let mut counts: HashMap<Status, usize> = HashMap::new();
-        for job in self.jobs.read().unwrap_or_else(|e| e.into_inner()).values() {
+        for job in joblet_daemon::read(&self.jobs).values() {
             *counts.entry(job.status()).or_default() += 1;
         }
         for status in Status::ALL {
@@ -949,7 +943,7 @@ async fn sample_metrics(job: Arc<Job>, interval: Duration) {
                 usage.memory_limit
             };
             sampled.metrics.push(
-                output::now_ns(),
+                joblet_ipc::now_ns(),
                 MetricData {
                     cpu_percent,
                     memory_bytes: usage.memory_bytes as i64,

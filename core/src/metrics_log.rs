@@ -122,7 +122,7 @@ impl MetricsLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        joblet_daemon::lock(&self.state)
     }
 
     pub fn path(&self) -> &Path {

@@ -26,7 +26,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use joblet_proto::joblet::{LogRecord, LogStream};
@@ -66,12 +66,6 @@ pub struct Progress {
     pub finished: bool,
 }
 
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
 /// Writes a job's spool: used by its supervisor, the only writer.
 pub struct SpoolWriter {
     path: PathBuf,
@@ -107,14 +101,14 @@ impl SpoolWriter {
     }
 
     fn lock(&self) -> MutexGuard<'_, WriterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        joblet_daemon::lock(&self.state)
     }
 
     /// Starts recording lines of `stream` read now; they are written when the returned
     /// [`Append`] is dropped.
     pub fn append(&self, stream: LogStream) -> Append<'_> {
         let mut state = self.lock();
-        let timestamp = now_ns().max(state.last_timestamp);
+        let timestamp = joblet_ipc::now_ns().max(state.last_timestamp);
         state.last_timestamp = timestamp;
         Append {
             writer: self,
@@ -212,7 +206,7 @@ impl Output {
     }
 
     fn lock(&self) -> MutexGuard<'_, Followed> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        joblet_daemon::lock(&self.state)
     }
 
     /// Reads the whole frames appended since the last call (into `buffer`, kept by the caller
@@ -390,7 +384,7 @@ impl SpoolWatch {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<OsString, Weak<Output>>> {
-        self.followed.lock().unwrap_or_else(|e| e.into_inner())
+        joblet_daemon::lock(&self.followed)
     }
 
     /// Follows `output` until it is finished.

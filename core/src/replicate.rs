@@ -19,6 +19,7 @@
 //! All of it runs on one thread of its own at a lower CPU priority (`persist.replication_nice`):
 //! on a host whose CPUs are busy with jobs, replication yields to them and catches up later.
 
+use joblet_daemon::lock;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -224,10 +225,6 @@ impl Replication {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Publishes how many spooled lines persist has not acknowledged, every LAG_INTERVAL.
 async fn publish_lag(
     sender: IpcSender,
@@ -402,7 +399,7 @@ async fn send_records(
             return Ok(0);
         }
         if state.version >= next {
-            let updated = crate::output::now_ns();
+            let updated = joblet_ipc::now_ns();
             let record = JobRecord {
                 job: Some(crate::service::job_message(&job, &node_id)),
                 created: job.created.timestamp_nanos_opt().unwrap_or(0),

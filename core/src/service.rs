@@ -661,7 +661,7 @@ impl MonitoringService for MonitoringApi {
         _: Request<EmptyRequest>,
     ) -> Result<Response<SystemStatusResponse>, Status> {
         let (cpu, memory) = {
-            let mut system = self.system.lock().unwrap_or_else(|e| e.into_inner());
+            let mut system = joblet_daemon::lock(&self.system);
             system.refresh_cpu_usage();
             system.refresh_memory();
             let total = system.total_memory() as i64;

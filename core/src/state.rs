@@ -173,7 +173,7 @@ impl Journal {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        joblet_daemon::lock(&self.inner)
     }
 
     fn compact_if_due(&self, inner: &mut Inner) -> io::Result<()> {

@@ -161,7 +161,7 @@ fn supervise(launch: &Launch, report: &mut dyn FnMut(&str)) -> Result<(), String
         .map_err(|e| format!("sync the spool {}: {e}", launch.spool.display()))?;
     let exit = Exit {
         exit_code,
-        ended_ns: output::now_ns(),
+        ended_ns: joblet_ipc::now_ns(),
     };
     record_exit(&launch.exit_file, &exit)
         .map_err(|e| format!("record the exit in {}: {e}", launch.exit_file.display()))

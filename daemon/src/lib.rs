@@ -20,3 +20,22 @@ pub mod tls;
 
 #[cfg(feature = "server")]
 pub use process::*;
+
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Locks `mutex`, also after a thread panicked while holding it: the data is whatever that
+/// thread left, and the daemon goes on (the panic was logged where it happened) rather than
+/// failing every later caller.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`lock`] for reading an `RwLock`.
+pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`lock`] for writing an `RwLock`.
+pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}

@@ -452,3 +452,10 @@ mod tests {
         assert_eq!(content, b"\xffline");
     }
 }
+
+/// Now, as the nanoseconds since the Unix epoch that every record carries.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}

@@ -52,7 +52,7 @@ impl FrameQueue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        joblet_daemon::lock(&self.state)
     }
 
     /// Messages queued.

@@ -214,7 +214,7 @@ impl IpcSender {
 
     /// Highest sequence of `job_id` and `kind` that persist acknowledged (0 = none yet).
     pub fn acknowledged(&self, job_id: &str, kind: MessageType) -> u64 {
-        let acks = self.shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let acks = joblet_daemon::lock(&self.shared.acks);
         acks.get(job_id)
             .map_or(0, |by_kind| by_kind[ack_slot(kind)])
     }
@@ -225,7 +225,7 @@ impl IpcSender {
         if sequence == 0 {
             return;
         }
-        let mut acks = self.shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acks = joblet_daemon::lock(&self.shared.acks);
         let entry = acks.entry(job_id.to_owned()).or_default();
         let slot = &mut entry[ack_slot(kind)];
         *slot = (*slot).max(sequence);
@@ -233,7 +233,7 @@ impl IpcSender {
 
     /// Forgets the acknowledgements of a job (call when the job is deleted).
     pub fn forget_job(&self, job_id: &str) {
-        let mut acks = self.shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acks = joblet_daemon::lock(&self.shared.acks);
         acks.remove(job_id);
     }
 
@@ -525,7 +525,7 @@ async fn read_acks(
         };
         shared.acks_received.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::IPC_ACKS_RECEIVED).increment(1);
-        let mut table = shared.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = joblet_daemon::lock(&shared.acks);
         for job in ack.jobs {
             let slot = ack_slot(job.r#type());
             let entry = table.entry(job.job_id).or_default();

@@ -26,14 +26,15 @@
 //!   updated after the write: a summary never claims lines that are not yet stored (readable;
 //!   they are on disk once their batch is acknowledged).
 
+use joblet_daemon::lock;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use joblet_ipc::{Batch, MessageType, MetricData};
+use joblet_ipc::{Batch, MessageType, MetricData, now_ns};
 use joblet_proto::ipc::JobRecord;
 use joblet_proto::persist::JobSummary;
 use prost::Message;
@@ -175,10 +176,6 @@ struct JobChanges {
     new: [Vec<u64>; 2],
     /// Replays (sequence at or below the highest stored) written in this batch.
     replayed: HashSet<(usize, u64)>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Store {
@@ -973,12 +970,6 @@ pub fn directory_bytes(dir: &Path) -> u64 {
             })
         })
         .sum()
-}
-
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// The oldest timestamp still inside `retention` (i64::MIN when kept forever).

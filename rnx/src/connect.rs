@@ -18,10 +18,7 @@ async fn channel(node: &Node, address: &str, what: &str) -> Result<Channel, Fail
         _ => None,
     };
     if tls.is_none() {
-        PLAINTEXT_ADDRESSES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(address.to_owned());
+        joblet_daemon::lock(&PLAINTEXT_ADDRESSES).push(address.to_owned());
     }
     let endpoint = joblet_daemon::client::endpoint(address, tls, CONNECT_TIMEOUT)
         .map_err(|e| Failure::Usage(format!("{what}: {e}")))?
@@ -40,10 +37,7 @@ static PLAINTEXT_ADDRESSES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::ne
 /// second per address; only asked when an RPC failed the way such a server makes it fail.
 pub fn plaintext_server_speaks_tls() -> bool {
     use std::io::{Read, Write};
-    let addresses = PLAINTEXT_ADDRESSES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let addresses = joblet_daemon::lock(&PLAINTEXT_ADDRESSES).clone();
     addresses.iter().any(|address| {
         let Ok(mut resolved) = std::net::ToSocketAddrs::to_socket_addrs(address.as_str()) else {
             return false;
