@@ -1,5 +1,6 @@
-//! What `job log` and `job metrics` share: both daemons' clients, the job's full id, and
-//! persist's summary of the job (which tells up to which sequence its history is complete).
+//! What `job log` and `job metrics` share: both daemons' clients, the job's full id, the plan
+//! of which records come from persist's history and which from core ([`Sources::plan`], from
+//! persist's summary of the job), and what is said when one of them is missing.
 
 use joblet_proto::joblet::GetJobStatusRequest;
 use joblet_proto::joblet::job_service_client::JobServiceClient;
@@ -9,6 +10,32 @@ use tonic::transport::Channel;
 
 use crate::config::Node;
 use crate::{Failure, connect};
+
+/// Records persist may miss of a running job before rnx says so.
+const BEHIND_WARNING: u64 = 10_000;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Logs,
+    Metrics,
+}
+
+impl Kind {
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Logs => "lines",
+            Kind::Metrics => "samples",
+        }
+    }
+}
+
+/// Which records come from where: persist's history up to `through` when `history`, core
+/// after `through`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plan {
+    pub history: bool,
+    pub through: u64,
+}
 
 pub struct Sources {
     pub core: Option<JobServiceClient<Channel>>,
@@ -64,6 +91,48 @@ impl Sources {
             job_id,
             core_has_job,
         })
+    }
+
+    /// Where the job's records of `kind` come from. persist's history serves them up to its
+    /// highest sequence when it holds every one of them (sequences start at 1) or core no
+    /// longer has the job; core serves the rest (all of them otherwise). Warns when persist is
+    /// far behind (still catching up after an outage), not when it merely trails a running job.
+    pub async fn plan(&mut self, kind: Kind) -> Plan {
+        let Some(summary) = self.summary().await else {
+            return Plan::default();
+        };
+        let (stored, highest) = match kind {
+            Kind::Logs => (summary.log_lines, summary.last_log_sequence),
+            Kind::Metrics => (summary.metric_samples, summary.last_metric_sequence),
+        };
+        if stored == highest || !self.core_has_job {
+            return Plan {
+                history: true,
+                through: highest,
+            };
+        }
+        let missing = highest.saturating_sub(stored);
+        if missing > BEHIND_WARNING {
+            eprintln!(
+                "rnx: warning: joblet-persist misses {missing} {} of this job; reading everything from joblet-core",
+                kind.noun()
+            );
+        }
+        Plan::default()
+    }
+
+    /// When core cannot continue after the history (it no longer has the job, or is down):
+    /// the history shown is all there is (said when core is down), or the job is not found.
+    pub fn without_core(&self, plan: Plan, id: &str) -> Result<(), Failure> {
+        if !plan.history {
+            return Err(Failure::Remote(tonic::Status::not_found(format!(
+                "job {id:?} not found"
+            ))));
+        }
+        if let Some(error) = &self.core_error {
+            eprintln!("rnx: warning: {error}; showing history only");
+        }
+        Ok(())
     }
 
     /// persist's summary of the job: by full id, or by a unique prefix when core no longer

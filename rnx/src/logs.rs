@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 
 use crate::cli::LogArgs;
 use crate::config::Node;
-use crate::hybrid::Sources;
+use crate::hybrid::{Kind, Sources};
 use crate::output::{flush, json_line, write};
 use crate::{Failure, connect, timespec};
 
@@ -173,60 +173,41 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
     };
 
     // History.
-    let mut through = 0u64;
-    let mut history_used = false;
-    let summary = sources.summary().await;
+    let plan = sources.plan(Kind::Logs).await;
     let job_id = sources.job_id.clone();
-    if let Some(client) = sources.persist.as_mut() {
-        match summary {
-            Some(summary) if summary.log_lines == summary.last_log_sequence || !core_has_job => {
-                through = summary.last_log_sequence;
-                history_used = true;
-                let mut stream = client
-                    .query_logs(QueryLogsRequest {
-                        job_id: job_id.clone(),
-                        stream: match filters.which {
-                            Which::Both => StreamType::Unspecified,
-                            Which::Stdout => StreamType::Stdout,
-                            Which::Stderr => StreamType::Stderr,
-                        } as i32,
-                        start_time,
-                        end_time,
-                        contains: args.grep.clone().unwrap_or_default(),
-                        tail: args.tail.unwrap_or(0),
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                while let Some(line) = stream.message().await? {
-                    if line.sequence > through {
-                        continue; // core serves what persist stored after the summary
-                    }
-                    printer.emit(Line {
-                        stderr: line.stream == StreamType::Stderr as i32,
-                        timestamp: line.timestamp,
-                        sequence: line.sequence,
-                        content: line.content,
-                    })?;
-                }
+    if let Some(client) = sources.persist.as_mut().filter(|_| plan.history) {
+        let mut stream = client
+            .query_logs(QueryLogsRequest {
+                job_id: job_id.clone(),
+                stream: match filters.which {
+                    Which::Both => StreamType::Unspecified,
+                    Which::Stdout => StreamType::Stdout,
+                    Which::Stderr => StreamType::Stderr,
+                } as i32,
+                start_time,
+                end_time,
+                contains: args.grep.clone().unwrap_or_default(),
+                tail: args.tail.unwrap_or(0),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        while let Some(line) = stream.message().await? {
+            if line.sequence > plan.through {
+                continue; // core serves what persist stored after the summary
             }
-            // Normal for a running job: persist is a little behind core, which has it all.
-            Some(summary)
-                if summary.last_log_sequence.saturating_sub(summary.log_lines)
-                    > BEHIND_WARNING_LINES =>
-            {
-                eprintln!(
-                    "rnx: warning: joblet-persist misses {} lines of this job; reading everything from joblet-core",
-                    summary.last_log_sequence - summary.log_lines
-                )
-            }
-            Some(_) | None => {}
+            printer.emit(Line {
+                stderr: line.stream == StreamType::Stderr as i32,
+                timestamp: line.timestamp,
+                sequence: line.sequence,
+                content: line.content,
+            })?;
         }
     }
 
     // Live.
-    match sources.core.as_mut() {
-        Some(client) if core_has_job => {
+    match sources.core.as_mut().filter(|_| core_has_job) {
+        Some(client) => {
             // With --tail, first take what exists now, print the tail, then follow.
             let passes: &[bool] = match (args.tail.is_some(), args.follow) {
                 (true, true) => &[false, true],
@@ -238,7 +219,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                     }
                 }
             };
-            let mut after = through;
+            let mut after = plan.through;
             for &follow in passes {
                 loop {
                     let streamed = async {
@@ -286,17 +267,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                 printer.release_tail()?;
             }
         }
-        _ if history_used => {
-            if let Some(error) = sources.core_error {
-                eprintln!("rnx: warning: {error}; showing history only");
-            }
-        }
-        _ => {
-            return Err(Failure::Remote(tonic::Status::not_found(format!(
-                "job {:?} not found",
-                args.id
-            ))));
-        }
+        None => sources.without_core(plan, &args.id)?,
     }
     printer.release_tail()
 }
@@ -312,10 +283,6 @@ impl From<tonic::Status> for Streamed {
         Streamed::Rpc(status)
     }
 }
-
-/// persist missing more lines of a job than this (it is still catching up after an outage) is
-/// worth a warning; fewer is the usual lag of a running job.
-const BEHIND_WARNING_LINES: u64 = 10_000;
 
 /// How long `--follow` waits for joblet-core to come back (a restart or an upgrade).
 const RECONNECT_FOR: Duration = Duration::from_secs(300);

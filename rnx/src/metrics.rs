@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::cli::MetricsArgs;
 use crate::config::Node;
-use crate::hybrid::Sources;
+use crate::hybrid::{Kind, Sources};
 use crate::output::{flush, human_bytes, json_line, write};
 use crate::{Failure, timespec};
 
@@ -34,44 +34,32 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
     let core_has_job = sources.core_has_job;
 
     let mut view = View::new(json, args.chart, args.follow);
-    let mut through = 0;
-    let mut history_used = false;
-    let summary = sources.summary().await;
+    let plan = sources.plan(Kind::Metrics).await;
     let job_id = sources.job_id.clone();
-    if let Some(client) = sources.persist.as_mut() {
-        if let Some(summary) = summary
-            && (summary.metric_samples == summary.last_metric_sequence || !core_has_job)
-        {
-            through = summary.last_metric_sequence;
-            history_used = true;
-            let mut stream = client
-                .query_metrics(QueryMetricsRequest {
-                    job_id: job_id.clone(),
-                    start_time,
-                    end_time,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            while let Some(metric) = stream.message().await? {
-                if metric.sequence <= through
-                    && let Some(sample) = metric.sample
-                {
-                    view.add(sample)?;
-                }
+    if let Some(client) = sources.persist.as_mut().filter(|_| plan.history) {
+        let mut stream = client
+            .query_metrics(QueryMetricsRequest {
+                job_id: job_id.clone(),
+                start_time,
+                end_time,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        while let Some(metric) = stream.message().await? {
+            if metric.sequence <= plan.through
+                && let Some(sample) = metric.sample
+            {
+                view.add(sample)?;
             }
-        } else if core_has_job {
-            eprintln!(
-                "rnx: warning: joblet-persist has no complete history of this job; reading everything from joblet-core"
-            );
         }
     }
-    match sources.core.as_mut() {
-        Some(client) if core_has_job => {
+    match sources.core.as_mut().filter(|_| core_has_job) {
+        Some(client) => {
             let mut stream = client
                 .stream_metrics(StreamMetricsRequest {
                     job_uuid: job_id.clone(),
-                    after_sequence: through,
+                    after_sequence: plan.through,
                     follow: args.follow,
                 })
                 .await?
@@ -88,13 +76,7 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
                 }
             }
         }
-        _ if history_used => {}
-        _ => {
-            return Err(Failure::Remote(tonic::Status::not_found(format!(
-                "job {:?} not found",
-                args.id
-            ))));
-        }
+        None => sources.without_core(plan, &args.id)?,
     }
     view.finish()
 }

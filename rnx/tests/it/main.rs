@@ -412,6 +412,32 @@ async fn a_fresh_job_logs_quietly_and_status_fails_while_a_daemon_is_down() {
 }
 
 #[tokio::test]
+async fn with_core_down_logs_and_metrics_show_history_and_say_so() {
+    let mut node = Node::start(true).await;
+    let id = node.run("seq 1 5; sleep 0.5").await;
+    node.wait_ended(&id).await;
+    // Core's shutdown waits until persist acknowledged every line of ended jobs.
+    node.core.take().unwrap().stop().await;
+    for args in [
+        &["job", "log", &id][..],
+        &["job", "metrics", "--json", &id][..],
+    ] {
+        let output = node.output(args).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.matches("showing history only").count(),
+            1,
+            "{args:?}: {stderr}"
+        );
+        if args[1] == "log" {
+            assert_eq!(String::from_utf8_lossy(&output.stdout), "1\n2\n3\n4\n5\n");
+        }
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn run_follow_exits_with_the_jobs_exit_code() {
     let node = Node::start(true).await;
     let ok = node
