@@ -25,29 +25,35 @@
 //!   the batch is acknowledged) only after that fsync. Queries see `durable` summaries only,
 //!   updated after the write: a summary never claims lines that are not yet stored (readable;
 //!   they are on disk once their batch is acknowledged).
+//!
+//! Layout: this module opens the store and holds the catalogue (summaries, records, deletion);
+//! [`ingest`] the ingest pipeline, [`scan`] the scans, [`expiry`] the compaction filters and the
+//! retention pass.
 
-use joblet_daemon::lock;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::ops::ControlFlow;
+mod expiry;
+mod ingest;
+mod scan;
+
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use joblet_ipc::{Batch, MessageType, MetricData, now_ns};
+use joblet_ipc::MetricData;
 use joblet_proto::ipc::JobRecord;
 use joblet_proto::persist::JobSummary;
 use prost::Message;
-use rocksdb::compaction_filter::Decision;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, ReadOptions,
-    WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch,
+    WriteOptions,
 };
 
-use crate::config::{Compression, Config, Durability, Retention};
+use crate::config::{Compression, Config, Durability};
 use crate::keys;
-use crate::metrics as m;
-use crate::retention::{CAP_TARGET_PERCENT, Dropped, Policy};
+use crate::retention::Policy;
+use joblet_daemon::lock;
+
+use expiry::{job_record_filter, longest, oldest_kept_ns, record_filter, summary_filter};
 
 pub const CF_LOGS: &str = "logs";
 pub const CF_METRICS: &str = "metrics";
@@ -168,16 +174,6 @@ pub struct Store {
     resync: AtomicBool,
 }
 
-/// What a batch being prepared changes of one job.
-struct JobChanges {
-    summary: JobSummary,
-    /// Sequences written as new in this batch, per kind (logs, metrics): increasing, so a later
-    /// replay of one of them in the same batch is found by binary search.
-    new: [Vec<u64>; 2],
-    /// Replays (sequence at or below the highest stored) written in this batch.
-    replayed: HashSet<(usize, u64)>,
-}
-
 impl Store {
     pub fn open(config: &Config) -> Result<Store, StoreError> {
         let path = &config.data_dir;
@@ -286,201 +282,6 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a batch atomically and durably (per the configured durability). Records already
-    /// stored are skipped; invalid payloads are skipped and counted. Two calls at a time
-    /// overlap: one prepares while the other writes (see the module docs).
-    pub fn ingest(&self, batch: &Batch) -> Result<IngestOutcome, StoreError> {
-        let started = Instant::now();
-        let cfs = [self.cf(CF_LOGS)?, self.cf(CF_METRICS)?];
-        let summaries_cf = self.cf(CF_SUMMARIES)?;
-        let jobs_cf = self.cf(CF_JOBS)?;
-        let mut pending = lock(&self.pending);
-        let mut commit = None;
-        if self.resync.load(Ordering::Acquire) {
-            commit = Some(lock(&self.commit));
-            *pending = lock(&self.durable).clone();
-            self.resync.store(false, Ordering::Release);
-        }
-        // The jobs of this batch, and where each is in `changed`.
-        let mut changed: Vec<JobChanges> = Vec::new();
-        let mut jobs: HashMap<&str, usize> = HashMap::new();
-        // A record takes about what its frame took: sized once, the batch's buffer is not
-        // grown (and copied) a dozen times over.
-        let mut write = WriteBatch::with_capacity_bytes(batch.frame_bytes() + 4096);
-        let mut outcome = IngestOutcome::default();
-        let mut key = Vec::new();
-        let mut value = Vec::new();
-        // Messages come in runs of one job: its summary is looked up once per run. `None`
-        // stands for a job id the keys cannot hold.
-        let mut current: Option<(&str, Option<usize>)> = None;
-
-        for message in batch.iter() {
-            let job_id = message.job_id;
-            let index = match current {
-                Some((id, index)) if id == job_id => index,
-                _ => {
-                    let index = (!job_id.contains('\0')).then(|| {
-                        *jobs.entry(job_id).or_insert_with(|| {
-                            // A job whose messages all turn out invalid keeps first_timestamp ==
-                            // i64::MAX and is not written.
-                            changed.push(JobChanges {
-                                summary: pending.get(job_id).cloned().unwrap_or_else(|| {
-                                    JobSummary {
-                                        job_id: job_id.to_owned(),
-                                        first_timestamp: i64::MAX,
-                                        last_timestamp: i64::MIN,
-                                        ..Default::default()
-                                    }
-                                }),
-                                new: [Vec::new(), Vec::new()],
-                                replayed: HashSet::new(),
-                            });
-                            changed.len() - 1
-                        })
-                    });
-                    current = Some((job_id, index));
-                    index
-                }
-            };
-            let Some(index) = index else {
-                outcome.invalid += 1;
-                continue;
-            };
-            let job = &mut changed[index];
-            let kind = match message.kind() {
-                MessageType::Log => 0,
-                MessageType::Metric => 1,
-                // Only the newest version of a job's record is kept.
-                MessageType::Job => {
-                    let summary = &mut job.summary;
-                    if message.sequence <= summary.last_record_sequence {
-                        outcome.duplicates += 1;
-                    } else if JobRecord::decode(message.data).is_err() {
-                        outcome.invalid += 1;
-                    } else {
-                        write.put_cf(jobs_cf, job_id.as_bytes(), message.data);
-                        summary.last_record_sequence = message.sequence;
-                        summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
-                        summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
-                        outcome.records += 1;
-                    }
-                    continue;
-                }
-                MessageType::Unspecified => {
-                    outcome.invalid += 1;
-                    continue;
-                }
-            };
-            let summary = &mut job.summary;
-            let highest = [summary.last_log_sequence, summary.last_metric_sequence][kind];
-            keys::encode_into(&mut key, job_id, message.timestamp, message.sequence);
-            // A sequence above the highest stored one is new (the sender keeps each job's
-            // order); only replays need looking up: earlier in this batch, or stored.
-            let replay = message.sequence <= highest;
-            if replay {
-                if job.new[kind].binary_search(&message.sequence).is_ok()
-                    || job.replayed.contains(&(kind, message.sequence))
-                {
-                    outcome.duplicates += 1;
-                    continue;
-                }
-                // What was prepared before must be written before it can be looked up.
-                commit.get_or_insert_with(|| lock(&self.commit));
-                if self.db.get_pinned_cf(cfs[kind], &key)?.is_some() {
-                    outcome.duplicates += 1;
-                    continue;
-                }
-            }
-            value.clear();
-            if kind == 0 {
-                // The stream is stored in one byte: a value that is not a known stream
-                // would be read back as another stream, or not at all.
-                let Some((stream, content)) = joblet_ipc::log_payload(message.data)
-                    .ok()
-                    .filter(|(stream, _)| joblet_ipc::Stream::try_from(*stream).is_ok())
-                else {
-                    outcome.invalid += 1;
-                    continue;
-                };
-                value.push(stream as u8);
-                value.extend_from_slice(content);
-                summary.log_lines += 1;
-                summary.log_bytes += content.len() as u64;
-                outcome.bytes += content.len() as u64;
-                summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
-                outcome.lines += 1;
-            } else {
-                if MetricData::decode(message.data).is_err() {
-                    outcome.invalid += 1;
-                    continue;
-                }
-                value.extend_from_slice(message.data);
-                summary.metric_samples += 1;
-                summary.last_metric_sequence = summary.last_metric_sequence.max(message.sequence);
-                outcome.samples += 1;
-            }
-            if replay {
-                job.replayed.insert((kind, message.sequence));
-            } else {
-                job.new[kind].push(message.sequence);
-            }
-            summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
-            summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
-            write.put_cf(cfs[kind], &key, &value);
-        }
-        let summaries: Vec<JobSummary> = changed
-            .into_iter()
-            .map(|job| job.summary)
-            .filter(|summary| summary.first_timestamp != i64::MAX)
-            .collect();
-        if !write.is_empty() {
-            for summary in &summaries {
-                write.put_cf(
-                    summaries_cf,
-                    summary.job_id.as_bytes(),
-                    summary.encode_to_vec(),
-                );
-                pending.insert(summary.job_id.clone(), summary.clone());
-            }
-            let commit = commit.unwrap_or_else(|| lock(&self.commit));
-            drop(pending);
-            if self.resync.load(Ordering::Acquire) {
-                return Err(StoreError::Aborted);
-            }
-            if let Err(error) = self.db.write_opt(write, &self.ingest_options) {
-                self.resync.store(true, Ordering::Release);
-                return Err(error.into());
-            }
-            let mut durable = lock(&self.durable);
-            for summary in summaries {
-                durable.insert(summary.job_id.clone(), summary);
-            }
-            drop(durable);
-            drop(commit);
-            // One fsync covers this batch and whatever was written before it; the next batch
-            // is written meanwhile. Should it fail, the batch is not acknowledged and its
-            // sender sends it again.
-            if self.sync_after_write {
-                self.db.flush_wal(true)?;
-            }
-        }
-        self.ingested.fetch_add(outcome.bytes, Ordering::Relaxed);
-        metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
-        metrics::counter!(m::LINES_STORED).increment(outcome.lines);
-        metrics::counter!(m::METRICS_STORED).increment(outcome.samples);
-        if outcome.records > 0 {
-            metrics::counter!(m::JOB_RECORDS_STORED).increment(outcome.records);
-        }
-        if outcome.duplicates > 0 {
-            metrics::counter!(m::DUPLICATES_SKIPPED).increment(outcome.duplicates);
-        }
-        if outcome.invalid > 0 {
-            metrics::counter!(joblet_ipc::metrics::PERSIST_IPC_FRAMES_REJECTED, "reason" => "payload")
-                .increment(outcome.invalid);
-        }
-        Ok(outcome)
-    }
-
     /// The database itself, for benchmarks that compare against raw RocksDB with the same
     /// options. Everything else goes through the methods above.
     pub fn raw_db(&self) -> &DB {
@@ -574,168 +375,6 @@ impl Store {
         &self.policy
     }
 
-    /// Bytes of log content ingested since start.
-    pub fn ingested_bytes(&self) -> u64 {
-        self.ingested.load(Ordering::Relaxed)
-    }
-
-    /// One retention pass (see [`crate::retention`]): drops the jobs whose newest record is
-    /// older than retention, the log or metric range of a job whose newest line or sample is,
-    /// then (with a size cap) the jobs with the oldest newest-record while `data_dir` is over
-    /// the cap, and compacts every dropped range. Blocking.
-    pub fn enforce_retention(&self, data_dir: &Path) -> Result<Dropped, StoreError> {
-        let (logs, metrics) = (self.policy.logs(), self.policy.metrics());
-        let cutoffs = [oldest_kept_ns(logs), oldest_kept_ns(metrics)];
-        let whole_cutoff = oldest_kept_ns(longest(logs, metrics));
-        let mut summaries: Vec<JobSummary> = lock(&self.durable).values().cloned().collect();
-        summaries.sort_by(|a, b| a.job_id.cmp(&b.job_id));
-        let mut dropped = Dropped::default();
-        // Per column family (logs, metrics): which jobs' ranges were dropped.
-        let mut cleared: [HashSet<String>; 2] = Default::default();
-        let mut gone = HashSet::new();
-        for summary in &summaries {
-            if summary.last_timestamp < whole_cutoff {
-                if self.delete_job(&summary.job_id)? {
-                    dropped.expired_jobs += 1;
-                    dropped.expired_bytes += summary.log_bytes;
-                }
-                gone.insert(summary.job_id.clone());
-                continue;
-            }
-            for (kind, cf_name) in [CF_LOGS, CF_METRICS].into_iter().enumerate() {
-                if self.drop_kind_if_expired(&summary.job_id, cf_name, cutoffs[kind])? {
-                    cleared[kind].insert(summary.job_id.clone());
-                }
-            }
-        }
-        if !gone.is_empty() {
-            metrics::counter!(m::RETENTION_EVICTED_JOBS, "reason" => "retention")
-                .increment(dropped.expired_jobs);
-            metrics::counter!(m::RETENTION_EVICTED_BYTES, "reason" => "retention")
-                .increment(dropped.expired_bytes);
-        }
-        for set in &mut cleared {
-            set.extend(gone.iter().cloned());
-        }
-        self.compact_dropped(&summaries, &cleared)?;
-
-        let Some(cap) = self.policy.max_bytes() else {
-            return Ok(dropped);
-        };
-        let used = directory_bytes(data_dir);
-        if used <= cap {
-            return Ok(dropped);
-        }
-        // What each job takes on disk, estimated from its share of the raw bytes.
-        let mut alive: Vec<&JobSummary> = summaries
-            .iter()
-            .filter(|s| !gone.contains(&s.job_id))
-            .collect();
-        let raw = |s: &JobSummary| s.log_bytes + s.metric_samples * 64 + 512;
-        let total_raw: u64 = alive.iter().map(|s| raw(s)).sum::<u64>().max(1);
-        let on_disk_per_raw = used as f64 / total_raw as f64;
-        let mut to_free = used - cap * CAP_TARGET_PERCENT / 100;
-        alive.sort_by_key(|s| s.last_timestamp);
-        let mut capped = HashSet::new();
-        for summary in alive {
-            if to_free == 0 {
-                break;
-            }
-            let estimate = (raw(summary) as f64 * on_disk_per_raw) as u64;
-            if self.delete_job(&summary.job_id)? {
-                tracing::warn!(
-                    job_id = %summary.job_id,
-                    bytes = estimate,
-                    cap,
-                    used,
-                    "retention.max_bytes: the job with the oldest data is dropped"
-                );
-                metrics::counter!(m::RETENTION_EVICTED_JOBS, "reason" => "max_bytes").increment(1);
-                metrics::counter!(m::RETENTION_EVICTED_BYTES, "reason" => "max_bytes")
-                    .increment(summary.log_bytes);
-                dropped.capped_jobs += 1;
-                dropped.capped_bytes += summary.log_bytes;
-            }
-            capped.insert(summary.job_id.clone());
-            to_free = to_free.saturating_sub(estimate.max(1));
-        }
-        self.compact_dropped(&summaries, &[capped.clone(), capped])?;
-        Ok(dropped)
-    }
-
-    /// Drops the `cf_name` range of `job_id` if its newest record there is older than `cutoff`
-    /// (under the ingest locks, so that no line arriving meanwhile goes with it). Returns
-    /// whether it did.
-    fn drop_kind_if_expired(
-        &self,
-        job_id: &str,
-        cf_name: &'static str,
-        cutoff: i64,
-    ) -> Result<bool, StoreError> {
-        if cutoff == i64::MIN {
-            return Ok(false);
-        }
-        let cf = self.cf(cf_name)?;
-        let (start, end) = (keys::job_start(job_id), keys::job_end(job_id));
-        let _pending = lock(&self.pending);
-        let _commit = lock(&self.commit);
-        let mut iter = self.db.raw_iterator_cf(cf);
-        iter.seek_for_prev(&end);
-        let newest = iter
-            .key()
-            .filter(|key| key.starts_with(&start))
-            .and_then(keys::timestamp_of);
-        iter.status()?;
-        match newest {
-            Some(timestamp) if timestamp < cutoff => {
-                let mut write = WriteBatch::default();
-                write.delete_range_cf(cf, &start, &end);
-                self.db.write_opt(write, &self.write_options)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    /// Compacts the key ranges of the jobs in `dropped` (per logs, metrics), merging neighbours
-    /// (in key order, among `all` jobs) into one range, so that their files are rewritten or
-    /// deleted now rather than at the next periodic compaction.
-    fn compact_dropped(
-        &self,
-        all: &[JobSummary],
-        dropped: &[HashSet<String>; 2],
-    ) -> Result<(), StoreError> {
-        for (kind, cf_name) in [CF_LOGS, CF_METRICS].into_iter().enumerate() {
-            if dropped[kind].is_empty() {
-                continue;
-            }
-            let cf = self.cf(cf_name)?;
-            let mut run: Option<(&str, &str)> = None;
-            let compact = |(first, last): (&str, &str)| {
-                self.db.compact_range_cf(
-                    cf,
-                    Some(keys::job_start(first)),
-                    Some(keys::job_end(last)),
-                );
-            };
-            // `all` is sorted by job id, which is key order.
-            for summary in all {
-                let id = summary.job_id.as_str();
-                if dropped[kind].contains(id) {
-                    run = Some(run.map_or((id, id), |(first, _)| (first, id)));
-                } else if let Some(span) = run.take() {
-                    compact(span);
-                }
-            }
-            if let Some(span) = run {
-                compact(span);
-            }
-        }
-        // The WAL files that held the dropped records go only once every column family's
-        // memtable that shares them is flushed.
-        self.flush()
-    }
-
     /// Removes every record and the summary of `job_id`; returns whether it had any.
     pub fn delete_job(&self, job_id: &str) -> Result<bool, StoreError> {
         let mut pending = lock(&self.pending);
@@ -751,157 +390,6 @@ impl Store {
         pending.remove(job_id);
         lock(&self.durable).remove(job_id);
         Ok(existed)
-    }
-
-    /// Streams matching log lines in (timestamp, sequence) order to `emit` until it breaks.
-    /// Lines are lent: their content is borrowed from RocksDB's block. Returns where to resume
-    /// when the scan stopped at `examine_at_most`.
-    pub fn scan_logs(
-        &self,
-        selection: &Selection,
-        streams: StreamFilter,
-        contains: &[u8],
-        mut emit: impl FnMut(LogRecord<'_>) -> ControlFlow<()>,
-    ) -> Result<Option<(i64, u64)>, StoreError> {
-        let finder = (!contains.is_empty()).then(|| memchr::memmem::Finder::new(contains));
-        self.scan(
-            CF_LOGS,
-            self.policy.logs(),
-            selection,
-            |value| {
-                parse_log_value(value).is_some_and(|(stream, content)| {
-                    let wanted = match streams {
-                        StreamFilter::Both => true,
-                        StreamFilter::Stdout => stream == joblet_ipc::Stream::Stdout,
-                        StreamFilter::Stderr => stream == joblet_ipc::Stream::Stderr,
-                    };
-                    wanted && finder.as_ref().is_none_or(|f| f.find(content).is_some())
-                })
-            },
-            &mut |timestamp, sequence, value| match parse_log_value(value) {
-                Some((stream, content)) => emit(LogRecord {
-                    stream,
-                    timestamp,
-                    sequence,
-                    content,
-                }),
-                None => ControlFlow::Continue(()),
-            },
-        )
-    }
-
-    /// Streams matching metric samples in (timestamp, sequence) order to `emit`.
-    pub fn scan_metrics(
-        &self,
-        selection: &Selection,
-        mut emit: impl FnMut(MetricRecord) -> ControlFlow<()>,
-    ) -> Result<Option<(i64, u64)>, StoreError> {
-        self.scan(
-            CF_METRICS,
-            self.policy.metrics(),
-            selection,
-            |value| MetricData::decode(value).is_ok(),
-            &mut |timestamp, sequence, value| match MetricData::decode(value) {
-                Ok(sample) => emit(MetricRecord {
-                    timestamp,
-                    sequence,
-                    sample,
-                }),
-                Err(_) => ControlFlow::Continue(()),
-            },
-        )
-    }
-
-    /// The shared scan: bounds from the selection (clamped to retention), a forward scan — or,
-    /// for a tail, a backward scan that keeps the newest N — then offset and limit. `wanted`
-    /// filters records by value; `emit` gets (timestamp, sequence, value) of those selected.
-    fn scan(
-        &self,
-        cf_name: &'static str,
-        retention: Retention,
-        selection: &Selection,
-        wanted: impl Fn(&[u8]) -> bool,
-        emit: &mut impl FnMut(i64, u64, &[u8]) -> ControlFlow<()>,
-    ) -> Result<Option<(i64, u64)>, StoreError> {
-        let cf = self.cf(cf_name)?;
-        let job = selection.job_id.as_str();
-        let start = selection
-            .start
-            .unwrap_or(i64::MIN)
-            .max(oldest_kept_ns(retention));
-        let mut lower = keys::lower_bound(job, start);
-        if let Some((timestamp, sequence)) = selection.resume_after {
-            // The key right after that record's: keys have a fixed length, so appending a byte
-            // gives the next possible one.
-            let mut after = keys::encode(job, timestamp, sequence);
-            after.push(0);
-            lower = lower.max(after);
-        }
-        let upper = match selection.end {
-            Some(end) => keys::lower_bound(job, end),
-            None => keys::job_end(job),
-        };
-        if lower >= upper {
-            return Ok(None);
-        }
-        let mut options = ReadOptions::default();
-        options.set_iterate_lower_bound(lower);
-        options.set_iterate_upper_bound(upper);
-        let mut iter = self.db.raw_iterator_cf_opt(cf, options);
-
-        let matching = |key: &[u8], value: &[u8]| -> Option<(i64, u64)> {
-            let (_, timestamp, sequence) = keys::decode(key)?;
-            (sequence > selection.after_sequence && wanted(value)).then_some((timestamp, sequence))
-        };
-
-        if let Some(tail) = selection.tail {
-            let mut newest = VecDeque::with_capacity(tail.min(4096));
-            iter.seek_to_last();
-            while iter.valid() && newest.len() < tail {
-                if let (Some(key), Some(value)) = (iter.key(), iter.value())
-                    && let Some((timestamp, sequence)) = matching(key, value)
-                {
-                    newest.push_front((timestamp, sequence, value.to_vec()));
-                }
-                iter.prev();
-            }
-            iter.status()?;
-            let take = selection.limit.unwrap_or(usize::MAX);
-            for (timestamp, sequence, value) in newest.iter().skip(selection.offset).take(take) {
-                if emit(*timestamp, *sequence, value).is_break() {
-                    break;
-                }
-            }
-            return Ok(None);
-        }
-
-        let mut skip = selection.offset;
-        let mut remaining = selection.limit.unwrap_or(usize::MAX);
-        let mut budget = selection.examine_at_most.unwrap_or(usize::MAX);
-        iter.seek_to_first();
-        while iter.valid() && remaining > 0 {
-            if let (Some(key), Some(value)) = (iter.key(), iter.value()) {
-                if let Some((timestamp, sequence)) = matching(key, value) {
-                    if skip > 0 {
-                        skip -= 1;
-                    } else {
-                        remaining -= 1;
-                        if emit(timestamp, sequence, value).is_break() {
-                            return Ok(None);
-                        }
-                    }
-                }
-                budget -= 1;
-                if budget == 0 {
-                    return Ok(
-                        keys::decode(key).map(|(_, timestamp, sequence)| (timestamp, sequence))
-                    );
-                }
-            }
-            iter.next();
-        }
-        iter.status()?;
-        Ok(None)
     }
 
     /// Compacts every column family now (retention filters run during compaction).
@@ -947,13 +435,6 @@ fn echoed(input: &str) -> String {
     }
 }
 
-/// A log value: its stream byte, then the content.
-fn parse_log_value(value: &[u8]) -> Option<(joblet_ipc::Stream, &[u8])> {
-    let (&stream_byte, content) = value.split_first()?;
-    let stream = joblet_ipc::Stream::try_from(i32::from(stream_byte)).ok()?;
-    Some((stream, content))
-}
-
 /// Bytes used by all files under `dir`.
 pub fn directory_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -972,85 +453,12 @@ pub fn directory_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The oldest timestamp still inside `retention` (i64::MIN when kept forever).
-fn oldest_kept_ns(retention: Retention) -> i64 {
-    match retention.0 {
-        None => i64::MIN,
-        Some(period) => now_ns().saturating_sub(period.as_nanos().min(i64::MAX as u128) as i64),
-    }
-}
-
-fn longest(a: Retention, b: Retention) -> Retention {
-    match (a.0, b.0) {
-        (Some(a), Some(b)) => Retention(Some(a.max(b))),
-        _ => Retention(None),
-    }
-}
-
-fn record_filter(
-    policy: Arc<Policy>,
-    retention: fn(&Policy) -> Retention,
-    cf: &'static str,
-) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
-    let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => cf);
-    move |_level, key, _value| {
-        let retention = retention(&policy);
-        if retention.0.is_none() {
-            return Decision::Keep;
-        }
-        match keys::timestamp_of(key) {
-            Some(timestamp) if timestamp < oldest_kept_ns(retention) => {
-                expired.increment(1);
-                Decision::Remove
-            }
-            _ => Decision::Keep,
-        }
-    }
-}
-
-fn job_record_filter(
-    policy: Arc<Policy>,
-) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
-    let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => CF_JOBS);
-    move |_level, _key, value| {
-        let retention = policy.logs();
-        if retention.0.is_none() {
-            return Decision::Keep;
-        }
-        match JobRecord::decode(value) {
-            Ok(record) if record.updated < oldest_kept_ns(retention) => {
-                expired.increment(1);
-                Decision::Remove
-            }
-            _ => Decision::Keep,
-        }
-    }
-}
-
-fn summary_filter(
-    policy: Arc<Policy>,
-) -> impl FnMut(u32, &[u8], &[u8]) -> Decision + Send + 'static {
-    let expired = metrics::counter!(m::RETENTION_EXPIRED, "cf" => CF_SUMMARIES);
-    move |_level, _key, value| {
-        let retention = longest(policy.logs(), policy.metrics());
-        if retention.0.is_none() {
-            return Decision::Keep;
-        }
-        match JobSummary::decode(value) {
-            Ok(summary) if summary.last_timestamp < oldest_kept_ns(retention) => {
-                expired.increment(1);
-                Decision::Remove
-            }
-            _ => Decision::Keep,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, Retention};
-    use joblet_ipc::{Stream, log_message};
+    use joblet_ipc::{Batch, Stream, log_message, now_ns};
+    use std::ops::ControlFlow;
     use std::time::Duration;
 
     const HOUR_NS: i64 = 3600 * 1_000_000_000;

@@ -1,0 +1,225 @@
+//! Ingest: a batch of replicated messages stored atomically and idempotently, pipelined in two
+//! steps (see the store's module docs): prepare (dedup decisions, the write batch, the summaries
+//! it leads to) under `pending`, write under `commit`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use joblet_daemon::lock;
+use joblet_ipc::{Batch, MessageType, MetricData};
+use joblet_proto::ipc::JobRecord;
+use joblet_proto::persist::JobSummary;
+use prost::Message;
+use rocksdb::WriteBatch;
+
+use super::{CF_JOBS, CF_LOGS, CF_METRICS, CF_SUMMARIES, IngestOutcome, Store, StoreError};
+use crate::keys;
+use crate::metrics as m;
+
+impl Store {
+    /// Stores a batch atomically and durably (per the configured durability). Records already
+    /// stored are skipped; invalid payloads are skipped and counted. Two calls at a time
+    /// overlap: one prepares while the other writes (see the module docs).
+    pub fn ingest(&self, batch: &Batch) -> Result<IngestOutcome, StoreError> {
+        let started = Instant::now();
+        let cfs = [self.cf(CF_LOGS)?, self.cf(CF_METRICS)?];
+        let summaries_cf = self.cf(CF_SUMMARIES)?;
+        let jobs_cf = self.cf(CF_JOBS)?;
+        let mut pending = lock(&self.pending);
+        let mut commit = None;
+        if self.resync.load(Ordering::Acquire) {
+            commit = Some(lock(&self.commit));
+            *pending = lock(&self.durable).clone();
+            self.resync.store(false, Ordering::Release);
+        }
+        // The jobs of this batch, and where each is in `changed`.
+        let mut changed: Vec<JobChanges> = Vec::new();
+        let mut jobs: HashMap<&str, usize> = HashMap::new();
+        // A record takes about what its frame took: sized once, the batch's buffer is not
+        // grown (and copied) a dozen times over.
+        let mut write = WriteBatch::with_capacity_bytes(batch.frame_bytes() + 4096);
+        let mut outcome = IngestOutcome::default();
+        let mut key = Vec::new();
+        let mut value = Vec::new();
+        // Messages come in runs of one job: its summary is looked up once per run. `None`
+        // stands for a job id the keys cannot hold.
+        let mut current: Option<(&str, Option<usize>)> = None;
+
+        for message in batch.iter() {
+            let job_id = message.job_id;
+            let index = match current {
+                Some((id, index)) if id == job_id => index,
+                _ => {
+                    let index = (!job_id.contains('\0')).then(|| {
+                        *jobs.entry(job_id).or_insert_with(|| {
+                            // A job whose messages all turn out invalid keeps first_timestamp ==
+                            // i64::MAX and is not written.
+                            changed.push(JobChanges {
+                                summary: pending.get(job_id).cloned().unwrap_or_else(|| {
+                                    JobSummary {
+                                        job_id: job_id.to_owned(),
+                                        first_timestamp: i64::MAX,
+                                        last_timestamp: i64::MIN,
+                                        ..Default::default()
+                                    }
+                                }),
+                                new: [Vec::new(), Vec::new()],
+                                replayed: HashSet::new(),
+                            });
+                            changed.len() - 1
+                        })
+                    });
+                    current = Some((job_id, index));
+                    index
+                }
+            };
+            let Some(index) = index else {
+                outcome.invalid += 1;
+                continue;
+            };
+            let job = &mut changed[index];
+            let kind = match message.kind() {
+                MessageType::Log => 0,
+                MessageType::Metric => 1,
+                // Only the newest version of a job's record is kept.
+                MessageType::Job => {
+                    let summary = &mut job.summary;
+                    if message.sequence <= summary.last_record_sequence {
+                        outcome.duplicates += 1;
+                    } else if JobRecord::decode(message.data).is_err() {
+                        outcome.invalid += 1;
+                    } else {
+                        write.put_cf(jobs_cf, job_id.as_bytes(), message.data);
+                        summary.last_record_sequence = message.sequence;
+                        summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
+                        summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
+                        outcome.records += 1;
+                    }
+                    continue;
+                }
+                MessageType::Unspecified => {
+                    outcome.invalid += 1;
+                    continue;
+                }
+            };
+            let summary = &mut job.summary;
+            let highest = [summary.last_log_sequence, summary.last_metric_sequence][kind];
+            keys::encode_into(&mut key, job_id, message.timestamp, message.sequence);
+            // A sequence above the highest stored one is new (the sender keeps each job's
+            // order); only replays need looking up: earlier in this batch, or stored.
+            let replay = message.sequence <= highest;
+            if replay {
+                if job.new[kind].binary_search(&message.sequence).is_ok()
+                    || job.replayed.contains(&(kind, message.sequence))
+                {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                // What was prepared before must be written before it can be looked up.
+                commit.get_or_insert_with(|| lock(&self.commit));
+                if self.db.get_pinned_cf(cfs[kind], &key)?.is_some() {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+            }
+            value.clear();
+            if kind == 0 {
+                // The stream is stored in one byte: a value that is not a known stream
+                // would be read back as another stream, or not at all.
+                let Some((stream, content)) = joblet_ipc::log_payload(message.data)
+                    .ok()
+                    .filter(|(stream, _)| joblet_ipc::Stream::try_from(*stream).is_ok())
+                else {
+                    outcome.invalid += 1;
+                    continue;
+                };
+                value.push(stream as u8);
+                value.extend_from_slice(content);
+                summary.log_lines += 1;
+                summary.log_bytes += content.len() as u64;
+                outcome.bytes += content.len() as u64;
+                summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
+                outcome.lines += 1;
+            } else {
+                if MetricData::decode(message.data).is_err() {
+                    outcome.invalid += 1;
+                    continue;
+                }
+                value.extend_from_slice(message.data);
+                summary.metric_samples += 1;
+                summary.last_metric_sequence = summary.last_metric_sequence.max(message.sequence);
+                outcome.samples += 1;
+            }
+            if replay {
+                job.replayed.insert((kind, message.sequence));
+            } else {
+                job.new[kind].push(message.sequence);
+            }
+            summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
+            summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
+            write.put_cf(cfs[kind], &key, &value);
+        }
+        let summaries: Vec<JobSummary> = changed
+            .into_iter()
+            .map(|job| job.summary)
+            .filter(|summary| summary.first_timestamp != i64::MAX)
+            .collect();
+        if !write.is_empty() {
+            for summary in &summaries {
+                write.put_cf(
+                    summaries_cf,
+                    summary.job_id.as_bytes(),
+                    summary.encode_to_vec(),
+                );
+                pending.insert(summary.job_id.clone(), summary.clone());
+            }
+            let commit = commit.unwrap_or_else(|| lock(&self.commit));
+            drop(pending);
+            if self.resync.load(Ordering::Acquire) {
+                return Err(StoreError::Aborted);
+            }
+            if let Err(error) = self.db.write_opt(write, &self.ingest_options) {
+                self.resync.store(true, Ordering::Release);
+                return Err(error.into());
+            }
+            let mut durable = lock(&self.durable);
+            for summary in summaries {
+                durable.insert(summary.job_id.clone(), summary);
+            }
+            drop(durable);
+            drop(commit);
+            // One fsync covers this batch and whatever was written before it; the next batch
+            // is written meanwhile. Should it fail, the batch is not acknowledged and its
+            // sender sends it again.
+            if self.sync_after_write {
+                self.db.flush_wal(true)?;
+            }
+        }
+        self.ingested.fetch_add(outcome.bytes, Ordering::Relaxed);
+        metrics::histogram!(m::WRITE_DURATION).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::LINES_STORED).increment(outcome.lines);
+        metrics::counter!(m::METRICS_STORED).increment(outcome.samples);
+        if outcome.records > 0 {
+            metrics::counter!(m::JOB_RECORDS_STORED).increment(outcome.records);
+        }
+        if outcome.duplicates > 0 {
+            metrics::counter!(m::DUPLICATES_SKIPPED).increment(outcome.duplicates);
+        }
+        if outcome.invalid > 0 {
+            metrics::counter!(joblet_ipc::metrics::PERSIST_IPC_FRAMES_REJECTED, "reason" => "payload")
+                .increment(outcome.invalid);
+        }
+        Ok(outcome)
+    }
+}
+
+/// What a batch being prepared changes of one job.
+struct JobChanges {
+    summary: JobSummary,
+    /// Sequences written as new in this batch, per kind (logs, metrics): increasing, so a later
+    /// replay of one of them in the same batch is found by binary search.
+    new: [Vec<u64>; 2],
+    /// Replays (sequence at or below the highest stored) written in this batch.
+    replayed: HashSet<(usize, u64)>,
+}
