@@ -27,7 +27,7 @@
 //!   they are on disk once their batch is acknowledged).
 //!
 //! Layout: this module opens the store and holds the catalogue (summaries, records, deletion);
-//! [`ingest`] the ingest pipeline, [`scan`] the scans, [`expiry`] the compaction filters and the
+//! `ingest.rs` the ingest pipeline, `scan.rs` the scans, `expiry.rs` the compaction filters and the
 //! retention pass.
 
 mod expiry;
