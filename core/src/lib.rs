@@ -17,11 +17,13 @@ pub mod metrics;
 pub mod metrics_log;
 pub mod output;
 pub mod replicate;
+pub mod sampler;
 pub mod service;
 pub mod spawn;
 pub mod spec;
 pub mod state;
 pub mod supervisor;
+pub mod uploads;
 
 use std::sync::Arc;
 
@@ -96,6 +98,8 @@ impl Core {
         .context("grpc.tls")?;
         let max_request = grpc_config.max_request_size.as_u64() as usize;
         let router = tonic::transport::Server::builder()
+            // Every log line of an RPC names it.
+            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))

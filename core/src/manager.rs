@@ -23,14 +23,14 @@
 //! A finished job costs its record in memory (no open file, no buffers).
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use joblet_ipc::{IpcSender, MetricData};
+use joblet_ipc::IpcSender;
 use joblet_proto::joblet::RunJobRequest;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,10 +43,12 @@ use crate::metrics as m;
 use crate::metrics_log::MetricsLog;
 use crate::output::{Output, SpoolWatch};
 use crate::replicate::Replication;
+use crate::sampler::sample_metrics;
 use crate::spawn::SpawnSpec;
 use crate::spec::JobSpec;
 use crate::state::{Journal, StoredJob};
 use crate::supervisor::{self, Launch, Supervisor};
+use crate::uploads::{refuse_symlinks, write_uploads};
 
 /// How long shutdown waits for killed jobs to finish their output.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
@@ -325,6 +327,7 @@ impl JobManager {
         Ok(job)
     }
 
+    #[tracing::instrument(name = "job", skip_all, fields(job_id = %job.id))]
     async fn supervise(self: Arc<Self>, job: Arc<Job>) {
         if let Some(at) = job.spec.schedule {
             let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -437,6 +440,7 @@ impl JobManager {
 
     /// Watches a running job until it ends, then records how it ended. `None`: a job whose
     /// supervisor was not found at start, ended from its exit file or as lost.
+    #[tracing::instrument(name = "job_watch", skip_all, fields(job_id = %job.id))]
     async fn watch_running(self: Arc<Self>, job: Arc<Job>, supervisor: Option<Supervisor>) {
         let attached = supervisor.is_some();
         let sampler = tokio::spawn(sample_metrics(
@@ -875,96 +879,6 @@ fn lost_reason(job: &Job, attached: bool) -> String {
         "the job's supervisor ended while joblet-core was down, without recording how the job ended"
     };
     format!("lost: {what}; its output up to then is kept")
-}
-
-/// Refuses uploads that would be written through a symlink in the work dir (which could
-/// point anywhere on the host).
-fn refuse_symlinks(work_dir: &Path, uploads: &[crate::spec::Upload]) -> Result<(), CoreError> {
-    for upload in uploads {
-        let mut checked = work_dir.to_path_buf();
-        for component in upload.path.components() {
-            checked.push(component);
-            if std::fs::symlink_metadata(&checked).is_ok_and(|m| m.file_type().is_symlink()) {
-                return Err(CoreError::InvalidArgument {
-                    field: "uploads",
-                    message: format!("{} goes through a symlink", upload.path.display()),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-fn write_uploads(work_dir: &Path, uploads: &[crate::spec::Upload]) -> Result<(), CoreError> {
-    // Checked again here: the work dir may have changed since the request was accepted.
-    refuse_symlinks(work_dir, uploads)?;
-    for upload in uploads {
-        let target = work_dir.join(&upload.path);
-        let io = |e: std::io::Error| {
-            CoreError::Internal(format!("upload {}: {e}", upload.path.display()))
-        };
-        if upload.is_directory {
-            std::fs::create_dir_all(&target).map_err(io)?;
-            continue;
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(io)?;
-        }
-        std::fs::write(&target, &upload.content).map_err(io)?;
-        let mode = if upload.mode == 0 { 0o644 } else { upload.mode };
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(io)?;
-    }
-    Ok(())
-}
-
-/// Samples the job's cgroup every `interval` until aborted.
-async fn sample_metrics(job: Arc<Job>, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut previous: Option<(Instant, u64)> = None;
-    loop {
-        ticker.tick().await;
-        let Some(cgroup) = job.cgroup() else { continue };
-        let sampled = job.clone();
-        // The cgroup read and the spool append are blocking I/O.
-        let Ok(taken) = tokio::task::spawn_blocking(move || {
-            let usage = cgroup.usage();
-            let now = Instant::now();
-            let cpu_percent = match previous {
-                Some((at, cpu)) => {
-                    let wall = now.duration_since(at).as_nanos().max(1) as f64;
-                    usage.cpu_nanos.saturating_sub(cpu) as f64 / wall * 100.0
-                }
-                None => 0.0,
-            };
-            let limit = if usage.memory_limit <= 0 || usage.memory_limit >= i64::MAX / 2 {
-                0
-            } else {
-                usage.memory_limit
-            };
-            sampled.metrics.push(
-                joblet_ipc::now_ns(),
-                MetricData {
-                    cpu_percent,
-                    memory_bytes: usage.memory_bytes as i64,
-                    memory_limit: limit,
-                    io_read_bytes: usage.io_read_bytes as i64,
-                    io_write_bytes: usage.io_write_bytes as i64,
-                    pids: usage.pids as i64,
-                    cpu_pressure_some: usage.cpu_pressure_some,
-                    memory_pressure_some: usage.memory_pressure_some,
-                    memory_pressure_full: usage.memory_pressure_full,
-                    ..Default::default()
-                },
-            );
-            (now, usage.cpu_nanos)
-        })
-        .await
-        else {
-            continue;
-        };
-        previous = Some(taken);
-    }
 }
 
 fn processes(count: u64) -> String {

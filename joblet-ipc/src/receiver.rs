@@ -289,6 +289,8 @@ impl Highest {
 }
 
 impl<S: MessageSink> Connection<S> {
+    /// Every log line of a connection carries its span: `ipc_connection{id=N}`.
+    #[tracing::instrument(name = "ipc_connection", skip_all, fields(id = self.stats.connections.load(Ordering::Relaxed) + 1))]
     async fn serve(self, stream: UnixStream) {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::PERSIST_IPC_CONNECTIONS).increment(1.0);

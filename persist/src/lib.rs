@@ -129,6 +129,8 @@ impl Persist {
         )
         .context("grpc.tls")?;
         let router = tonic::transport::Server::builder()
+            // Every log line of an RPC names it.
+            .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(auth)
