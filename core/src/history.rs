@@ -19,8 +19,17 @@ pub struct PersistAddress {
     pub tls: Option<joblet_daemon::tls::TlsFiles>,
 }
 
+/// The channel to persist's query API, made on first use and shared by every query after it
+/// (tonic reconnects it when needed); made again if the configured address changes.
+static CHANNEL: std::sync::Mutex<Option<(String, Channel)>> = std::sync::Mutex::new(None);
+
 async fn client(target: &PersistAddress) -> Result<PersistServiceClient<Channel>, tonic::Status> {
     let address = &target.address;
+    if let Some((cached, channel)) = joblet_daemon::lock(&CHANNEL).as_ref()
+        && cached == address
+    {
+        return Ok(PersistServiceClient::new(channel.clone()));
+    }
     let tls = match &target.tls {
         Some(files) => Some(
             files
@@ -34,6 +43,7 @@ async fn client(target: &PersistAddress) -> Result<PersistServiceClient<Channel>
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("joblet-persist at {address}: {e}")))?;
+    *joblet_daemon::lock(&CHANNEL) = Some((address.clone(), channel.clone()));
     Ok(PersistServiceClient::new(channel))
 }
 

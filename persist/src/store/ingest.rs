@@ -80,8 +80,8 @@ impl Store {
             };
             let job = &mut changed[index];
             let kind = match message.kind() {
-                MessageType::Log => 0,
-                MessageType::Metric => 1,
+                MessageType::Log => Kind::Log,
+                MessageType::Metric => Kind::Metric,
                 // Only the newest version of a job's record is kept.
                 MessageType::Job => {
                     let summary = &mut job.summary;
@@ -104,13 +104,15 @@ impl Store {
                 }
             };
             let summary = &mut job.summary;
-            let highest = [summary.last_log_sequence, summary.last_metric_sequence][kind];
+            let highest = kind.highest(summary);
             keys::encode_into(&mut key, job_id, message.timestamp, message.sequence);
             // A sequence above the highest stored one is new (the sender keeps each job's
             // order); only replays need looking up: earlier in this batch, or stored.
             let replay = message.sequence <= highest;
             if replay {
-                if job.new[kind].binary_search(&message.sequence).is_ok()
+                if job.new[kind as usize]
+                    .binary_search(&message.sequence)
+                    .is_ok()
                     || job.replayed.contains(&(kind, message.sequence))
                 {
                     outcome.duplicates += 1;
@@ -118,13 +120,13 @@ impl Store {
                 }
                 // What was prepared before must be written before it can be looked up.
                 commit.get_or_insert_with(|| lock(&self.commit));
-                if self.db.get_pinned_cf(cfs[kind], &key)?.is_some() {
+                if self.db.get_pinned_cf(cfs[kind as usize], &key)?.is_some() {
                     outcome.duplicates += 1;
                     continue;
                 }
             }
             value.clear();
-            if kind == 0 {
+            if kind == Kind::Log {
                 // The stream is stored in one byte: a value that is not a known stream
                 // would be read back as another stream, or not at all.
                 let Some((stream, content)) = joblet_ipc::log_payload(message.data)
@@ -154,11 +156,11 @@ impl Store {
             if replay {
                 job.replayed.insert((kind, message.sequence));
             } else {
-                job.new[kind].push(message.sequence);
+                job.new[kind as usize].push(message.sequence);
             }
             summary.first_timestamp = summary.first_timestamp.min(message.timestamp);
             summary.last_timestamp = summary.last_timestamp.max(message.timestamp);
-            write.put_cf(cfs[kind], &key, &value);
+            write.put_cf(cfs[kind as usize], &key, &value);
         }
         let summaries: Vec<JobSummary> = changed
             .into_iter()
@@ -217,9 +219,27 @@ impl Store {
 /// What a batch being prepared changes of one job.
 struct JobChanges {
     summary: JobSummary,
-    /// Sequences written as new in this batch, per kind (logs, metrics): increasing, so a later
-    /// replay of one of them in the same batch is found by binary search.
+    /// Sequences written as new in this batch, per [`Kind`]: increasing, so a later replay of
+    /// one of them in the same batch is found by binary search.
     new: [Vec<u64>; 2],
     /// Replays (sequence at or below the highest stored) written in this batch.
-    replayed: HashSet<(usize, u64)>,
+    replayed: HashSet<(Kind, u64)>,
+}
+
+/// The two kinds of timestamped records; the value indexes `new` and the column families
+/// (`[logs, metrics]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Log = 0,
+    Metric = 1,
+}
+
+impl Kind {
+    /// The highest sequence of this kind stored for the job.
+    fn highest(self, summary: &JobSummary) -> u64 {
+        match self {
+            Kind::Log => summary.last_log_sequence,
+            Kind::Metric => summary.last_metric_sequence,
+        }
+    }
 }
