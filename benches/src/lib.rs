@@ -55,6 +55,27 @@ pub fn persist_config(dir: &Path, socket: &Path, extra: &str) -> anyhow::Result<
     Ok(path)
 }
 
+/// Writes `dir/core.yml`: state in `dir/state`, jobs in `dir/work`, gRPC on a free port
+/// (plaintext, loopback), no metrics endpoint, job cgroups under `cgroup_parent`, then the
+/// `persist:` block and any other YAML in `persist_and_more` (its `jobs:` keys go after
+/// `work_root`). Returns its path.
+pub fn core_config(
+    dir: &Path,
+    cgroup_parent: &str,
+    persist_and_more: &str,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join("core.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nstate_dir: {}\ncgroup:\n  parent: {cgroup_parent}\njobs:\n  work_root: {}\n{persist_and_more}",
+            dir.join("state").display(),
+            dir.join("work").display()
+        ),
+    )?;
+    Ok(path)
+}
+
 /// Starts `binary --config config` and waits for its ready line.
 pub async fn start(binary: &Path, config: &Path) -> anyhow::Result<Daemon> {
     let mut child = tokio::process::Command::new(binary)

@@ -15,7 +15,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use joblet_benches::{Daemon, Table, persist_config, rss_mib, sibling, start};
+use joblet_benches::{Daemon, Table, core_config, persist_config, rss_mib, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{EmptyRequest, GetJobStatusRequest, RunJobRequest};
 use tonic::transport::Channel;
@@ -77,15 +77,13 @@ async fn main() -> anyhow::Result<()> {
     let socket = dir.path().join("persist.sock");
     let persist_config = persist_config(dir.path(), &socket, "")?;
     let persist = start(&sibling("joblet-persist")?, &persist_config).await?;
-    let core_config = dir.path().join("core.yml");
-    std::fs::write(
-        &core_config,
-        format!(
-            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nstate_dir: {}\ncgroup:\n  parent: joblet-bench-catalogue\npersist:\n  socket: {}\n  query_address: {}\n  query_tls: null\njobs:\n  work_root: {}\n",
-            dir.path().join("state").display(),
+    let core_config = core_config(
+        dir.path(),
+        "joblet-bench-catalogue",
+        &format!(
+            "persist:\n  socket: {}\n  query_address: {}\n  query_tls: null\n",
             socket.display(),
-            persist.grpc,
-            dir.path().join("work").display()
+            persist.grpc
         ),
     )?;
     let core_binary = sibling("joblet-core")?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use joblet_benches::{Table, persist_config, sibling, start};
+use joblet_benches::{Table, core_config, persist_config, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{GetJobStatusRequest, RunJobRequest, StreamLogsRequest};
 use joblet_proto::persist::ListJobsRequest;
@@ -161,14 +161,12 @@ async fn main() -> anyhow::Result<()> {
 
     let persist_config =
         persist_config(dir.path(), &socket, "retention:\n  logs: 0\n  metrics: 0\n")?;
-    let core_config = dir.path().join("core.yml");
-    std::fs::write(
-        &core_config,
-        format!(
-            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nstate_dir: {}\ncgroup:\n  parent: joblet-bench\npersist:\n  socket: {}\n  query_address: null\njobs:\n  work_root: {}\n",
-            dir.path().join("state").display(),
-            socket.display(),
-            dir.path().join("work").display()
+    let core_config = core_config(
+        dir.path(),
+        "joblet-bench",
+        &format!(
+            "persist:\n  socket: {}\n  query_address: null\n",
+            socket.display()
         ),
     )?;
     let persist = start(&sibling("joblet-persist")?, &persist_config).await?;

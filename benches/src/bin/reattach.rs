@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use joblet_benches::{Table, proc_mib, rss_mib, sibling, start};
+use joblet_benches::{Table, core_config, proc_mib, rss_mib, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{EmptyRequest, RunJobRequest};
 
@@ -68,15 +68,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let n = args.jobs;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("core.yml");
     // `stop`: the final shutdown ends the jobs (the kill -9 below leaves them running).
-    std::fs::write(
-        &config,
-        format!(
-            "grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nstate_dir: {}\ncgroup:\n  parent: joblet-bench-reattach\npersist:\n  enabled: false\njobs:\n  on_core_shutdown: stop\n  work_root: {}\n",
-            dir.path().join("state").display(),
-            dir.path().join("work").display()
-        ),
+    let config = core_config(
+        dir.path(),
+        "joblet-bench-reattach",
+        "  on_core_shutdown: stop\npersist:\n  enabled: false\n",
     )?;
     let core_binary = sibling("joblet-core")?;
     let started = Instant::now();
