@@ -507,7 +507,7 @@ impl JobManager {
             let output = job.output.clone();
             tokio::task::spawn_blocking(move || {
                 // All of the output, before the end is recorded with what the spool holds.
-                if let Err(error) = output.refresh(&mut Vec::new()) {
+                if let Err(error) = output.read_to_end() {
                     tracing::error!(job_id = %output.job_id(), %error, "cannot read the end of the job's spool");
                 }
                 supervisor::read_exit(&exit_path)
@@ -556,8 +556,13 @@ impl JobManager {
         job.metrics.finish();
         job.output.finish();
         self.publish_job_gauges();
-        // The journal holds the end now.
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(exit_path)).await;
+        // The journal holds the end and what the spool holds now.
+        let progress = crate::output::progress_path(job.output.path());
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(exit_path);
+            let _ = std::fs::remove_file(progress);
+        })
+        .await;
         tracing::info!(job_id = %job.id, status = status.as_str(), exit_code, "job ended");
     }
 
@@ -674,6 +679,7 @@ impl JobManager {
     async fn remove_spools(&self, job: &Job) {
         let files = [
             job.output.path().to_owned(),
+            crate::output::progress_path(job.output.path()),
             job.metrics.path().to_owned(),
             exit_file(&self.spool_dir, &job.id),
         ];

@@ -8,9 +8,13 @@
 //! decreasing), encodes them into one buffer and appends it to the spool file with one write.
 //! No allocation happens per line.
 //!
-//! In core, the job's [`Output`] follows that file: [`SpoolWatch`] (one thread, inotify on the
-//! spool directory) wakes it when the spool grows, and it reads the new whole frames' sequences
-//! and publishes the new end of the spool. Readers ([`SpoolReader`]) — live subscribers and the
+//! After each write the supervisor also updates the spool's progress file (`<id>.progress`:
+//! a checked header with the end of the whole frames and the last sequence, then a seek index
+//! entry per [`INDEX_EVERY`] records). In core, the job's [`Output`] follows the job through
+//! that small file, never re-reading the spool: [`SpoolWatch`] (one thread, inotify on the
+//! spool directory) wakes it when the progress file changes, and it publishes the new end. Only
+//! when a supervisor died between a spool write and its progress update is the spool's tail
+//! read frame by frame. Readers ([`SpoolReader`]) — live subscribers and the
 //! replication to joblet-persist alike — read the spool file at their own pace and wait on that
 //! progress signal when they reach the end: a slow reader (or persist being slow or down, or
 //! core being restarted) never slows the job, and memory does not grow with the number of
@@ -39,6 +43,22 @@ use tokio_util::codec::Decoder;
 const INDEX_EVERY: u64 = 1024;
 /// Bytes a reader takes from the spool per read.
 const READ_CHUNK: u64 = 1024 * 1024;
+/// The progress file's header: end offset, last sequence, and a check of both (so a read that
+/// raced a write is recognised), each a little-endian u64; index entries (sequence, offset of
+/// its frame) follow.
+const PROGRESS_HEADER: u64 = 24;
+const PROGRESS_ENTRY: u64 = 16;
+const PROGRESS_CHECK: u64 = 0x6a6f_626c_6574_7370; // "jobletsp"
+
+fn progress_check(end_offset: u64, last_sequence: u64) -> u64 {
+    end_offset ^ last_sequence.rotate_left(17) ^ PROGRESS_CHECK
+}
+
+/// The progress file of the spool at `spool`.
+pub fn progress_path(spool: &Path) -> PathBuf {
+    spool.with_extension("progress")
+}
+
 /// A frame longer than this in a spool means the spool is damaged (lines are at most
 /// `jobs.max_line_length`, far less).
 const MAX_FRAME: usize = 1 << 30;
@@ -74,10 +94,19 @@ pub struct SpoolWriter {
 
 struct WriterState {
     file: File,
+    /// The progress file (see the module docs).
+    progress: File,
     next_sequence: u64,
     last_timestamp: i64,
     buffer: BytesMut,
     write_failed: bool,
+    /// End of the whole frames written.
+    end_offset: u64,
+    /// Records written, and index entries written to the progress file.
+    records: u64,
+    index_entries: u64,
+    /// Index entries of the records in `buffer`, written with it.
+    new_index: Vec<(u64, u64)>,
 }
 
 impl SpoolWriter {
@@ -87,16 +116,30 @@ impl SpoolWriter {
         let file = std::fs::OpenOptions::new().append(true).open(path)?;
         // A frame torn by an earlier writer's crash would hide every later one.
         file.set_len(end_offset)?;
+        let progress = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(progress_path(path))?;
+        let mut state = WriterState {
+            file,
+            progress,
+            next_sequence: last_sequence + 1,
+            last_timestamp: 0,
+            // Grows with the first reads; most jobs print little.
+            buffer: BytesMut::new(),
+            write_failed: false,
+            end_offset,
+            // Whatever an earlier writer wrote is read by scanning; the index starts here.
+            records: 0,
+            index_entries: 0,
+            new_index: Vec::new(),
+        };
+        state.publish()?;
         Ok(SpoolWriter {
             path: path.to_owned(),
-            state: Mutex::new(WriterState {
-                file,
-                next_sequence: last_sequence + 1,
-                last_timestamp: 0,
-                // Grows with the first reads; most jobs print little.
-                buffer: BytesMut::new(),
-                write_failed: false,
-            }),
+            state: Mutex::new(state),
         })
     }
 
@@ -142,6 +185,10 @@ struct Followed {
     /// Open while the job runs, to read what its supervisor appends; a finished job holds no
     /// file descriptor (readers open the spool themselves).
     file: Option<File>,
+    /// The spool's progress file, once the supervisor has made it.
+    progress: Option<File>,
+    /// Index entries taken from the progress file.
+    index_entries: u64,
     /// End of the whole frames read so far.
     end_offset: u64,
     last_sequence: u64,
@@ -166,7 +213,7 @@ impl Output {
     /// current end, then followed.
     pub fn follow(job_id: &str, path: &Path) -> io::Result<Arc<Output>> {
         let output = Output::with(job_id, path, Some(File::open(path)?), Progress::default());
-        output.refresh(&mut Vec::new())?;
+        output.read_to_end()?;
         Ok(output)
     }
 
@@ -196,6 +243,8 @@ impl Output {
             path: path.to_owned(),
             state: Mutex::new(Followed {
                 file,
+                progress: None,
+                index_entries: 0,
                 end_offset: progress.end_offset,
                 last_sequence: progress.last_sequence,
                 records: 0,
@@ -209,9 +258,64 @@ impl Output {
         joblet_daemon::lock(&self.state)
     }
 
-    /// Reads the whole frames appended since the last call (into `buffer`, kept by the caller
-    /// between calls) and publishes the new end. Blocking.
-    pub fn refresh(&self, buffer: &mut Vec<u8>) -> io::Result<()> {
+    /// Takes the progress the supervisor published (see the module docs) and publishes it.
+    /// Blocking; cheap (a 24-byte read, and the new index entries).
+    pub fn refresh(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.file.is_none() {
+            return Ok(());
+        }
+        if state.progress.is_none() {
+            match File::open(progress_path(&self.path)) {
+                Ok(file) => state.progress = Some(file),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(error) => return Err(error),
+            }
+        }
+        let Some(progress) = state.progress.as_ref() else {
+            return Ok(());
+        };
+        let mut header = [0u8; PROGRESS_HEADER as usize];
+        if progress.read_at(&mut header, 0)? < header.len() {
+            return Ok(());
+        }
+        let field =
+            |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        let (end_offset, last_sequence) = (field(0), field(1));
+        if field(2) != progress_check(end_offset, last_sequence) || end_offset <= state.end_offset {
+            return Ok(()); // a read that raced a write, or nothing new
+        }
+        let entries_len =
+            progress.metadata()?.len().saturating_sub(PROGRESS_HEADER) / PROGRESS_ENTRY;
+        if entries_len > state.index_entries {
+            let count = (entries_len - state.index_entries) as usize;
+            let mut entries = vec![0u8; count * PROGRESS_ENTRY as usize];
+            let at = PROGRESS_HEADER + state.index_entries * PROGRESS_ENTRY;
+            let read = progress.read_at(&mut entries, at)? / PROGRESS_ENTRY as usize;
+            for entry in entries.chunks_exact(PROGRESS_ENTRY as usize).take(read) {
+                let sequence = u64::from_le_bytes(entry[..8].try_into().unwrap_or_default());
+                let offset = u64::from_le_bytes(entry[8..].try_into().unwrap_or_default());
+                if offset >= end_offset {
+                    break; // written for frames this header does not count yet
+                }
+                state.index.push((sequence, offset));
+                state.index_entries += 1;
+            }
+        }
+        state.end_offset = end_offset;
+        state.last_sequence = state.last_sequence.max(last_sequence);
+        self.progress.send_replace(Progress {
+            last_sequence: state.last_sequence,
+            end_offset: state.end_offset,
+            finished: false,
+        });
+        Ok(())
+    }
+
+    /// Reads the whole frames after the known end of the spool, one by one (into `buffer`),
+    /// and publishes the new end: for a spool without (current) progress file. Blocking.
+    pub fn scan_frames(&self, buffer: &mut Vec<u8>) -> io::Result<()> {
         let mut state = self.lock();
         let state = &mut *state;
         let Some(file) = state.file.as_ref() else {
@@ -272,15 +376,23 @@ impl Output {
         Ok(())
     }
 
+    /// Everything the spool holds: the progress file's end, then any whole frame after it (a
+    /// supervisor killed between a write and its progress update). Blocking.
+    pub fn read_to_end(&self) -> io::Result<()> {
+        self.refresh()?;
+        self.scan_frames(&mut Vec::new())
+    }
+
     /// No more lines will come (the supervisor exited): reads what is left, closes the spool
     /// and publishes the end.
     pub fn finish(&self) {
-        if let Err(error) = self.refresh(&mut Vec::new()) {
+        if let Err(error) = self.read_to_end() {
             tracing::error!(job_id = %self.job_id, %error, "cannot read the end of the job's spool");
         }
         {
             let mut state = self.lock();
             state.file = None;
+            state.progress = None;
             state.index.shrink_to_fit();
         }
         self.progress.send_modify(|p| p.finished = true);
@@ -389,7 +501,7 @@ impl SpoolWatch {
 
     /// Follows `output` until it is finished.
     pub fn follow(&self, output: &Arc<Output>) {
-        if let Some(name) = output.path.file_name() {
+        if let Some(name) = progress_path(&output.path).file_name() {
             self.lock().insert(name.to_owned(), Arc::downgrade(output));
         }
     }
@@ -410,7 +522,6 @@ impl SpoolWatch {
 
 fn follow_spools(inotify: &nix::sys::inotify::Inotify, watch: &Weak<SpoolWatch>) {
     use std::os::fd::AsFd;
-    let mut buffer = Vec::new();
     let mut last_sweep = std::time::Instant::now();
     loop {
         let mut fds = [nix::poll::PollFd::new(
@@ -433,13 +544,9 @@ fn follow_spools(inotify: &nix::sys::inotify::Inotify, watch: &Weak<SpoolWatch>)
             last_sweep = std::time::Instant::now();
         }
         for output in watch.outputs((!sweep).then_some(&names[..])) {
-            if let Err(error) = output.refresh(&mut buffer) {
+            if let Err(error) = output.refresh() {
                 tracing::error!(job_id = %output.job_id, %error, "cannot follow the job's spool");
             }
-        }
-        // Memory only for as long as a burst needs it.
-        if buffer.len() > READ_CHUNK as usize || names.is_empty() {
-            buffer = Vec::new();
         }
     }
 }
@@ -457,6 +564,11 @@ impl Append<'_> {
         let state = &mut *self.state;
         let sequence = state.next_sequence;
         state.next_sequence += 1;
+        if state.records.is_multiple_of(INDEX_EVERY) {
+            let offset = state.end_offset + state.buffer.len() as u64;
+            state.new_index.push((sequence, offset));
+        }
+        state.records += 1;
         encode_record(
             &mut state.buffer,
             self.stream,
@@ -473,7 +585,11 @@ impl Drop for Append<'_> {
         if state.buffer.is_empty() {
             return;
         }
-        if let Err(error) = state.file.write_all(&state.buffer)
+        let written = state.file.write_all(&state.buffer).and_then(|()| {
+            state.end_offset += state.buffer.len() as u64;
+            state.publish()
+        });
+        if let Err(error) = written
             && !state.write_failed
         {
             eprintln!(
@@ -483,6 +599,30 @@ impl Drop for Append<'_> {
             state.write_failed = true;
         }
         state.buffer.clear();
+        state.new_index.clear();
+    }
+}
+
+impl WriterState {
+    /// Writes the new index entries, then the header, to the progress file: whoever reads the
+    /// header finds every entry before its end already there.
+    fn publish(&mut self) -> io::Result<()> {
+        let mut entries = Vec::with_capacity(self.new_index.len() * PROGRESS_ENTRY as usize);
+        for (sequence, offset) in &self.new_index {
+            entries.extend_from_slice(&sequence.to_le_bytes());
+            entries.extend_from_slice(&offset.to_le_bytes());
+        }
+        if !entries.is_empty() {
+            let at = PROGRESS_HEADER + self.index_entries * PROGRESS_ENTRY;
+            self.progress.write_all_at(&entries, at)?;
+            self.index_entries += self.new_index.len() as u64;
+        }
+        let last_sequence = self.next_sequence - 1;
+        let mut header = [0u8; PROGRESS_HEADER as usize];
+        header[..8].copy_from_slice(&self.end_offset.to_le_bytes());
+        header[8..16].copy_from_slice(&last_sequence.to_le_bytes());
+        header[16..].copy_from_slice(&progress_check(self.end_offset, last_sequence).to_le_bytes());
+        self.progress.write_all_at(&header, 0)
     }
 }
 
@@ -806,12 +946,16 @@ mod tests {
         assert!(record_sequence(&[0x08, 0x01, 0x18]).is_err(), "torn");
     }
 
-    #[tokio::test]
-    async fn readers_see_every_line_once_from_any_cursor() {
+    /// Every reader cursor sees every line once, with the index from the progress file
+    /// (`follow_progress`) or from scanning the frames (a spool without one).
+    async fn readers_see_every_line_once(follow_progress: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool");
+        let path = dir.path().join("spool.log");
         let output = Output::create("job", &path).unwrap();
         let writer = SpoolWriter::open(&path).unwrap();
+        if !follow_progress {
+            std::fs::remove_file(progress_path(&path)).unwrap();
+        }
         let mut buffer = vec![0; 100]; // smaller than a read: frames span reads
         for batch in 0..10u64 {
             let mut append = writer.append(LogStream::Stdout);
@@ -819,9 +963,18 @@ mod tests {
                 append.line(format!("{}", batch * 500 + i + 1).as_bytes());
             }
             drop(append);
-            output.refresh(&mut buffer).unwrap();
+            if follow_progress {
+                output.refresh().unwrap();
+            } else {
+                output.scan_frames(&mut buffer).unwrap();
+            }
             assert_eq!(output.progress().last_sequence, (batch + 1) * 500);
         }
+        assert_eq!(
+            output.lock().index.len(),
+            5,
+            "an index entry per 1,024 records"
+        );
         output.finish();
         assert_eq!(
             output.progress().end_offset,
@@ -839,5 +992,43 @@ mod tests {
                 "after {after}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn readers_see_every_line_once_from_any_cursor() {
+        readers_see_every_line_once(true).await;
+        readers_see_every_line_once(false).await;
+    }
+
+    #[test]
+    fn lines_written_after_the_last_progress_update_are_found_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.log");
+        let output = Output::create("job", &path).unwrap();
+        let writer = SpoolWriter::open(&path).unwrap();
+        let mut append = writer.append(LogStream::Stdout);
+        for i in 1..=10 {
+            append.line(format!("{i}").as_bytes());
+        }
+        drop(append);
+        output.refresh().unwrap();
+        let progress = std::fs::read(progress_path(&path)).unwrap();
+        // A supervisor killed after its next write, before its progress update.
+        let mut append = writer.append(LogStream::Stdout);
+        append.line(b"11");
+        drop(append);
+        std::fs::write(progress_path(&path), &progress).unwrap();
+        output.refresh().unwrap();
+        assert_eq!(
+            output.progress().last_sequence,
+            10,
+            "the progress file says 10"
+        );
+        output.finish();
+        assert_eq!(output.progress().last_sequence, 11, "the spool holds 11");
+        assert_eq!(
+            output.progress().end_offset,
+            std::fs::metadata(&path).unwrap().len()
+        );
     }
 }
