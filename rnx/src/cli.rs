@@ -156,6 +156,9 @@ pub struct ListArgs {
     /// At most N jobs, the newest.
     #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
+    /// Full job ids (the table shows their first 8 characters, enough for every command).
+    #[arg(long)]
+    pub no_trunc: bool,
 }
 
 #[derive(Args)]

@@ -243,8 +243,16 @@ pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure
         bound("--since", &args.since)?,
         bound("--until", &args.until)?,
     );
-    let mut core = connect::core(node).await?;
     let wanted = args.status.as_ref().map(|s| s.to_uppercase());
+    if let Some(status) = &wanted
+        && !JOB_STATES.contains(&status.as_str())
+    {
+        return Err(Failure::Usage(format!(
+            "--status: {status:?} is not a job state (one of {})",
+            JOB_STATES.join(", ")
+        )));
+    }
+    let mut core = connect::core(node).await?;
     let in_window =
         |created: i64| (since == 0 || created >= since) && (until == 0 || created < until);
     let mut rows: Vec<Listed> = core
@@ -287,44 +295,52 @@ pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure
             json_line(
                 &mut out,
                 &json!({
-                    "uuid": job.uuid, "status": job.status, "exit_code": job.exit_code,
+                    "uuid": job.uuid, "status": job.status, "exit_code": exit_code(job),
                     "command": job.command, "args": job.args, "start_time": job.start_time,
                     "end_time": job.end_time, "reason": job.status_reason,
                     "created_time": job.created_time, "history": history,
+                    "scheduled_time": (!job.scheduled_time.is_empty()).then_some(&job.scheduled_time),
                 }),
             )?;
         }
         return Ok(());
     }
-    let header = if args.all {
-        format!(
-            "{:<36}  {:<12}  {:>4}  {:<20}  {:<7}  COMMAND\n",
-            "ID", "STATUS", "EXIT", "STARTED", "WHERE"
-        )
-    } else {
-        format!(
-            "{:<36}  {:<12}  {:>4}  {:<20}  COMMAND\n",
-            "ID", "STATUS", "EXIT", "STARTED"
-        )
-    };
+    let id_width = if args.no_trunc { 36 } else { SHORT_ID };
+    let mut header = format!(
+        "{:<id_width$}  {:<12}  {:>4}  {:<20}  ",
+        "ID", "STATUS", "EXIT", "STARTED"
+    );
+    if args.all {
+        header.push_str(&format!("{:<7}  ", "WHERE"));
+    }
+    header.push_str("COMMAND\n");
     write(&mut out, header.as_bytes())?;
     for Listed { job, history, .. } in rows {
-        let command = std::iter::once(job.command.as_str())
-            .chain(job.args.iter().map(String::as_str))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let line = if args.all {
-            let place = if history { "history" } else { "core" };
-            format!(
-                "{:<36}  {:<12}  {:>4}  {:<20}  {:<7}  {}\n",
-                job.uuid, job.status, job.exit_code, job.start_time, place, command
-            )
+        let id = if args.no_trunc {
+            job.uuid.as_str()
         } else {
-            format!(
-                "{:<36}  {:<12}  {:>4}  {:<20}  {}\n",
-                job.uuid, job.status, job.exit_code, job.start_time, command
-            )
+            job.uuid.get(..SHORT_ID).unwrap_or(&job.uuid)
         };
+        let exit = exit_code(&job)
+            .map(|code| code.to_string())
+            .unwrap_or_default();
+        let started = if job.status == "SCHEDULED" {
+            &job.scheduled_time
+        } else {
+            &job.start_time
+        };
+        let mut line = format!(
+            "{id:<id_width$}  {:<12}  {exit:>4}  {started:<20}  ",
+            job.status
+        );
+        if args.all {
+            line.push_str(&format!(
+                "{:<7}  ",
+                if history { "history" } else { "core" }
+            ));
+        }
+        line.push_str(&command_line(&job.command, &job.args));
+        line.push('\n');
         write(&mut out, line.as_bytes())?;
     }
     Ok(())
@@ -461,6 +477,44 @@ pub async fn delete_all(node: &Node, json: bool) -> Result<(), Failure> {
         );
     }
     write(&mut out, format!("{}\n", r.message).as_bytes())
+}
+
+/// Every state a listed job can be in (UNKNOWN: a job persist holds data of but no record).
+const JOB_STATES: [&str; 8] = [
+    "SCHEDULED",
+    "INITIALIZING",
+    "RUNNING",
+    "COMPLETED",
+    "FAILED",
+    "STOPPED",
+    "CANCELED",
+    "UNKNOWN",
+];
+
+/// Characters of a job id the table shows (`--no-trunc` for all 36).
+const SHORT_ID: usize = 8;
+
+/// A job's exit code once it has one (it has ended).
+fn exit_code(job: &joblet_proto::joblet::Job) -> Option<i32> {
+    ["COMPLETED", "FAILED", "STOPPED", "CANCELED"]
+        .contains(&job.status.as_str())
+        .then_some(job.exit_code)
+}
+
+/// A job's command as a shell would need it typed, on one line (control characters escaped).
+fn command_line(command: &str, args: &[String]) -> String {
+    let words = std::iter::once(command).chain(args.iter().map(String::as_str));
+    let quoted =
+        shlex::try_join(words.clone()).unwrap_or_else(|_| words.collect::<Vec<_>>().join(" "));
+    let mut line = String::with_capacity(quoted.len());
+    for c in quoted.chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
 }
 
 pub async fn node_status(node: &Node, json: bool) -> Result<(), Failure> {

@@ -438,6 +438,45 @@ async fn with_core_down_logs_and_metrics_show_history_and_say_so() {
 }
 
 #[tokio::test]
+async fn job_list_shows_short_ids_no_exit_code_for_running_jobs_and_quoted_commands() {
+    let node = Node::start(false).await;
+    let running = node.run("echo 'a b'; sleep 30").await;
+    for _ in 0..100 {
+        let status = node.stdout(&["job", "status", "--json", &running]).await;
+        if status.contains("\"status\":\"RUNNING\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed = node.stdout(&["job", "list"]).await;
+    let row = listed.lines().nth(1).unwrap();
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[0], &running[..8], "{listed}");
+    assert_eq!(columns[1], "RUNNING");
+    assert!(
+        row.ends_with("sh -c 'echo '\\''a b'\\''; sleep 30'")
+            || row.ends_with("sh -c \"echo 'a b'; sleep 30\""),
+        "the command as a shell needs it: {row}"
+    );
+    assert!(
+        !columns[2].chars().all(|c| c.is_ascii_digit()),
+        "no exit code while it runs: {row}"
+    );
+    let full = node.stdout(&["job", "list", "--no-trunc"]).await;
+    assert!(full.lines().nth(1).unwrap().starts_with(&running), "{full}");
+    let json = node.stdout(&["job", "list", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(json["exit_code"], serde_json::Value::Null);
+    let bogus = node.output(&["job", "list", "--status", "bogus"]).await;
+    assert_eq!(bogus.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bogus.stderr).contains("is not a job state"),
+        "{bogus:?}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn run_follow_exits_with_the_jobs_exit_code() {
     let node = Node::start(true).await;
     let ok = node
@@ -490,13 +529,13 @@ async fn list_all_adds_the_jobs_core_let_go_from_persists_history() {
     let mut listed = String::new();
     for _ in 0..300 {
         listed = node.stdout(&["job", "list"]).await;
-        if !listed.contains(&done) {
+        if !listed.contains(&done[..8]) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        !listed.contains(&done) && listed.contains(&running),
+        !listed.contains(&done[..8]) && listed.contains(&running[..8]),
         "{listed}"
     );
 
@@ -504,11 +543,11 @@ async fn list_all_adds_the_jobs_core_let_go_from_persists_history() {
     let rows: Vec<&str> = all.lines().skip(1).collect();
     assert_eq!(rows.len(), 2, "{all}");
     assert!(
-        rows[0].starts_with(&running) && rows[0].contains(" core "),
+        rows[0].starts_with(&running[..8]) && rows[0].contains(" core "),
         "newest first: {all}"
     );
     assert!(
-        rows[1].starts_with(&done)
+        rows[1].starts_with(&done[..8])
             && rows[1].contains("FAILED")
             && rows[1].contains(" 4 ")
             && rows[1].contains(" history "),
@@ -522,7 +561,7 @@ async fn list_all_adds_the_jobs_core_let_go_from_persists_history() {
     assert_eq!(failed["history"], true);
     let newest = node.stdout(&["job", "list", "--all", "--limit", "1"]).await;
     assert_eq!(newest.lines().count(), 2, "{newest}");
-    assert!(newest.contains(&running));
+    assert!(newest.contains(&running[..8]));
     let none = node
         .stdout(&["job", "list", "--all", "--until", "1h"])
         .await;
