@@ -131,9 +131,13 @@ pub struct RunArgs {
     /// Stop the job after this long (e.g. 10m).
     #[arg(long)]
     pub timeout: Option<String>,
-    /// Stream the output and exit with the job's exit code.
+    /// Stream the output and exit with the job's exit code. Ctrl-C stops the job (a second
+    /// Ctrl-C detaches, leaving it running).
     #[arg(long, short)]
     pub follow: bool,
+    /// With --follow: Ctrl-C detaches at once and leaves the job running.
+    #[arg(long, requires = "follow")]
+    pub detach_on_interrupt: bool,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "COMMAND")]
     pub command: Vec<String>,

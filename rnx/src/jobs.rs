@@ -122,9 +122,41 @@ pub async fn run(node: &Node, args: RunArgs, json: bool) -> Result<(), Failure> 
         })
         .await?
         .into_inner();
-    while let Some(record) = stream.message().await? {
-        write(&mut out, &record.content)?;
-        write(&mut out, b"\n")?;
+    // Ctrl-C stops the job, as `docker run` does; a second one (or the first, with
+    // --detach-on-interrupt) detaches and leaves it running.
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Failure::Usage(format!("cannot handle Ctrl-C: {e}")))?;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            message = stream.message() => match message? {
+                Some(record) => {
+                    write(&mut out, &record.content)?;
+                    write(&mut out, b"\n")?;
+                }
+                None => break,
+            },
+            _ = interrupts.recv() => {
+                flush(&mut out)?;
+                if args.detach_on_interrupt || stopping {
+                    eprintln!(
+                        "rnx: detached; job {} keeps running (rnx job log -f {} follows it again)",
+                        response.job_uuid,
+                        response.job_uuid.get(..8).unwrap_or(&response.job_uuid)
+                    );
+                    return Err(Failure::Exit(130));
+                }
+                stopping = true;
+                eprintln!("rnx: stopping job {} (Ctrl-C again to detach and leave it running)", response.job_uuid);
+                let mut stopper = core.clone();
+                let uuid = response.job_uuid.clone();
+                tokio::spawn(async move {
+                    if let Err(status) = stopper.stop_job(StopJobRequest { uuid, ..Default::default() }).await {
+                        eprintln!("rnx: stopping the job failed: {}", status.message());
+                    }
+                });
+            }
+        }
     }
     flush(&mut out)?;
     drop(out);

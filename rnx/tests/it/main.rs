@@ -476,6 +476,80 @@ async fn job_list_shows_short_ids_no_exit_code_for_running_jobs_and_quoted_comma
     node.stop().await;
 }
 
+/// `rnx job run --follow` of a job that runs until stopped; returns rnx once the job printed.
+async fn following(node: &Node, extra: &[&str], script: &str) -> tokio::process::Child {
+    let mut args = vec!["job", "run", "--follow"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    let mut rnx = node.rnx(&args).spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(rnx.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("started"));
+    rnx
+}
+
+fn interrupt(child: &tokio::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+}
+
+#[tokio::test]
+async fn ctrl_c_on_run_follow_stops_the_job_and_a_second_one_detaches() {
+    let node = Node::start(false).await;
+    let rnx = following(&node, &[], "echo started; exec sleep 60").await;
+    interrupt(&rnx);
+    let done = tokio::time::timeout(Duration::from_secs(10), rnx.wait_with_output())
+        .await
+        .expect("rnx ends with the job")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(
+        done.status.code(),
+        Some(143),
+        "the job's exit (SIGTERM): {stderr}"
+    );
+    assert!(stderr.contains("stopping job"), "{stderr}");
+    assert!(stderr.contains("STOPPED"), "{stderr}");
+
+    // A job that ignores SIGTERM waits out its grace period: a second Ctrl-C detaches.
+    let rnx = following(&node, &[], "trap '' TERM; echo started; sleep 60").await;
+    interrupt(&rnx);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    interrupt(&rnx);
+    let detached = tokio::time::timeout(Duration::from_secs(5), rnx.wait_with_output())
+        .await
+        .expect("the second Ctrl-C detaches at once")
+        .unwrap();
+    assert_eq!(detached.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&detached.stderr).contains("keeps running"));
+
+    // --detach-on-interrupt: the first Ctrl-C leaves the job running.
+    let rnx = following(
+        &node,
+        &["--detach-on-interrupt"],
+        "echo started; exec sleep 60",
+    )
+    .await;
+    interrupt(&rnx);
+    let detached = tokio::time::timeout(Duration::from_secs(10), rnx.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&detached.stderr);
+    assert_eq!(detached.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("keeps running"), "{stderr}");
+    let listed = node.stdout(&["job", "list", "--status", "running"]).await;
+    assert_eq!(
+        listed.lines().count(),
+        3,
+        "the detached jobs run on (the first still within its grace period): {listed}"
+    );
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn run_follow_exits_with_the_jobs_exit_code() {
     let node = Node::start(true).await;
