@@ -23,6 +23,9 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Show times in UTC (default: local time, TZ; JSON is always UTC).
+    #[arg(long, global = true)]
+    pub utc: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -217,6 +220,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
     let node = config::load(cli.config.as_deref(), &cli.node).map_err(Failure::Usage)?;
     let json = cli.json;
+    crate::timespec::show_utc(cli.utc);
     match cli.command {
         Command::Status => jobs::node_status(&node, json).await,
         Command::Certs(_) => Ok(()),

@@ -339,7 +339,7 @@ pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure
     }
     let id_width = if args.no_trunc { 36 } else { SHORT_ID };
     let mut header = format!(
-        "{:<id_width$}  {:<12}  {:>4}  {:<20}  ",
+        "{:<id_width$}  {:<12}  {:>4}  {:<30}  ",
         "ID", "STATUS", "EXIT", "STARTED"
     );
     if args.all {
@@ -361,8 +361,12 @@ pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure
         } else {
             &job.start_time
         };
+        let started = match timespec::for_table(started) {
+            shown if shown.is_empty() => shown,
+            shown => format!("{shown} ({})", timespec::ago(started)),
+        };
         let mut line = format!(
-            "{id:<id_width$}  {:<12}  {exit:>4}  {started:<20}  ",
+            "{id:<id_width$}  {:<12}  {exit:>4}  {started:<30}  ",
             job.status
         );
         if args.all {
@@ -403,16 +407,17 @@ pub async fn status(node: &Node, id: &str, json: bool) -> Result<(), Failure> {
         );
     }
     row("Exit code", &s.exit_code.to_string());
-    row(
-        "Command",
-        &std::iter::once(s.command.clone())
-            .chain(s.args.clone())
-            .collect::<Vec<_>>()
-            .join(" "),
-    );
-    row("Scheduled", &s.scheduled_time);
-    row("Started", &s.start_time);
-    row("Ended", &s.end_time);
+    row("Command", &command_line(&s.command, &s.args));
+    row("Scheduled", &timespec::for_table(&s.scheduled_time));
+    row("Started", &timespec::for_table(&s.start_time));
+    row("Ended", &timespec::for_table(&s.end_time));
+    if let (Ok(start), Ok(end)) = (
+        chrono::DateTime::parse_from_rfc3339(&s.start_time),
+        chrono::DateTime::parse_from_rfc3339(&s.end_time),
+    ) {
+        let took = (end - start).to_std().unwrap_or_default();
+        row("Duration", &humantime::format_duration(took).to_string());
+    }
     row("Max CPU", &nonzero(s.max_cpu, "%"));
     row("Max memory", &nonzero(s.max_memory, " MiB"));
     row("Max IO", &nonzero(s.max_io_bps, " B/s"));

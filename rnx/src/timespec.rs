@@ -34,14 +34,66 @@ pub fn parse_future(text: &str) -> Result<String, String> {
     Ok((Utc::now() + ahead).to_rfc3339())
 }
 
-/// Unix nanoseconds as RFC 3339 with nanoseconds.
+/// Whether times are shown in UTC (`--utc`) rather than local time.
+static UTC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn show_utc(utc: bool) {
+    UTC.store(utc, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn in_shown_zone(time: DateTime<Utc>) -> DateTime<chrono::FixedOffset> {
+    if UTC.load(std::sync::atomic::Ordering::Relaxed) {
+        time.fixed_offset()
+    } else {
+        time.with_timezone(&chrono::Local).fixed_offset()
+    }
+}
+
+/// Unix nanoseconds as RFC 3339 with nanoseconds, in local time with its offset (`Z` in UTC).
 pub fn format_ns(ns: i64) -> String {
     DateTime::<Utc>::from_timestamp(
         ns.div_euclid(1_000_000_000),
         ns.rem_euclid(1_000_000_000) as u32,
     )
-    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+    .map(|t| in_shown_zone(t).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
     .unwrap_or_else(|| ns.to_string())
+}
+
+/// An RFC 3339 time from the server, for a table: local time to the second (`…Z` with
+/// `--utc`); empty stays empty, anything unreadable is shown as it came.
+pub fn for_table(rfc3339: &str) -> String {
+    match DateTime::parse_from_rfc3339(rfc3339) {
+        Ok(time) => {
+            let shown = in_shown_zone(time.with_timezone(&Utc));
+            let zone = if UTC.load(std::sync::atomic::Ordering::Relaxed) {
+                "Z"
+            } else {
+                ""
+            };
+            format!("{}{zone}", shown.format("%Y-%m-%d %H:%M:%S"))
+        }
+        Err(_) => rfc3339.to_owned(),
+    }
+}
+
+/// How long ago an RFC 3339 time was ("45s ago", "3m ago", "2h ago", "5d ago"; "in 3m" for
+/// the future); empty for an empty or unreadable time.
+pub fn ago(rfc3339: &str) -> String {
+    let Ok(time) = DateTime::parse_from_rfc3339(rfc3339) else {
+        return String::new();
+    };
+    let seconds = (Utc::now() - time.with_timezone(&Utc)).num_seconds();
+    let span = |s: i64| match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    };
+    if seconds >= 0 {
+        format!("{} ago", span(seconds))
+    } else {
+        format!("in {}", span(-seconds))
+    }
 }
 
 /// persist's bounds (`start_time`, `end_time`; 0 leaves a bound open) for `[since, until)`,

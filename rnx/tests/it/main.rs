@@ -467,6 +467,25 @@ async fn job_list_shows_short_ids_no_exit_code_for_running_jobs_and_quoted_comma
     let json = node.stdout(&["job", "list", "--json"]).await;
     let json: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(json["exit_code"], serde_json::Value::Null);
+    // Tables show local time (TZ), --utc shows UTC; JSON stays UTC.
+    let start = chrono::DateTime::parse_from_rfc3339(json["start_time"].as_str().unwrap()).unwrap();
+    let tokyo = node
+        .rnx(&["job", "list"])
+        .env("TZ", "JST-9")
+        .output()
+        .await
+        .unwrap();
+    let tokyo = String::from_utf8_lossy(&tokyo.stdout);
+    let local = (start + chrono::Duration::hours(9))
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    assert!(
+        tokyo.contains(&local) && tokyo.contains(" ago)"),
+        "{local} in {tokyo}"
+    );
+    let utc = node.stdout(&["job", "list", "--utc"]).await;
+    let in_utc = format!("{}Z", start.format("%Y-%m-%d %H:%M:%S"));
+    assert!(utc.contains(&in_utc), "{in_utc} in {utc}");
     let bogus = node.output(&["job", "list", "--status", "bogus"]).await;
     assert_eq!(bogus.status.code(), Some(2));
     assert!(
