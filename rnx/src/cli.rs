@@ -15,16 +15,21 @@ use crate::{Failure, config, jobs, logs, metrics};
 )]
 pub struct Cli {
     /// rnx-config.yml to use (default: $RNX_CONFIG, ./rnx-config.yml, ~/.rnx/rnx-config.yml).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub config: Option<PathBuf>,
     /// Node of the config file to talk to.
-    #[arg(long, global = true, default_value = "default")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "default",
+        help_heading = "Global options"
+    )]
     pub node: String,
     /// Print JSON instead of tables.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
     /// Show times in UTC (default: local time, TZ; JSON is always UTC).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub utc: bool,
     #[command(subcommand)]
     pub command: Command,
@@ -41,6 +46,14 @@ pub enum Command {
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Print a shell completion script for rnx.
+    #[command(
+        after_help = "Examples:\n  rnx completions bash > /etc/bash_completion.d/rnx\n  rnx completions zsh > \"${fpath[1]}/_rnx\"\n  rnx completions fish > ~/.config/fish/completions/rnx.fish"
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -205,8 +218,10 @@ pub struct MetricsArgs {
     /// Keep following new samples until the job ends.
     #[arg(long, short)]
     pub follow: bool,
+    /// Only samples at or after T (RFC 3339, or a duration back from now: 10m).
     #[arg(long, value_name = "T")]
     pub since: Option<String>,
+    /// Only samples before T.
     #[arg(long, value_name = "T")]
     pub until: Option<String>,
     /// Draw CPU and memory over time instead of a table.
@@ -218,12 +233,17 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
     if let Command::Certs(CertsCommand::Init(options)) = cli.command {
         return crate::certs::init(options);
     }
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Cli::command(), "rnx", &mut std::io::stdout());
+        return Ok(());
+    }
     let node = config::load(cli.config.as_deref(), &cli.node).map_err(Failure::Usage)?;
     let json = cli.json;
     crate::timespec::show_utc(cli.utc);
     match cli.command {
         Command::Status => jobs::node_status(&node, json).await,
-        Command::Certs(_) => Ok(()),
+        Command::Certs(_) | Command::Completions { .. } => Ok(()),
         Command::Job(command) => match *command {
             JobCommand::Run(args) => jobs::run(&node, args, json).await,
             JobCommand::List(args) => jobs::list(&node, args, json).await,

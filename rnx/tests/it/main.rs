@@ -741,6 +741,12 @@ fn rnx_plain(args: &[&str]) -> (String, i32) {
 #[test]
 fn help_and_errors_match_their_snapshots() {
     snapshot("help.txt", &rnx_plain(&["--help"]).0);
+    let (bash, code) = rnx_plain(&["completions", "bash"]);
+    assert_eq!(code, 0, "completions need no config");
+    assert!(
+        bash.contains("_rnx()") && bash.contains("--no-trunc"),
+        "{bash}"
+    );
     snapshot("job-help.txt", &rnx_plain(&["job", "--help"]).0);
     snapshot("job-run-help.txt", &rnx_plain(&["job", "run", "--help"]).0);
     snapshot("job-log-help.txt", &rnx_plain(&["job", "log", "--help"]).0);
