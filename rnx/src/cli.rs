@@ -209,6 +209,13 @@ pub struct LogArgs {
     /// Prefix each line with its RFC 3339 timestamp.
     #[arg(long)]
     pub timestamps: bool,
+    /// Mark each line with its stream (`out|`, `err|`); the default when both streams go to a
+    /// terminal.
+    #[arg(long, conflicts_with = "no_prefix")]
+    pub prefix: bool,
+    /// No stream mark, even on a terminal.
+    #[arg(long)]
+    pub no_prefix: bool,
 }
 
 #[derive(Args)]

@@ -73,6 +73,8 @@ struct Printer<W: Write> {
     out: W,
     json: bool,
     timestamps: bool,
+    /// Mark each line with its stream.
+    prefix: bool,
     follow: bool,
     tail: Option<VecDeque<Line>>,
     tail_size: usize,
@@ -105,6 +107,9 @@ impl<W: Write> Printer<W> {
                     "content": String::from_utf8_lossy(&line.content),
                 }),
             );
+        }
+        if self.prefix {
+            write(&mut self.out, if line.stderr { b"err| " } else { b"out| " })?;
         }
         if self.timestamps {
             write(
@@ -165,6 +170,10 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
         out: BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()),
         json,
         timestamps: args.timestamps,
+        prefix: args.prefix
+            || (!args.no_prefix
+                && filters.which == Which::Both
+                && std::io::IsTerminal::is_terminal(&std::io::stdout())),
         follow: args.follow,
         tail: args
             .tail

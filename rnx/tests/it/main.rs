@@ -570,6 +570,18 @@ async fn ctrl_c_on_run_follow_stops_the_job_and_a_second_one_detaches() {
 }
 
 #[tokio::test]
+async fn prefix_marks_each_lines_stream() {
+    let node = Node::start(false).await;
+    let id = node.run("echo to-out; sleep 0.1; echo to-err >&2").await;
+    node.wait_ended(&id).await;
+    let marked = node.stdout(&["job", "log", "--prefix", &id]).await;
+    assert_eq!(marked, "out| to-out\nerr| to-err\n");
+    let plain = node.stdout(&["job", "log", &id]).await;
+    assert_eq!(plain, "to-out\nto-err\n", "no mark into a pipe by default");
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn run_follow_exits_with_the_jobs_exit_code() {
     let node = Node::start(true).await;
     let ok = node
