@@ -16,6 +16,8 @@ pub mod exporter;
 #[cfg(feature = "server")]
 mod process;
 #[cfg(feature = "server")]
+pub mod request_limit;
+#[cfg(feature = "server")]
 pub mod tls;
 
 #[cfg(feature = "server")]

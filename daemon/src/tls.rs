@@ -202,9 +202,13 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(stream)
 }
 
-/// A daemon's gRPC router: its services behind the [`AuthLayer`].
+/// A daemon's gRPC router: its services behind the [`AuthLayer`], then the
+/// [`RequestLimitLayer`](crate::request_limit::RequestLimitLayer).
 pub type AuthRouter = tonic::transport::server::Router<
-    tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+    tower::layer::util::Stack<
+        crate::request_limit::RequestLimitLayer,
+        tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>,
+    >,
 >;
 
 /// Serves `router` on `listener` until `shutdown`: over TLS when `tls` is given (see

@@ -134,6 +134,9 @@ impl Persist {
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(auth)
+            .layer(joblet_daemon::request_limit::RequestLimitLayer::new(
+                "grpc.max_request_size",
+            ))
             .add_service(api);
         let served = joblet_daemon::tls::serve(router, grpc, tls, shutdown.clone()).await;
         shutdown.cancel();

@@ -468,3 +468,32 @@ async fn a_second_sigterm_ends_a_long_shutdown_at_once() {
     let core = harness::start_core(dir.path(), "").await;
     core.terminate().await;
 }
+
+#[tokio::test]
+async fn a_request_over_the_size_limit_is_refused_naming_the_limit_and_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = harness::start_core(dir.path(), "grpc:\n  max_request_size: 1 MiB\n").await;
+    let mut client = core.client().await.max_encoding_message_size(64 << 20);
+    let mut request = shell("true");
+    request.uploads.push(FileUpload {
+        path: "big.bin".into(),
+        content: vec![7u8; 2 << 20].into(),
+        mode: 0o600,
+        is_directory: false,
+    });
+    let refused = client.run_job(request).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("grpc.max_request_size"),
+        "{}",
+        refused.message()
+    );
+    // The connection is still good.
+    let id = run(&mut client, shell("echo fine")).await;
+    assert_eq!(logs(&mut client, &id).await, "fine\n");
+    core.terminate().await;
+}

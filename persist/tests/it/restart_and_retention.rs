@@ -436,3 +436,21 @@ async fn sighup_applies_new_retention_at_once_and_refuses_a_bad_file() {
     drop(replicator);
     daemon.terminate().await;
 }
+
+#[tokio::test]
+async fn a_query_over_the_request_limit_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = harness::start(dir.path(), "").await;
+    let mut client = daemon.client().await.max_encoding_message_size(64 << 20);
+    let refused = client
+        .query_logs(QueryLogsRequest {
+            job_id: JOB.to_owned(),
+            contains: "x".repeat(5 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("grpc.max_request_size"), "{refused:?}");
+    daemon.terminate().await;
+}
