@@ -450,7 +450,14 @@ async fn a_query_over_the_request_limit_is_refused_naming_the_key() {
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("grpc.max_request_size"), "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("grpc.max_request_size"),
+        "{refused:?}"
+    );
     daemon.terminate().await;
 }
