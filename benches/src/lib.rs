@@ -118,6 +118,27 @@ pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     proc_mib(pid, "status", "VmRSS")
 }
 
+/// Processes whose `comm` is `name` and whose command line (arguments joined by spaces)
+/// contains `marker`.
+pub fn processes(name: &str, marker: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            (comm.trim() == name
+                && String::from_utf8_lossy(&cmdline)
+                    .replace('\0', " ")
+                    .contains(marker))
+            .then_some(pid)
+        })
+        .collect()
+}
+
 /// One measured figure, with the baseline it is compared against (if any) and the aim.
 pub struct Row {
     pub name: String,

@@ -104,9 +104,7 @@ impl Core {
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
             .layer(auth)
-            .layer(joblet_daemon::request_limit::RequestLimitLayer::new(
-                "grpc.max_request_size",
-            ))
+            .layer(joblet_daemon::request_limit::layer())
             .add_service(
                 JobServiceServer::new(service::JobApi::new(manager.clone()))
                     .max_decoding_message_size(max_request),

@@ -873,10 +873,10 @@ fn end_of(job: &Job, exit_code: i32, oom_kills: u64) -> (Status, String) {
 /// Why a job ended without an exit status: its supervisor is gone (`attached`: it exited
 /// without recording one, else it was not found when core started).
 fn lost_reason(job: &Job, attached: bool) -> String {
-    let rebooted = job.state().supervisor.is_some_and(|id| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .is_ok_and(|boot| boot.trim() != id.boot_id)
-    });
+    let rebooted = job
+        .state()
+        .supervisor
+        .is_some_and(|id| supervisor::boot_id().is_ok_and(|boot| boot != id.boot_id));
     let what = if rebooted {
         "the host restarted while the job ran"
     } else if attached {

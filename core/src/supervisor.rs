@@ -352,7 +352,8 @@ fn start_time(pid: i32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no start time"))
 }
 
-fn boot_id() -> io::Result<String> {
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> io::Result<String> {
     Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
         .trim()
         .to_owned())

@@ -2,74 +2,35 @@
 //! rather than tonic's OUT_OF_RANGE "decoded message length too large". The status comes in the
 //! response's headers (a trailers-only answer) or its trailers; both are rewritten.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
+/// The config key of the limit, in the rewritten message.
+const KEY: &str = "grpc.max_request_size";
 /// What tonic's decoder says when a request is over `max_decoding_message_size`.
 const TONIC_TOO_LARGE: &[u8] = b"Error, decoded message length too large";
 /// `grpc-status` of OUT_OF_RANGE and RESOURCE_EXHAUSTED.
 const OUT_OF_RANGE: &[u8] = b"11";
 const RESOURCE_EXHAUSTED: &str = "8";
 
-/// Rewrites over-limit answers; `key` is the config key of the limit (`grpc.max_request_size`).
-#[derive(Clone, Copy)]
-pub struct RequestLimitLayer {
-    key: &'static str,
+type Response = http::Response<tonic::body::Body>;
+
+/// The layer both daemons put behind their role check.
+pub type RequestLimitLayer = tower::util::MapResponseLayer<fn(Response) -> Response>;
+
+pub fn layer() -> RequestLimitLayer {
+    tower::util::MapResponseLayer::new(rewrite_response)
 }
 
-impl RequestLimitLayer {
-    pub fn new(key: &'static str) -> Self {
-        RequestLimitLayer { key }
-    }
-}
-
-impl<S> tower::Layer<S> for RequestLimitLayer {
-    type Service = RequestLimit<S>;
-    fn layer(&self, inner: S) -> RequestLimit<S> {
-        RequestLimit {
-            inner,
-            key: self.key,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RequestLimit<S> {
-    inner: S,
-    key: &'static str,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for RequestLimit<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let key = self.key;
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let mut response = answer.await?;
-            rewrite(response.headers_mut(), key);
-            Ok(response.map(|body| {
-                use http_body_util::BodyExt;
-                tonic::body::Body::new(body.map_frame(move |frame| match frame.into_trailers() {
-                    Ok(mut trailers) => {
-                        rewrite(&mut trailers, key);
-                        http_body::Frame::trailers(trailers)
-                    }
-                    Err(frame) => frame,
-                }))
-            }))
-        })
-    }
+fn rewrite_response(mut response: Response) -> Response {
+    rewrite(response.headers_mut(), KEY);
+    response.map(|body| {
+        use http_body_util::BodyExt;
+        tonic::body::Body::new(body.map_frame(|frame| match frame.into_trailers() {
+            Ok(mut trailers) => {
+                rewrite(&mut trailers, KEY);
+                http_body::Frame::trailers(trailers)
+            }
+            Err(frame) => frame,
+        }))
+    })
 }
 
 /// Turns tonic's over-limit status (a trailers-only answer: the status is in the headers) into

@@ -134,9 +134,7 @@ impl Persist {
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(auth)
-            .layer(joblet_daemon::request_limit::RequestLimitLayer::new(
-                "grpc.max_request_size",
-            ))
+            .layer(joblet_daemon::request_limit::layer())
             .add_service(api);
         let served = joblet_daemon::tls::serve(router, grpc, tls, shutdown.clone()).await;
         shutdown.cancel();

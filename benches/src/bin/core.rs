@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use joblet_benches::{Table, core_config, persist_config, sibling, start};
+use joblet_benches::{Table, core_config, persist_config, processes, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{GetJobStatusRequest, RunJobRequest, StreamLogsRequest};
 use joblet_proto::persist::ListJobsRequest;
@@ -51,19 +51,7 @@ fn watch_supervisor_cpu(id: &str) -> tokio::task::JoinHandle<f64> {
     tokio::spawn(async move {
         let found = async {
             loop {
-                let pid = std::fs::read_dir("/proc")
-                    .ok()?
-                    .flatten()
-                    .find_map(|entry| {
-                        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-                        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-                        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-                        (comm.trim() == "joblet-supervis"
-                            && String::from_utf8_lossy(&cmdline)
-                                .replace('\0', " ")
-                                .contains(&marker))
-                        .then_some(pid)
-                    });
+                let pid = processes("joblet-supervis", &marker).first().copied();
                 if pid.is_some() {
                     return pid;
                 }

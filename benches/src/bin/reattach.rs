@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use joblet_benches::{Table, core_config, proc_mib, rss_mib, sibling, start};
+use joblet_benches::{Table, core_config, proc_mib, processes, rss_mib, sibling, start};
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{EmptyRequest, RunJobRequest};
 
@@ -25,23 +25,6 @@ struct Args {
     /// Lines each job prints before it sleeps.
     #[arg(long, default_value_t = 100_000)]
     lines: u64,
-}
-
-/// Processes whose `comm` is `name` and whose command line contains `marker`.
-fn processes(name: &str, marker: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            (comm.trim() == name && String::from_utf8_lossy(&cmdline).contains(marker))
-                .then_some(pid)
-        })
-        .collect()
 }
 
 /// Mean RSS, PSS and private memory (MiB) of `pids`.
