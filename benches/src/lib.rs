@@ -1,6 +1,8 @@
 //! Shared by the benchmark programs: a result table that puts each figure beside its baseline,
 //! and starting the daemons built beside them.
 
+pub mod datasets;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
