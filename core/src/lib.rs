@@ -8,6 +8,7 @@
 //! never stops a job from running.
 
 pub mod cgroup;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod history;

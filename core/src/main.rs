@@ -24,9 +24,15 @@ struct Args {
     /// Configuration file (YAML); see deploy/config/joblet-config.yml.
     #[arg(long, short, env = "JOBLET_CONFIG")]
     config: Option<PathBuf>,
-    /// Validate the configuration and exit.
+    /// Check the configuration and what it points at (certificates, key permissions,
+    /// directories, cgroup controllers) as start would, print one line per problem and exit
+    /// (1 if any).
     #[arg(long)]
     check_config: bool,
+    /// With --check-config: joblet-persist's configuration, to check that both agree on the
+    /// socket and the frame size.
+    #[arg(long, requires = "check_config", value_name = "PATH")]
+    persist_config: Option<PathBuf>,
 }
 
 // Every job's short-lived output threads free their pages: give them back at once, or core's
@@ -54,8 +60,8 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
-        println!("configuration is valid");
-        return ExitCode::SUCCESS;
+        return joblet_core::check::check(&config, args.persist_config.as_deref())
+            .finish("joblet-core");
     }
     joblet_daemon::init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {

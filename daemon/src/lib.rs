@@ -8,6 +8,8 @@
 //! - process plumbing (this module): logging to stderr, shutdown on SIGTERM/SIGINT (a second
 //!   one exits at once), CPU priority, rate-limited repeated warnings, allocator tuning.
 
+#[cfg(feature = "server")]
+pub mod check;
 pub mod client;
 #[cfg(feature = "server")]
 pub mod config;

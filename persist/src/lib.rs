@@ -6,6 +6,7 @@
 //! RocksDB, the socket); [`Persist::serve`] runs until the shutdown token is cancelled, then
 //! stops accepting, stores and acknowledges what was received, and flushes RocksDB.
 
+pub mod backup;
 pub mod config;
 pub mod ingest;
 pub mod keys;

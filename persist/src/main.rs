@@ -22,11 +22,36 @@ const DEFAULT_CONFIG: &str = "/etc/joblet/persist-config.yml";
 #[command(version)]
 struct Args {
     /// Configuration file (YAML); see deploy/config/persist-config.yml.
-    #[arg(long, short, env = "JOBLET_PERSIST_CONFIG")]
+    #[arg(long, short, env = "JOBLET_PERSIST_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Validate the configuration and exit.
+    /// Check the configuration and what it points at (certificates, key permissions,
+    /// directories) as start would, print one line per problem and exit (1 if any).
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Maintenance, with the daemon stopped (RocksDB admits one process per data directory).
+/// Nothing is lost meanwhile: core keeps every line until persist has acknowledged it.
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Write a consistent copy of data_dir (a RocksDB checkpoint) to a new directory.
+    #[command(
+        after_help = "Example:\n  systemctl stop joblet-persist\n  runuser -u joblet -- joblet-persist backup --to /var/backups/joblet-$(date +%F)\n  systemctl start joblet-persist"
+    )]
+    Backup {
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+    /// Replace data_dir with a backup; the replaced data is kept beside it, renamed.
+    #[command(
+        after_help = "Example:\n  systemctl stop joblet-persist\n  joblet-persist restore --from /var/backups/joblet-2026-12-01\n  systemctl start joblet-persist"
+    )]
+    Restore {
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
 }
 
 // No eagerly committed arena memory (an idle IPC connection cost ~1 MiB); freed memory is
@@ -43,8 +68,10 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
-        println!("configuration is valid");
-        return ExitCode::SUCCESS;
+        return check(&config).finish("joblet-persist");
+    }
+    if let Some(command) = args.command {
+        return maintain(&config, command);
     }
     joblet_daemon::init_tracing();
     // Before any thread starts: every thread of the daemon (RocksDB's too) inherits it.
@@ -67,6 +94,53 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn maintain(config: &Config, command: Command) -> ExitCode {
+    let done = match command {
+        Command::Backup { to } => joblet_persist::backup::backup(config, &to).map(|bytes| {
+            format!(
+                "backed up {} to {} ({})",
+                config.data_dir.display(),
+                to.display(),
+                bytesize::ByteSize::b(bytes)
+            )
+        }),
+        Command::Restore { from } => {
+            joblet_persist::backup::restore(config, &from).map(|(jobs, replaced)| {
+                let kept = replaced.map_or(String::new(), |aside| {
+                    format!("; the replaced data is in {}", aside.display())
+                });
+                format!(
+                    "restored {jobs} jobs from {} into {}{kept}",
+                    from.display(),
+                    config.data_dir.display()
+                )
+            })
+        }
+    };
+    match done {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("joblet-persist: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What start would trip over, beyond the syntax and values [`Config::load`] checked.
+fn check(config: &Config) -> joblet_daemon::check::Report {
+    use joblet_daemon::check::{self, End};
+    let mut report = check::Report::default();
+    if let (Some(files), false) = (&config.grpc.tls, config.grpc.insecure) {
+        check::tls("grpc.tls", files, End::Server, &mut report);
+    }
+    check::socket_dir("ipc.socket", &config.ipc.socket, true, &mut report);
+    check::state_dir("data_dir", &config.data_dir, &mut report);
+    report
 }
 
 /// The configuration and the file it came from (none: the built-in defaults).

@@ -145,10 +145,24 @@ pub fn init(options: Options) -> Result<(), Failure> {
         );
         write(&options.out.join(file), &config, true)?;
     }
+    let out = options.out.display();
     println!(
-        "wrote a CA, a server certificate for {}, admin, viewer and core client certificates and rnx-config.yml / viewer-rnx-config.yml to {}",
-        hosts.join(", "),
-        options.out.display()
+        "wrote a CA, a server certificate for {hosts}, admin, viewer and core client certificates \
+         and rnx configs to {out}:
+  ca.pem, server.pem, server-key.pem   both daemons' grpc.tls (the reference configs read them
+                                       from /etc/joblet/certs; persist's user must own the key)
+  core-client.pem, core-client-key.pem joblet-core's persist.query_tls
+  ca-key.pem                           signs new certificates: keep it offline or 0600
+  rnx-config.yml                       the admin client: copy to ~/.rnx/rnx-config.yml (or set
+                                       RNX_CONFIG) on the machines you run rnx from
+  viewer-rnx-config.yml                a read-only client, the same way
+The client configs point at {host}:{core} and {host}:{persist}; for remote clients both
+daemons' grpc.listen must be an address they can reach (not 127.0.0.1).
+warning: rnx-config.yml and viewer-rnx-config.yml hold private keys (written 0600): whoever
+reads rnx-config.yml can run any command on the node as root.",
+        hosts = hosts.join(", "),
+        core = options.core_port,
+        persist = options.persist_port,
     );
     Ok(())
 }

@@ -46,6 +46,9 @@ pub enum Command {
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The client configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print a shell completion script for rnx.
     #[command(
         after_help = "Examples:\n  rnx completions bash > /etc/bash_completion.d/rnx\n  rnx completions zsh > \"${fpath[1]}/_rnx\"\n  rnx completions fish > ~/.config/fish/completions/rnx.fish"
@@ -54,6 +57,15 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Which rnx-config.yml is used and why, its nodes, whose certificate and until when.
+    #[command(
+        after_help = "Example:\n  rnx config show\n  RNX_CONFIG=/etc/joblet/certs/viewer-rnx-config.yml rnx config show"
+    )]
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -240,6 +252,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
     if let Command::Certs(CertsCommand::Init(options)) = cli.command {
         return crate::certs::init(options);
     }
+    if let Command::Config(ConfigCommand::Show) = cli.command {
+        let shown = config::show(cli.config.as_deref()).map_err(Failure::Usage)?;
+        print!("{shown}");
+        return Ok(());
+    }
     if let Command::Completions { shell } = cli.command {
         use clap::CommandFactory;
         clap_complete::generate(shell, &mut Cli::command(), "rnx", &mut std::io::stdout());
@@ -250,7 +267,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
     crate::timespec::show_utc(cli.utc);
     match cli.command {
         Command::Status => jobs::node_status(&node, json).await,
-        Command::Certs(_) | Command::Completions { .. } => Ok(()),
+        Command::Certs(_) | Command::Config(_) | Command::Completions { .. } => Ok(()),
         Command::Job(command) => match *command {
             JobCommand::Run(args) => jobs::run(&node, args, json).await,
             JobCommand::List(args) => jobs::list(&node, args, json).await,

@@ -198,11 +198,20 @@ fn configuration_errors_name_the_key_and_the_reference_config_is_valid() {
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/config/persist-config.yml"
     );
-    let ok = harness::run_to_exit(&["--config", reference, "--check-config"].map(AsRef::as_ref));
+    // Its values are valid; what it points at is what an install provides (certificates, the
+    // unit's runtime directory), and each is named.
+    let checked =
+        harness::run_to_exit(&["--config", reference, "--check-config"].map(AsRef::as_ref));
+    let problems = String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(1), "{problems}");
+    for key in ["grpc.tls.cert", "grpc.tls.key", "grpc.tls.ca", "ipc.socket"] {
+        assert!(problems.contains(key), "{key} not named: {problems}");
+    }
     assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+        problems
+            .lines()
+            .all(|line| line.contains("/etc/joblet/certs/") || line.contains("/run/joblet-persist")),
+        "{problems}"
     );
 
     let dir = tempfile::tempdir().unwrap();
@@ -459,5 +468,81 @@ async fn a_query_over_the_request_limit_is_refused_naming_the_key() {
         refused.message().contains("grpc.max_request_size"),
         "{refused:?}"
     );
+    daemon.terminate().await;
+}
+
+/// `joblet-persist backup` / `restore` with the daemon's config, to their end.
+fn maintain(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["--config".as_ref(), config.as_ref()];
+    all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    harness::run_to_exit(&all)
+}
+
+#[tokio::test]
+async fn a_backup_restores_exactly_what_was_stored_when_it_was_taken() {
+    const LATER: &str = "7e57d00d-0000-4000-8000-00000000beef";
+    let dir = tempfile::tempdir().unwrap();
+    let base = now();
+    let daemon = harness::start(dir.path(), "").await;
+    let config = dir.path().join("persist-config.yml");
+    Replicator::connect(&daemon.socket)
+        .await
+        .send_all_acked(lines(JOB, 1..=30_000, base))
+        .await;
+    let backup = dir.path().join("backup");
+    let backup_arg = backup.to_str().unwrap();
+
+    // While the daemon runs the data directory is its alone: refused, saying what to do.
+    let refused = maintain(&config, &["backup", "--to", backup_arg]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("stop it first"),
+        "{said}"
+    );
+    assert!(!backup.exists());
+
+    daemon.terminate().await;
+    let taken = maintain(&config, &["backup", "--to", backup_arg]);
+    assert!(
+        taken.status.success(),
+        "{}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    let again = maintain(&config, &["backup", "--to", backup_arg]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+
+    // More data after the backup, then the backup is restored over it.
+    let daemon = harness::start_with_config(dir.path(), &config).await;
+    Replicator::connect(&daemon.socket)
+        .await
+        .send_all_acked(lines(LATER, 1..=10, base))
+        .await;
+    daemon.terminate().await;
+    let not_a_backup = maintain(&config, &["restore", "--from", "/etc"]);
+    assert!(String::from_utf8_lossy(&not_a_backup.stderr).contains("not a joblet-persist backup"));
+    let restored = maintain(&config, &["restore", "--from", backup_arg]);
+    let said = String::from_utf8_lossy(&restored.stdout);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    assert!(
+        said.contains("restored 1 jobs") && said.contains(".replaced-"),
+        "{said}"
+    );
+
+    let daemon = harness::start_with_config(dir.path(), &config).await;
+    assert_eq!(
+        all_sequences(&daemon, JOB).await,
+        (1..=30_000).collect::<Vec<_>>()
+    );
+    let mut client = daemon.client().await;
+    let later = QueryLogsRequest {
+        job_id: LATER.to_owned(),
+        ..Default::default()
+    };
+    let missing = query_logs(&mut client, later).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     daemon.terminate().await;
 }

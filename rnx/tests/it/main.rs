@@ -796,8 +796,8 @@ fn help_and_errors_match_their_snapshots() {
     );
 }
 
-/// Starts persist and core with mutual TLS from `rnx certs init` in `dir/certs`.
-async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
+/// `rnx certs init` into `dir/certs`.
+fn certs_init(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
     let init = std::process::Command::new(env!("CARGO_BIN_EXE_rnx"))
         .args(["certs", "init", "--out"])
@@ -810,6 +810,13 @@ async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
+    certs
+}
+
+/// Writes `dir/persist.yml` and `dir/core.yml` for mutual TLS with the certificates in
+/// `dir/certs`, core querying persist at `persist_address`; returns their paths.
+fn tls_configs(dir: &Path, persist_address: &str) -> (PathBuf, PathBuf) {
+    let certs = dir.join("certs");
     let tls = |cert: &str| {
         format!(
             "    cert: {}\n    key: {}\n    ca: {}\n",
@@ -824,14 +831,22 @@ async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
         "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  tls:\n{}metrics:\n  listen: null\n",
         dir.join("persist-data").display(), socket.display(), tls("server")
     )).unwrap();
-    let persist = Daemon::start("joblet-persist", &persist_config).await;
     let core_config = dir.join("core.yml");
     std::fs::write(&core_config, format!(
         "grpc:\n  listen: 127.0.0.1:0\n  tls:\n{}metrics:\n  listen: 127.0.0.1:0\ncgroup:\n  parent: joblet-rnx-tls-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {}\n  query_tls:\n{}jobs:\n  work_root: {}\n",
         tls("server"),
         dir.file_name().unwrap().to_string_lossy().trim_start_matches('.'),
-        dir.join("state").display(), socket.display(), persist.address, tls("core-client"), dir.join("work").display()
+        dir.join("state").display(), socket.display(), persist_address, tls("core-client"), dir.join("work").display()
     )).unwrap();
+    (persist_config, core_config)
+}
+
+/// Starts persist and core with mutual TLS from `rnx certs init` in `dir/certs`.
+async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
+    let certs = certs_init(dir);
+    let (persist_config, _) = tls_configs(dir, "127.0.0.1:50052");
+    let persist = Daemon::start("joblet-persist", &persist_config).await;
+    let (_, core_config) = tls_configs(dir, &persist.address);
     let core = Daemon::start("joblet-core", &core_config).await;
     let port = |address: &str| address.rsplit(':').next().unwrap().to_owned();
     for (file, name) in [
@@ -1007,4 +1022,117 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
     );
     core.stop().await;
     persist.stop().await;
+}
+
+/// `--check-config` of a daemon with `config` (and core's `extra` arguments): exit code and
+/// what it printed on stderr.
+fn check_config(daemon: &str, config: &Path, extra: &[&Path]) -> (i32, String) {
+    let mut command = std::process::Command::new(sibling(daemon));
+    command.arg("--config").arg(config).arg("--check-config");
+    if let Some(persist) = extra.first() {
+        command.arg("--persist-config").arg(persist);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_finds_what_start_would_trip_over_one_line_each() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs_init(dir.path());
+    let (persist, core) = tls_configs(dir.path(), "127.0.0.1:50052");
+    assert_eq!(
+        check_config("joblet-persist", &persist, &[]),
+        (0, String::new())
+    );
+    assert_eq!(
+        check_config("joblet-core", &core, &[&persist]),
+        (0, String::new())
+    );
+
+    // A private key others can read.
+    let key = certs.join("server-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (daemon, config) in [("joblet-persist", &persist), ("joblet-core", &core)] {
+        let (code, said) = check_config(daemon, config, &[]);
+        assert_eq!(code, 1, "{said}");
+        assert!(
+            said.contains("grpc.tls.key") && said.contains("chmod 600"),
+            "{said}"
+        );
+        assert_eq!(said.lines().count(), 1, "{said}");
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A CA the server certificate was not issued by.
+    let other = tempfile::tempdir().unwrap();
+    let other_certs = certs_init(other.path());
+    std::fs::copy(other_certs.join("ca.pem"), certs.join("ca.pem")).unwrap();
+    let (code, said) = check_config("joblet-persist", &persist, &[]);
+    assert_eq!(code, 1, "{said}");
+    assert!(
+        said.contains("does not verify against grpc.tls.ca"),
+        "{said}"
+    );
+
+    // A missing file, and core sending frames persist would refuse.
+    std::fs::remove_file(certs.join("core-client.pem")).unwrap();
+    let text = std::fs::read_to_string(&core).unwrap();
+    std::fs::write(
+        &core,
+        text.replace("persist:\n", "persist:\n  max_frame_size: 16 MiB\n"),
+    )
+    .unwrap();
+    let (code, said) = check_config("joblet-core", &core, &[&persist]);
+    assert_eq!(code, 1, "{said}");
+    assert!(
+        said.contains("persist.query_tls.cert") && said.contains("core-client.pem"),
+        "{said}"
+    );
+    assert!(
+        said.contains("persist.max_frame_size: 16.0 MiB is more than"),
+        "{said}"
+    );
+}
+
+#[test]
+fn config_show_says_which_file_why_whose_certificate_and_warns_of_a_readable_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = certs_init(dir.path()).join("rnx-config.yml");
+    let show = |extra: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_rnx"))
+            .args(extra)
+            .args(["config", "show"])
+            .env_remove("RNX_CONFIG")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let path = config.to_str().unwrap();
+    let shown = show(&["--config", path]);
+    assert!(
+        shown.contains(&format!("config: {path} (--config)")),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("core localhost:50051, persist localhost:50052"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("as rnx-admin (role admin), expires"),
+        "{shown}"
+    );
+    assert!(shown.contains("readable by its owner only"), "{shown}");
+    assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(show(&["--config", path]).contains("WARNING: mode 644"));
+    // Without --config or RNX_CONFIG: ./rnx-config.yml, said so.
+    std::fs::copy(&config, dir.path().join("rnx-config.yml")).unwrap();
+    assert!(show(&[]).contains("rnx-config.yml (in the current directory)"));
 }
