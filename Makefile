@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 JOBLET_DIR := $(CURDIR)/.joblet
 
-.PHONY: all build deps promtool rules test test-cgroup2 fmt clippy run bench clean-run
+.PHONY: all build deps promtool rules test test-cgroup2 test-deb deb install fmt clippy run bench clean-run
 
 all: build
 
@@ -25,6 +25,7 @@ promtool:
 
 rules: promtool
 	promtool check rules deploy/prometheus/alerts.yml
+	promtool check config deploy/prometheus/prometheus.yml
 	cd deploy/prometheus && promtool test rules alerts.test.yml
 
 build: deps
@@ -40,11 +41,40 @@ test: deps fmt rules
 	$(CARGO) test --workspace
 	$(MAKE) --no-print-directory clippy
 	$(MAKE) --no-print-directory test-cgroup2
+	$(MAKE) --no-print-directory test-deb
 
 # core's cgroup and limits tests in a throw-away QEMU guest whose only hierarchy is cgroup v2
 # (../shared/tools/cgroup2-vm.sh), at the root and in a systemd-like delegated cgroup.
 test-cgroup2: deps
 	scripts/test-cgroup2.sh
+
+# The Debian package installed, used and purged on this machine (root; no systemd needed).
+test-deb: deps
+	scripts/test-deb.sh
+
+# The Debian package (cargo-deb): target/debian/joblet_<version>_<arch>.deb. PROFILE=dev
+# packages the dev build (a release build compiles RocksDB again, ~25 min on 2 cores).
+PROFILE ?= release
+deb: deps
+	@command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
+	cargo deb -p joblet-core --profile $(PROFILE)
+
+# For hosts without dpkg: binaries to $(PREFIX)/bin, units (pointing there) to
+# $(SYSTEMD_DIR), reference configs to /etc/joblet unless present. DESTDIR for staging.
+PREFIX ?= /usr/local
+SYSTEMD_DIR ?= /lib/systemd/system
+install:
+	@[ -x target/release/joblet-core ] || { echo "make install: build first: cargo build --release --workspace --bins" >&2; exit 1; }
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSTEMD_DIR) $(DESTDIR)/etc/joblet $(DESTDIR)$(PREFIX)/share/doc/joblet
+	install -m 755 target/release/joblet-core target/release/joblet-persist target/release/rnx $(DESTDIR)$(PREFIX)/bin/
+	for unit in deploy/systemd/*.service; do \
+		sed 's|/usr/bin/|$(PREFIX)/bin/|g' $$unit > $(DESTDIR)$(SYSTEMD_DIR)/$$(basename $$unit); \
+	done
+	for config in deploy/config/*.yml; do \
+		[ -e $(DESTDIR)/etc/joblet/$$(basename $$config) ] || install -m 644 $$config $(DESTDIR)/etc/joblet/; \
+	done
+	cp -r deploy/README.md deploy/prometheus deploy/grafana $(DESTDIR)$(PREFIX)/share/doc/joblet/
+	@echo "make install: next: useradd --system joblet, certificates and start: see $(PREFIX)/share/doc/joblet/README.md"
 
 run: build
 	@scripts/run-local.sh
