@@ -87,6 +87,8 @@ bench: deps
 	./target/release/persist
 	./target/release/persist --direct-io
 	./target/release/core
+	./target/release/core --durability sync
+	./target/release/storage
 	./target/release/catalogue
 	./target/release/reattach
 

@@ -6,7 +6,8 @@
 //! reads and queues them, as read, in runs of valid frames (see [`crate::batch`]); a store task
 //! takes everything queued (up to about `max_batch_messages`) as one [`Batch`], hands it to the
 //! [`MessageSink`] (up to [`BATCHES_IN_FLIGHT`] at once) and acknowledges batches in order once
-//! stored. While the store is busy the next batch grows, so the slower the store (an fsync per
+//! stored and durable (a store may make them durable later, all at once: reading and storing go
+//! on meanwhile). While the store is busy the next batch grows, so the slower the store (an fsync per
 //! batch), the larger its batches: group commit. When the queue is full the reader stops, the
 //! socket buffer fills and the sender slows down: memory does not grow.
 
@@ -71,11 +72,18 @@ impl ReceiverConfig {
     }
 }
 
-/// Where received messages go. `store` returns once the batch is durable by the store's policy;
-/// only then is the batch acknowledged. An error closes the connection without an ack, and the
-/// sender will send the data again after reconnecting.
+/// Where received messages go. A batch is acknowledged once `store` has returned and then
+/// `durable` has: a store that makes each batch durable as it writes it (the default `durable`
+/// is at once) or one that makes everything written so far durable later (a flush), while the
+/// connection goes on reading and storing. An error of either closes the connection without an
+/// ack, and the sender sends the data again after reconnecting.
 pub trait MessageSink: Send + Sync + 'static {
     fn store(&self, batch: Batch) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// Resolves once everything stored before the call is durable by the store's policy.
+    fn durable(&self) -> impl Future<Output = Result<(), String>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -432,6 +440,20 @@ static BAD_FRAME_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 /// Refused connections: logged at the first, then at most once a minute.
 static CONNECTIONS_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 
+/// The ack of a batch stored (or made durable), or `None` after logging why not.
+fn stored_or_log(stored: Result<IpcAck, String>, stats: &ReceiverStats) -> Option<IpcAck> {
+    match stored {
+        Ok(ack) => Some(ack),
+        Err(error) => {
+            stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(since_last) = STORE_ERROR_LOG.hit() {
+                tracing::error!(%error, failures_since_last_report = since_last, "storing replicated data failed; closing the connection (the sender retries with backoff)");
+            }
+            None
+        }
+    }
+}
+
 async fn store_and_ack<S: MessageSink>(
     sink: Arc<S>,
     mut queued: mpsc::Receiver<Run>,
@@ -444,20 +466,23 @@ async fn store_and_ack<S: MessageSink>(
     // Up to BATCHES_IN_FLIGHT batches are stored at once (a sink may prepare one while it
     // writes another); they are acknowledged in order.
     let mut storing = FuturesOrdered::new();
+    // Stored batches waiting to be durable, in order; they do not hold up reading and storing.
+    let mut settling = FuturesOrdered::new();
     let mut open = true;
     loop {
         tokio::select! {
             stored = storing.next(), if !storing.is_empty() => {
                 let Some(stored) = stored else { continue };
-                let ack = match stored {
-                    Ok(ack) => ack,
-                    Err(error) => {
-                        stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                        if let Some(since_last) = STORE_ERROR_LOG.hit() {
-                            tracing::error!(%error, failures_since_last_report = since_last, "storing replicated data failed; closing the connection (the sender retries with backoff)");
-                        }
-                        return; // dropping `queued` stops the reader
-                    }
+                let Some(ack) = stored_or_log(stored, &stats) else {
+                    return; // dropping `queued` stops the reader
+                };
+                let sink = sink.clone();
+                settling.push_back(async move { sink.durable().await.map(|()| ack) });
+            }
+            settled = settling.next(), if !settling.is_empty() => {
+                let Some(settled) = settled else { continue };
+                let Some(ack) = stored_or_log(settled, &stats) else {
+                    return;
                 };
                 buffer.clear();
                 if encode_frame(&ack, max_frame_bytes, &mut buffer).is_err() {

@@ -159,6 +159,12 @@ pub enum Durability {
     /// acked data survives a crash of joblet-persist, not of the machine. The WAL is fsynced
     /// in the background every `background_sync_interval`.
     Wal,
+    /// No WAL: a batch is acknowledged once it is in a flushed (fsynced) SST file; everything
+    /// written is flushed every `flush_interval`. Each line is written once by persist (plus
+    /// compactions) instead of twice. A crash (of persist or the machine) loses what was not
+    /// flushed yet, which core still holds — it keeps every line until persist acknowledged
+    /// it — and sends again. Acknowledgements come up to `flush_interval` later.
+    Flushed,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +174,10 @@ pub struct StorageConfig {
     /// With durability `wal`: how often the WAL is fsynced.
     #[serde(with = "humantime_serde")]
     pub background_sync_interval: Duration,
+    /// With durability `flushed`: how often what was written is flushed to SST files (and
+    /// acknowledged).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
     /// Capacity used for the storage usage gauge and alert; null = the size of the filesystem
     /// holding `data_dir`.
     pub capacity: Option<ByteSize>,
@@ -176,8 +186,9 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
-            durability: Durability::Sync,
+            durability: Durability::Flushed,
             background_sync_interval: Duration::from_secs(1),
+            flush_interval: Duration::from_secs(2),
             capacity: None,
         }
     }
@@ -287,6 +298,11 @@ impl Config {
         }
         if !(ByteSize::kib(1)..=ByteSize::mib(4)).contains(&self.rocksdb.block_size) {
             bail!("rocksdb.block_size: must be 1KiB to 4MiB");
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(600))
+            .contains(&self.storage.flush_interval)
+        {
+            bail!("storage.flush_interval: must be 10ms to 10m");
         }
         if self.retention.check_interval < Duration::from_secs(1) {
             bail!("retention.check_interval: must be at least 1s");

@@ -1,6 +1,6 @@
 //! Feeds the IPC receiver's batches into the store on the blocking pool. A batch is
-//! acknowledged by the receiver only after `ingest` returned, i.e. once it is durable by the
-//! configured policy.
+//! acknowledged by the receiver only once it is durable by the configured policy: after
+//! `ingest` returned, and with durability `flushed` after the next flush.
 
 use std::sync::Arc;
 
@@ -33,5 +33,17 @@ impl MessageSink for StoreSink {
             );
         }
         Ok(())
+    }
+
+    async fn durable(&self) -> Result<(), String> {
+        let (Some(target), Some(mut flushed)) = (self.store.durable_after(), self.store.flushed())
+        else {
+            return Ok(());
+        };
+        flushed
+            .wait_for(|done| *done >= target)
+            .await
+            .map(|_| ())
+            .map_err(|_| "the store closed before flushing".to_owned())
     }
 }

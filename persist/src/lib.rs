@@ -89,7 +89,18 @@ impl Persist {
         } = self;
         let tasks = tokio_util::task::TaskTracker::new();
         let sink = Arc::new(ingest::StoreSink::new(store.clone()));
-        tasks.spawn(receiver.run(sink, shutdown.clone()));
+        let receiving = tokio::spawn(receiver.run(sink, shutdown.clone()));
+        // With durability `flushed` the receiver's last acknowledgements wait for a flush:
+        // the flusher stops after the receiver.
+        let flusher_stop = CancellationToken::new();
+        let flusher = (config.storage.durability == Durability::Flushed).then(|| {
+            tokio::spawn(flush_periodically(
+                store.clone(),
+                config.storage.flush_interval,
+                shutdown.clone(),
+                flusher_stop.clone(),
+            ))
+        });
         tasks.spawn(publish_storage_gauges(
             store.clone(),
             config.clone(),
@@ -139,6 +150,11 @@ impl Persist {
             .add_service(api);
         let served = joblet_daemon::tls::serve(router, grpc, tls, shutdown.clone()).await;
         shutdown.cancel();
+        let _ = receiving.await;
+        flusher_stop.cancel();
+        if let Some(flusher) = flusher {
+            let _ = flusher.await;
+        }
         tasks.close();
         tasks.wait().await;
         ::metrics::gauge!(metrics::UP).set(0.0);
@@ -182,6 +198,40 @@ async fn publish_storage_gauges(store: Arc<Store>, config: Config, shutdown: Can
 fn filesystem_bytes(path: &Path) -> Option<u64> {
     let stat = nix::sys::statvfs::statvfs(path).ok()?;
     Some(stat.blocks() as u64 * stat.fragment_size() as u64)
+}
+
+/// Durability `flushed`: flushes what was written every `every` (at once once shutting down,
+/// so that the last acknowledgements go out), until `stop`.
+async fn flush_periodically(
+    store: Arc<Store>,
+    every: Duration,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+) {
+    static FAILED_LOG: joblet_daemon::LogLimiter =
+        joblet_daemon::LogLimiter::new(Duration::from_secs(60));
+    loop {
+        let wait = if shutdown.is_cancelled() {
+            Duration::from_millis(10)
+        } else {
+            every
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.flush_written()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                if let Some(since_last) = FAILED_LOG.hit() {
+                    tracing::error!(%error, failures_since_last_report = since_last, "flush failed; nothing is acknowledged until one succeeds (core keeps the data)");
+                }
+            }
+            Err(error) => tracing::error!(%error, "flush task failed"),
+        }
+    }
 }
 
 async fn sync_wal_periodically(store: Arc<Store>, every: Duration, shutdown: CancellationToken) {

@@ -32,6 +32,21 @@ struct Args {
     /// Rounds of baseline and job; medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// joblet-persist's storage.durability (sync, wal, flushed); its default if not given.
+    #[arg(long)]
+    durability: Option<String>,
+}
+
+/// Bytes a process caused to be written to storage so far (`/proc/<pid>/io` write_bytes: what
+/// reaches the disk, not what goes through pipes or sockets).
+fn write_bytes(pid: u32) -> anyhow::Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes: "))
+        .context("no write_bytes in /proc/<pid>/io")?
+        .trim()
+        .parse()
+        .context("write_bytes")
 }
 
 /// user+system CPU seconds of a process so far.
@@ -44,9 +59,9 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / hz)
 }
 
-/// The CPU seconds of job `id`'s supervisor (`joblet-core supervise <id>`), sampled until it
-/// exits (its last sample); 0 for a core without supervisors.
-fn watch_supervisor_cpu(id: &str) -> tokio::task::JoinHandle<f64> {
+/// The CPU seconds and bytes written to storage of job `id`'s supervisor (`joblet-core
+/// supervise <id>`), sampled until it exits (its last sample); 0 for a core without supervisors.
+fn watch_supervisor(id: &str) -> tokio::task::JoinHandle<(f64, u64)> {
     let marker = format!("supervise {id}");
     tokio::spawn(async move {
         let found = async {
@@ -59,11 +74,11 @@ fn watch_supervisor_cpu(id: &str) -> tokio::task::JoinHandle<f64> {
             }
         };
         let Ok(Some(pid)) = tokio::time::timeout(Duration::from_secs(2), found).await else {
-            return 0.0;
+            return (0.0, 0);
         };
-        let mut last = 0.0;
-        while let Ok(seconds) = cpu_seconds(pid) {
-            last = seconds;
+        let mut last = (0.0, 0);
+        while let (Ok(seconds), Ok(written)) = (cpu_seconds(pid), write_bytes(pid)) {
+            last = (seconds, written);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         last
@@ -147,8 +162,15 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("persist.sock");
 
-    let persist_config =
-        persist_config(dir.path(), &socket, "retention:\n  logs: 0\n  metrics: 0\n")?;
+    let durability = args
+        .durability
+        .as_ref()
+        .map_or(String::new(), |d| format!("storage:\n  durability: {d}\n"));
+    let persist_config = persist_config(
+        dir.path(),
+        &socket,
+        &format!("retention:\n  logs: 0\n  metrics: 0\n{durability}"),
+    )?;
     let core_config = core_config(
         dir.path(),
         "joblet-bench",
@@ -160,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
     let persist = start(&sibling("joblet-persist")?, &persist_config).await?;
     let core = start(&sibling("joblet-core")?, &core_config).await?;
     let core_pid = core.child.id().context("core pid")?;
+    let persist_pid = persist.child.id().context("persist pid")?;
     let mut client = JobServiceClient::connect(format!("http://{}", core.grpc)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // replication connected
 
@@ -168,6 +191,8 @@ async fn main() -> anyhow::Result<()> {
     let (mut baseline_walls, mut null_walls, mut core_walls, mut core_cpus, mut catch_ups) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut supervisor_cpus = Vec::new();
+    // Bytes written to storage per line: the supervisor (spool), core, persist.
+    let (mut spool_bytes, mut core_bytes, mut persist_bytes) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.rounds {
         nix::unistd::sync();
         baseline_walls.push(run_direct(&args, &dir.path().join("direct.out")).await?);
@@ -175,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
 
         nix::unistd::sync();
         let cpu_before = cpu_seconds(core_pid)?;
+        let written_before = (write_bytes(core_pid)?, write_bytes(persist_pid)?);
         let started = Instant::now();
         let id = client
             .run_job(RunJobRequest {
@@ -185,15 +211,22 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .into_inner()
             .job_uuid;
-        let supervisor_cpu = watch_supervisor_cpu(&id);
+        let supervisor = watch_supervisor(&id);
         let ended = wait_ended(&mut client, &id).await?;
         anyhow::ensure!(ended == "COMPLETED", "bench job ended {ended}");
         core_walls.push(started.elapsed().as_secs_f64());
         core_cpus.push(cpu_seconds(core_pid)? - cpu_before);
-        supervisor_cpus.push(supervisor_cpu.await?);
+        let (supervisor_cpu, supervisor_written) = supervisor.await?;
+        supervisor_cpus.push(supervisor_cpu);
         let job_end = Instant::now();
         wait_persisted(&mut persist_client, &id, args.lines).await?;
         catch_ups.push(job_end.elapsed().as_secs_f64());
+        // Persist's flushes and compactions of this round's lines, as far as they happen soon.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let per_line = |bytes: u64| bytes as f64 / args.lines as f64;
+        spool_bytes.push(per_line(supervisor_written));
+        core_bytes.push(per_line(write_bytes(core_pid)? - written_before.0));
+        persist_bytes.push(per_line(write_bytes(persist_pid)? - written_before.1));
     }
     let core_wall = median(&mut core_walls);
     let baseline_wall = median(&mut baseline_walls);
@@ -280,6 +313,27 @@ async fn main() -> anyhow::Result<()> {
         "(the pump; 0 before supervisors)",
     );
     table.add(
+        "bytes written to disk per line: spool",
+        median(&mut spool_bytes),
+        Some(args.line_bytes as f64),
+        "B",
+        "(the job's supervisor; baseline: the line)",
+    );
+    table.add(
+        "bytes written to disk per line: core",
+        median(&mut core_bytes),
+        None,
+        "B",
+        "",
+    );
+    table.add(
+        "bytes written to disk per line: persist",
+        median(&mut persist_bytes),
+        Some(args.line_bytes as f64),
+        "B",
+        "(WAL, flushes, compactions until 3 s after)",
+    );
+    table.add(
         "live latency write→subscriber p50",
         percentile(0.5),
         None,
@@ -297,8 +351,11 @@ async fn main() -> anyhow::Result<()> {
         "{}",
         table.render(&format!(
             "core: {} lines of {} bytes; baseline = the same command writing to a file; \
-             medians of {} rounds",
-            args.lines, args.line_bytes, args.rounds
+             medians of {} rounds; persist durability: {}",
+            args.lines,
+            args.line_bytes,
+            args.rounds,
+            args.durability.as_deref().unwrap_or("default")
         ))
     );
     drop(core);

@@ -1,6 +1,6 @@
 //! Persist benchmark, against baselines measured in the same run:
 //! 1. ingest: N 150-byte lines through the real IPC sender and socket into the real store
-//!    (acknowledged, i.e. durable by the default `sync` policy), against raw RocksDB
+//!    (acknowledged, i.e. durable by the default `flushed` policy), against raw RocksDB
 //!    `WriteBatch` writes of the same keys and values with the same options and batch size;
 //! 2. on that data, time to the first line of random 1-minute window queries over gRPC,
 //!    against a raw RocksDB seek in-process;
@@ -189,6 +189,11 @@ fn baseline(args: &Args, contents: &[bytes::Bytes]) -> anyhow::Result<Round> {
         }
     }
     db.write_opt(batch, store.write_options())?;
+    // What the real side's last acknowledgement waits for under the durability in force: the
+    // WAL synced (sync) or the memtables flushed (flushed).
+    store.sync_wal()?;
+    store.durable_after();
+    store.flush_written()?;
     let ingest_rate = args.lines as f64 / started.elapsed().as_secs_f64();
     settle(&store);
 

@@ -25,6 +25,8 @@ struct CollectingSink {
     messages: Mutex<Vec<IpcMessage>>,
     count: watch::Sender<usize>,
     gate: Option<Arc<Semaphore>>,
+    /// `durable` waits until this is true.
+    settled: watch::Sender<bool>,
 }
 
 impl CollectingSink {
@@ -37,6 +39,7 @@ impl CollectingSink {
             messages: Mutex::new(Vec::new()),
             count: watch::Sender::new(0),
             gate,
+            settled: watch::Sender::new(true),
         })
     }
 
@@ -63,6 +66,12 @@ impl MessageSink for CollectingSink {
         let mut messages = self.messages.lock().unwrap();
         messages.extend(batch.iter().map(|envelope| envelope.to_message()));
         self.count.send_replace(messages.len());
+        Ok(())
+    }
+
+    async fn durable(&self) -> Result<(), String> {
+        let mut settled = self.settled.subscribe();
+        settled.wait_for(|s| *s).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -484,5 +493,27 @@ async fn a_socket_directory_writable_by_others_is_refused() {
     // Sticky world-writable (like /tmp) is accepted: others cannot replace the socket there.
     std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let receiver = RunningReceiver::start(&open_dir.join("p.sock"), CollectingSink::new()).await;
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn batches_are_acknowledged_once_durable_while_reading_and_storing_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_in(&dir);
+    let sink = CollectingSink::new();
+    sink.settled.send_replace(false);
+    let receiver = RunningReceiver::start(&path, sink.clone()).await;
+    let (sender, shutdown) = start_sender(&path, 1000);
+    wait_connected(&sender, 1).await;
+    for sequence in 1..=50_000 {
+        sender.send(&line("job-a", sequence)).await.unwrap();
+    }
+    // Far more batches than are stored at once went in, none acknowledged yet.
+    sink.wait_for(50_000).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(sender.acknowledged("job-a", MessageType::Log), 0);
+    sink.settled.send_replace(true);
+    wait_acked(&sender, "job-a", 50_000).await;
+    shutdown.cancel();
     receiver.stop().await;
 }

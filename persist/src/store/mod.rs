@@ -36,7 +36,7 @@ mod scan;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use joblet_ipc::MetricData;
@@ -52,6 +52,7 @@ use crate::config::{Compression, Config, Durability, RocksDbConfig};
 use crate::keys;
 use crate::retention::Policy;
 use joblet_daemon::lock;
+use tokio::sync::watch;
 
 use expiry::{job_record_filter, longest, oldest_kept_ns, record_filter, summary_filter};
 
@@ -146,6 +147,15 @@ pub struct IngestOutcome {
     pub bytes: u64,
 }
 
+/// Flushes with durability `flushed`: numbered as they start; `done` is the last completed.
+#[derive(Default)]
+struct Flushes {
+    started: AtomicU64,
+    done: watch::Sender<u64>,
+    /// Something was written since the last flush started.
+    unflushed: AtomicBool,
+}
+
 pub struct Store {
     db: DB,
     /// The configured durability as RocksDB write options: what `delete_job` writes with.
@@ -154,6 +164,8 @@ pub struct Store {
     /// after the write, outside the commit lock.
     ingest_options: WriteOptions,
     sync_after_write: bool,
+    /// Durability `flushed`: nothing is durable before a flush; see [`Flushes`].
+    flushes: Option<Flushes>,
     /// Retention periods and size cap in force, shared with the compaction filters.
     policy: Arc<Policy>,
     /// Bytes of log content ingested since start (the size cap's trigger).
@@ -220,6 +232,10 @@ impl Store {
         // RocksDB's own info log must not fill the disk either: a few small files.
         db_options.set_keep_log_file_num(4);
         db_options.set_max_log_file_size(8 << 20);
+        let flushed = config.storage.durability == Durability::Flushed;
+        // Without a WAL, column families are consistent with each other (a job's lines with
+        // its summary) only if they are flushed together.
+        db_options.set_atomic_flush(flushed);
         let db = DB::open_cf_descriptors(
             &db_options,
             path,
@@ -233,12 +249,16 @@ impl Store {
         let sync = config.storage.durability == Durability::Sync;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
+        write_options.disable_wal(flushed);
+        let mut ingest_options = WriteOptions::default();
+        ingest_options.disable_wal(flushed);
 
         let store = Store {
             db,
             write_options,
-            ingest_options: WriteOptions::default(),
+            ingest_options,
             sync_after_write: sync,
+            flushes: flushed.then(Flushes::default),
             policy,
             ingested: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -287,6 +307,52 @@ impl Store {
     /// The write options ingest uses (sync or not, per the durability policy).
     pub fn write_options(&self) -> &WriteOptions {
         &self.write_options
+    }
+
+    /// With durability `flushed`: the flush after which what was written so far is durable
+    /// (see [`Store::flushed`]); `None` when writes are durable as they are made.
+    pub fn durable_after(&self) -> Option<u64> {
+        let flushes = self.flushes.as_ref()?;
+        flushes.unflushed.store(true, Ordering::SeqCst);
+        // A flush that starts after this read includes every write that returned before it.
+        Some(flushes.started.load(Ordering::SeqCst) + 1)
+    }
+
+    /// With durability `flushed`: the number of the last completed flush, as it changes.
+    pub fn flushed(&self) -> Option<watch::Receiver<u64>> {
+        self.flushes
+            .as_ref()
+            .map(|flushes| flushes.done.subscribe())
+    }
+
+    /// With durability `flushed`, if anything was written since the last flush: flushes every
+    /// column family (atomically) to SST files, which makes it durable. Returns whether it
+    /// flushed.
+    pub fn flush_written(&self) -> Result<bool, StoreError> {
+        let Some(flushes) = &self.flushes else {
+            return Ok(false);
+        };
+        if !flushes.unflushed.swap(false, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let number = flushes.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let names = [CF_LOGS, CF_METRICS, CF_SUMMARIES, CF_JOBS];
+        let cfs = names
+            .iter()
+            .map(|name| self.cf(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut options = rocksdb::FlushOptions::default();
+        options.set_wait(true);
+        if let Err(error) = self.db.flush_cfs_opt(&cfs, &options) {
+            flushes.unflushed.store(true, Ordering::SeqCst);
+            return Err(error.into());
+        }
+        flushes.done.send_if_modified(|done| {
+            let newer = number > *done;
+            *done = (*done).max(number);
+            newer
+        });
+        Ok(true)
     }
 
     /// Syncs the write-ahead log to disk (durability `wal` does this periodically).
@@ -385,6 +451,10 @@ impl Store {
         self.db.write_opt(write, &self.write_options)?;
         pending.remove(job_id);
         lock(&self.durable).remove(job_id);
+        drop((pending, _commit));
+        // Without a WAL a delete is durable once flushed: before it is answered.
+        self.durable_after();
+        self.flush_written()?;
         Ok(existed)
     }
 
@@ -413,6 +483,7 @@ impl Store {
 
     /// Flushes memtables so that a clean shutdown leaves no WAL to replay.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.flush_written()?;
         self.db.flush_wal(true)?;
         for name in [CF_LOGS, CF_METRICS, CF_SUMMARIES, CF_JOBS] {
             self.db.flush_cf(self.cf(name)?)?;

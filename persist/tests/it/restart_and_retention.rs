@@ -105,6 +105,88 @@ async fn acknowledged_lines_survive_kill_9_with_durability_wal() {
 }
 
 #[tokio::test]
+async fn acknowledged_lines_survive_kill_9_with_durability_flushed() {
+    acknowledged_data_survives_kill_9("flushed").await;
+}
+
+/// Durability `flushed`: lines stored but not yet flushed are not acknowledged; a kill -9
+/// loses them and only them, the job's summary agrees with what is left, and the sender's
+/// replay from its acknowledgement completes the job once.
+#[tokio::test]
+async fn with_durability_flushed_a_kill_9_loses_only_what_was_not_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first 20,000 are acknowledged after a flush; the rest are stored and killed well
+    // before the next one.
+    let extra = "storage:\n  durability: flushed\n  flush_interval: 5s\n";
+    let daemon = harness::start(dir.path(), extra).await;
+    let base = now();
+    let replicator = Replicator::connect(&daemon.socket).await;
+    replicator
+        .send_all_acked(lines(JOB, 1..=20_000, base))
+        .await;
+    for message in lines(JOB, 20_001..=60_000, base) {
+        replicator.sender.send(&message).await.unwrap();
+    }
+    // Kill once everything is stored (queries see what is not flushed yet too).
+    tokio::time::timeout(harness::WAIT, async {
+        while all_sequences(&daemon, JOB).await.len() < 60_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let acked = replicator.sender.acknowledged(JOB, MessageType::Log);
+    daemon.kill_hard().await;
+    drop(replicator);
+    assert_eq!(
+        acked, 20_000,
+        "nothing written since the last flush is acknowledged"
+    );
+
+    let daemon = harness::start(dir.path(), extra).await;
+    let kept = all_sequences(&daemon, JOB).await;
+    assert_eq!(
+        kept,
+        (1..=20_000).collect::<Vec<_>>(),
+        "what was not flushed is gone"
+    );
+    let summary = |jobs: Vec<joblet_proto::persist::JobSummary>| jobs[0].log_lines;
+    let listed = daemon
+        .client()
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(
+        summary(listed),
+        kept.len() as u64,
+        "the summary agrees with the lines"
+    );
+
+    let replicator = Replicator::connect(&daemon.socket).await;
+    replicator
+        .send_all_acked(lines(JOB, acked + 1..=60_000, base))
+        .await;
+    assert_eq!(
+        all_sequences(&daemon, JOB).await,
+        (1..=60_000).collect::<Vec<_>>()
+    );
+    let listed = daemon
+        .client()
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(summary(listed), 60_000);
+    drop(replicator);
+    daemon.terminate().await;
+}
+
+#[tokio::test]
 async fn expired_lines_are_never_returned() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = harness::start(dir.path(), "retention:\n  logs: 1h\n").await;
