@@ -27,6 +27,17 @@ fn lines(
         .collect()
 }
 
+async fn job_summaries(daemon: &harness::Daemon) -> Vec<joblet_proto::persist::JobSummary> {
+    daemon
+        .client()
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+}
+
 async fn all_sequences(daemon: &harness::Daemon, job: &str) -> Vec<u64> {
     let mut client = daemon.client().await;
     query_logs(
@@ -76,14 +87,7 @@ async fn acknowledged_data_survives_kill_9(durability: &str) {
         all_sequences(&daemon, JOB).await,
         (1..=21_000).collect::<Vec<_>>()
     );
-    let jobs = daemon
-        .client()
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let jobs = job_summaries(&daemon).await;
     assert_eq!(jobs[0].log_lines, 21_000);
     let scrape = daemon.scrape().await;
     assert!(
@@ -150,17 +154,8 @@ async fn with_durability_flushed_a_kill_9_loses_only_what_was_not_acknowledged()
         (1..=20_000).collect::<Vec<_>>(),
         "what was not flushed is gone"
     );
-    let summary = |jobs: Vec<joblet_proto::persist::JobSummary>| jobs[0].log_lines;
-    let listed = daemon
-        .client()
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
     assert_eq!(
-        summary(listed),
+        job_summaries(&daemon).await[0].log_lines,
         kept.len() as u64,
         "the summary agrees with the lines"
     );
@@ -173,15 +168,7 @@ async fn with_durability_flushed_a_kill_9_loses_only_what_was_not_acknowledged()
         all_sequences(&daemon, JOB).await,
         (1..=60_000).collect::<Vec<_>>()
     );
-    let listed = daemon
-        .client()
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
-    assert_eq!(summary(listed), 60_000);
+    assert_eq!(job_summaries(&daemon).await[0].log_lines, 60_000);
     drop(replicator);
     daemon.terminate().await;
 }
@@ -348,13 +335,8 @@ fn incompressible_lines(job: &str, count: u64, base: i64) -> Vec<joblet_ipc::Ipc
 }
 
 async fn listed_jobs(daemon: &harness::Daemon) -> Vec<String> {
-    let mut client = daemon.client().await;
-    client
-        .list_jobs(ListJobsRequest::default())
+    job_summaries(daemon)
         .await
-        .unwrap()
-        .into_inner()
-        .jobs
         .into_iter()
         .map(|job| job.job_id)
         .collect()
