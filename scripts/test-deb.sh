@@ -12,6 +12,15 @@ fail() { echo "test-deb: $*" >&2; exit 1; }
 if dpkg -s joblet >/dev/null 2>&1; then
     fail "a joblet package is installed on this machine; not replacing it"
 fi
+# What the test (and the package) needs; a fresh Debian machine may lack some.
+missing=()
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v adduser >/dev/null || missing+=(adduser)
+command -v ss >/dev/null || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test-deb: installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 for port in 50051 50052 9091 9092; do
     if ss -ltn "sport = :$port" | grep -q LISTEN; then
         fail "port $port is in use (the daemons of make run?); the installed configs use it"

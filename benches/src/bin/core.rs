@@ -225,7 +225,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let per_line = |bytes: u64| bytes as f64 / args.lines as f64;
         spool_bytes.push(per_line(supervisor_written));
-        core_bytes.push(per_line(write_bytes(core_pid)? - written_before.0));
+        // A reaped child's I/O is added to its parent's: core's figure less its supervisor's.
+        let core_written = write_bytes(core_pid)? - written_before.0;
+        core_bytes.push(per_line(core_written.saturating_sub(supervisor_written)));
         persist_bytes.push(per_line(write_bytes(persist_pid)? - written_before.1));
     }
     let core_wall = median(&mut core_walls);

@@ -142,11 +142,12 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}",
         table.render(&format!(
-            "persist: {} lines of {} bytes, durability sync, direct_io {}, baseline = raw RocksDB, \
+            "persist: {} lines of {} bytes, durability {:?}, direct_io {}, baseline = raw RocksDB, \
              same options; after a warm-up, rounds baseline, real, real, baseline (means; query \
              percentiles over both rounds); queries run once flushes and compactions settled, for both",
             args.lines,
             args.line_bytes,
+            Config::default().storage.durability,
             if args.direct_io { "on" } else { "off" }
         ))
     );

@@ -500,9 +500,12 @@ fn set_compression(options: &mut Options, config: &RocksDbConfig) {
         Compression::Lz4 => DBCompressionType::Lz4,
         Compression::Zstd => DBCompressionType::Zstd,
     };
-    // -14 is RocksDB's "default window bits"; strategy 0 is zstd's default.
+    // -14 is RocksDB's "default window bits"; strategy 0 is zstd's default. The level only
+    // where zstd uses it: LZ4 given a level of 6 compressed at a third of the ingest rate.
     options.set_compression_type(kind(config.compression));
-    options.set_compression_options(-14, config.zstd_level, 0, 0);
+    if config.compression == Compression::Zstd {
+        options.set_compression_options(-14, config.zstd_level, 0, 0);
+    }
     options.set_bottommost_compression_type(kind(config.bottommost_compression));
     let dictionary = config.zstd_dictionary_size.as_u64() as i32;
     options.set_bottommost_compression_options(-14, config.zstd_level, 0, dictionary, true);
