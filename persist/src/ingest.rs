@@ -40,10 +40,14 @@ impl MessageSink for StoreSink {
         else {
             return Ok(());
         };
-        flushed
-            .wait_for(|done| *done >= target)
+        let settled = flushed
+            .wait_for(|done| done.settles(target).is_some())
             .await
-            .map(|_| ())
-            .map_err(|_| "the store closed before flushing".to_owned())
+            .map_err(|_| "the store closed before flushing".to_owned())?
+            .settles(target);
+        match settled {
+            Some(true) => Ok(()),
+            _ => Err("flushing to disk failed (see the flush error logged)".to_owned()),
+        }
     }
 }

@@ -226,7 +226,7 @@ async fn flush_periodically(
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
                 if let Some(since_last) = FAILED_LOG.hit() {
-                    tracing::error!(%error, failures_since_last_report = since_last, "flush failed; nothing is acknowledged until one succeeds (core keeps the data)");
+                    tracing::error!(%error, failures_since_last_report = since_last, "flush failed; the batches that waited for it are refused and core sends them again");
                 }
             }
             Err(error) => tracing::error!(%error, "flush task failed"),

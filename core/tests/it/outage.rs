@@ -63,9 +63,13 @@ async fn a_full_persist_disk_makes_replication_back_off_instead_of_storming() {
     );
     let core = harness::start_core(dir.path(), &config).await;
     let mut client = core.client().await;
-    // ~60 MB of output for a 24 MB disk.
-    let line = "x".repeat(149);
-    let id = run(&mut client, shell(&format!("yes {line} | head -n 400000"))).await;
+    // ~60 MB of output that compresses little, for a 24 MB disk (repeated lines would fit
+    // it compressed, now that persist keeps no write-ahead log).
+    let id = run(
+        &mut client,
+        shell("head -c 45000000 /dev/urandom | base64 -w 148"),
+    )
+    .await;
     harness::finished(&mut client, &id).await;
     // Let the disk fill and the failures settle into their rhythm.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -147,13 +147,35 @@ pub struct IngestOutcome {
     pub bytes: u64,
 }
 
-/// Flushes with durability `flushed`: numbered as they start; `done` is the last completed.
+/// Flushes with durability `flushed`: numbered as they start.
 #[derive(Default)]
 struct Flushes {
     started: AtomicU64,
-    done: watch::Sender<u64>,
+    done: watch::Sender<Flushed>,
     /// Something was written since the last flush started.
     unflushed: AtomicBool,
+}
+
+/// The last flush that completed and the last that failed (0: none).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    pub completed: u64,
+    pub failed: u64,
+}
+
+impl Flushed {
+    /// Whether what [`Store::durable_after`] numbered `target` is durable (`Some(true)`), can
+    /// no longer become durable this way (`Some(false)`: that flush failed; the sender sends it
+    /// again), or is still waiting (`None`).
+    pub fn settles(&self, target: u64) -> Option<bool> {
+        if self.completed >= target {
+            Some(true)
+        } else if self.failed >= target {
+            Some(false)
+        } else {
+            None
+        }
+    }
 }
 
 pub struct Store {
@@ -318,8 +340,8 @@ impl Store {
         Some(flushes.started.load(Ordering::SeqCst) + 1)
     }
 
-    /// With durability `flushed`: the number of the last completed flush, as it changes.
-    pub fn flushed(&self) -> Option<watch::Receiver<u64>> {
+    /// With durability `flushed`: the last completed and failed flushes, as they change.
+    pub fn flushed(&self) -> Option<watch::Receiver<Flushed>> {
         self.flushes
             .as_ref()
             .map(|flushes| flushes.done.subscribe())
@@ -343,15 +365,14 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         let mut options = rocksdb::FlushOptions::default();
         options.set_wait(true);
-        if let Err(error) = self.db.flush_cfs_opt(&cfs, &options) {
-            flushes.unflushed.store(true, Ordering::SeqCst);
-            return Err(error.into());
-        }
-        flushes.done.send_if_modified(|done| {
-            let newer = number > *done;
-            *done = (*done).max(number);
-            newer
+        let flushed = self.db.flush_cfs_opt(&cfs, &options);
+        flushes.done.send_modify(|done| match flushed {
+            Ok(()) => done.completed = done.completed.max(number),
+            // What waited for this flush is not acknowledged: its connection closes and the
+            // sender sends it again, as when a write fails (a full disk, for one).
+            Err(_) => done.failed = done.failed.max(number),
         });
+        flushed?;
         Ok(true)
     }
 
