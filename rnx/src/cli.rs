@@ -43,6 +43,11 @@ pub enum Command {
     /// Health of the node: joblet-core and joblet-persist.
     #[command(after_help = "Example:\n  rnx status")]
     Status,
+    /// Running jobs with their CPU, memory, IO rates and pids, refreshed (like docker stats).
+    #[command(
+        after_help = "Examples:\n  rnx top\n  rnx top --sort memory --interval 5s\n  rnx top --once --json"
+    )]
+    Top(TopArgs),
     /// Certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -57,6 +62,28 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Args)]
+pub struct TopArgs {
+    /// Time between refreshes.
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub interval: String,
+    /// Order of the rows (largest first; id: alphabetical).
+    #[arg(long, value_enum, default_value_t = TopSort::Cpu)]
+    pub sort: TopSort,
+    /// Print once (when every running job has a sample) and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TopSort {
+    Cpu,
+    Memory,
+    Io,
+    Pids,
+    Id,
 }
 
 #[derive(Subcommand)]
@@ -267,6 +294,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
     crate::timespec::show_utc(cli.utc);
     match cli.command {
         Command::Status => jobs::node_status(&node, json).await,
+        Command::Top(args) => crate::top::show(&node, args, json).await,
         Command::Certs(_) | Command::Config(_) | Command::Completions { .. } => Ok(()),
         Command::Job(command) => match *command {
             JobCommand::Run(args) => jobs::run(&node, args, json).await,

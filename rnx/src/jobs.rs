@@ -529,7 +529,7 @@ const JOB_STATES: [&str; 8] = [
 ];
 
 /// Characters of a job id the table shows (`--no-trunc` for all 36).
-const SHORT_ID: usize = 8;
+pub(crate) const SHORT_ID: usize = 8;
 
 /// A job's exit code once it has one (it has ended).
 fn exit_code(job: &joblet_proto::joblet::Job) -> Option<i32> {
@@ -539,7 +539,7 @@ fn exit_code(job: &joblet_proto::joblet::Job) -> Option<i32> {
 }
 
 /// A job's command as a shell would need it typed, on one line (control characters escaped).
-fn command_line(command: &str, args: &[String]) -> String {
+pub(crate) fn command_line(command: &str, args: &[String]) -> String {
     let words = std::iter::once(command).chain(args.iter().map(String::as_str));
     let quoted =
         shlex::try_join(words.clone()).unwrap_or_else(|_| words.collect::<Vec<_>>().join(" "));

@@ -14,6 +14,7 @@ mod logs;
 mod metrics;
 mod output;
 mod timespec;
+mod top;
 
 use std::process::ExitCode;
 

@@ -1136,3 +1136,74 @@ fn config_show_says_which_file_why_whose_certificate_and_warns_of_a_readable_key
     std::fs::copy(&config, dir.path().join("rnx-config.yml")).unwrap();
     assert!(show(&[]).contains("rnx-config.yml (in the current directory)"));
 }
+
+#[tokio::test]
+async fn top_shows_running_jobs_with_their_latest_cpu_memory_and_limit_sorted() {
+    let node = Node::start(false).await;
+    let busy = node
+        .stdout(&[
+            "job",
+            "run",
+            "--max-memory",
+            "256",
+            "--",
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ])
+        .await
+        .trim()
+        .to_owned();
+    let holder = node
+        .run("exec /usr/bin/python3 -c 'import time; a = bytearray(60_000_000); time.sleep(60)'")
+        .await;
+    let ended = node.run("true").await;
+    node.wait_ended(&ended).await;
+    // Two samples each, so that rates and CPU are measured over an interval.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let json = node.stdout(&["top", "--once", "--json"]).await;
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "only the running jobs: {json}");
+    assert_eq!(rows[0]["uuid"], busy.as_str(), "busiest first: {json}");
+    assert!(rows[0]["cpu_percent"].as_f64().unwrap() > 30.0, "{json}");
+    assert_eq!(rows[0]["memory_limit"], 256 * 1024 * 1024, "{json}");
+    assert_eq!(rows[1]["uuid"], holder.as_str(), "{json}");
+    assert!(
+        rows[1]["memory_bytes"].as_i64().unwrap() > 50_000_000,
+        "{json}"
+    );
+    assert!(rows[1]["memory_limit"].is_null(), "{json}");
+    assert!(
+        rows.iter().all(|r| r["pids"].as_i64().unwrap() >= 1),
+        "{json}"
+    );
+    assert!(rows[1]["io_read_bytes_per_second"].is_number(), "{json}");
+
+    let table = node.stdout(&["top", "--once", "--sort", "memory"]).await;
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("2 running jobs on "), "{table}");
+    assert!(
+        lines[1].starts_with("ID") && lines[1].contains("CPU%"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with(&holder[..8]),
+        "largest memory first: {table}"
+    );
+    assert!(
+        lines[2].contains("python3") && lines[3].contains("256.0 MiB"),
+        "{table}"
+    );
+
+    let refused = node.output(&["top", "--interval", "soon"]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--interval"));
+    for id in [&busy, &holder] {
+        node.stdout(&["job", "stop", id]).await;
+    }
+    node.stop().await;
+}
