@@ -1169,7 +1169,8 @@ async fn top_shows_running_jobs_with_their_latest_cpu_memory_and_limit_sorted() 
         .collect();
     assert_eq!(rows.len(), 2, "only the running jobs: {json}");
     assert_eq!(rows[0]["uuid"], busy.as_str(), "busiest first: {json}");
-    assert!(rows[0]["cpu_percent"].as_f64().unwrap() > 30.0, "{json}");
+    // A busy loop: well above the sleeping holder, even on a loaded machine.
+    assert!(rows[0]["cpu_percent"].as_f64().unwrap() > 10.0, "{json}");
     assert_eq!(rows[0]["memory_limit"], 256 * 1024 * 1024, "{json}");
     assert_eq!(rows[1]["uuid"], holder.as_str(), "{json}");
     assert!(
