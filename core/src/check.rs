@@ -66,27 +66,21 @@ fn cgroups(report: &mut Report) {
 
 /// Controllers core's own cgroup can hand to job cgroups.
 fn controllers(v2: bool) -> Result<Vec<String>, String> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
+    // Controller (v1) or "" (v2) → core's own cgroup, as `CgroupRoot::detect` reads them.
+    let own = cgroups_rs::fs::cgroup::get_cgroups_relative_paths()
         .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
     if v2 {
         let path = own
-            .lines()
-            .find_map(|line| line.strip_prefix("0::"))
+            .get("")
             .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
-        let file = Path::new("/sys/fs/cgroup")
+        let file = Path::new(cgroups_rs::fs::hierarchies::UNIFIED_MOUNTPOINT)
             .join(path.trim_start_matches('/'))
             .join("cgroup.controllers");
         let text =
             std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
         Ok(text.split_whitespace().map(str::to_owned).collect())
     } else {
-        Ok(own
-            .lines()
-            .filter_map(|line| line.split(':').nth(1))
-            .flat_map(|names| names.split(','))
-            .filter(|name| !name.is_empty())
-            .map(str::to_owned)
-            .collect())
+        Ok(own.into_keys().filter(|name| !name.is_empty()).collect())
     }
 }
 

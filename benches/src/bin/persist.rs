@@ -193,8 +193,7 @@ fn baseline(args: &Args, contents: &[bytes::Bytes]) -> anyhow::Result<Round> {
     // What the real side's last acknowledgement waits for under the durability in force: the
     // WAL synced (sync) or the memtables flushed (flushed).
     store.sync_wal()?;
-    store.durable_after();
-    store.flush_written()?;
+    store.make_durable()?;
     let ingest_rate = args.lines as f64 / started.elapsed().as_secs_f64();
     settle(&store);
 

@@ -376,6 +376,12 @@ impl Store {
         Ok(true)
     }
 
+    /// With durability `flushed`: makes everything written so far durable now (a flush).
+    pub fn make_durable(&self) -> Result<(), StoreError> {
+        self.durable_after();
+        self.flush_written().map(drop)
+    }
+
     /// Syncs the write-ahead log to disk (durability `wal` does this periodically).
     pub fn sync_wal(&self) -> Result<(), StoreError> {
         Ok(self.db.flush_wal(true)?)
@@ -474,8 +480,7 @@ impl Store {
         lock(&self.durable).remove(job_id);
         drop((pending, _commit));
         // Without a WAL a delete is durable once flushed: before it is answered.
-        self.durable_after();
-        self.flush_written()?;
+        self.make_durable()?;
         Ok(existed)
     }
 
