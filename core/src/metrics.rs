@@ -8,9 +8,12 @@ pub const JOBS_STARTED: &str = "joblet_core_jobs_started_total";
 pub const JOB_FAILURES: &str = "joblet_core_job_failures_total";
 pub const UP: &str = "joblet_core_up";
 pub const REPLICATION_BEHIND: &str = "joblet_core_replication_behind_lines";
+/// Why lines are behind (`joblet_core_replication_behind_lines{reason}`): persist unreachable,
+/// refusing to store (disk full, I/O errors), or connected and not done yet.
+pub const BEHIND_REASONS: [&str; 3] = ["disconnected", "persist_refusing", "persist_busy"];
 pub const REPLICATION_OLDEST_UNACKED: &str = "joblet_core_replication_oldest_unacked_seconds";
 pub const JOBS_EVICTED: &str = "joblet_core_jobs_evicted_total";
-pub const REPLICATION_LINES_LOST: &str = "joblet_core_replication_lines_lost_total";
+pub use joblet_ipc::metrics::REPLICATION_LINES_LOST;
 pub const SPOOL_BYTES: &str = "joblet_core_spool_bytes";
 pub const STATE_SKIPPED_BYTES: &str = "joblet_core_state_skipped_bytes_total";
 pub const STATE_WRITE_ERRORS: &str = "joblet_core_state_write_errors_total";
@@ -29,8 +32,10 @@ pub fn describe() {
     describe_gauge!(UP, "1 while joblet-core is serving.");
     describe_gauge!(
         REPLICATION_BEHIND,
-        "Log lines in job spools that joblet-persist has not acknowledged yet (replication waits \
-         rather than drop, so this, not the drop counter, shows persist falling behind)."
+        "Log lines in job spools that joblet-persist has not acknowledged yet, by why \
+         (disconnected, persist_refusing: it cannot store, persist_busy: connected, not done); \
+         replication waits rather than drop, so this, not the drop counter, shows persist \
+         falling behind."
     );
     describe_counter!(
         JOBS_EVICTED,
@@ -58,12 +63,6 @@ pub fn describe() {
         JOBS_REATTACHED,
         "Running jobs whose supervisor an earlier run of core started, re-attached at start."
     );
-    describe_counter!(
-        REPLICATION_LINES_LOST,
-        "Log lines that could not be replicated, by reason (oversized: larger than an IPC \
-         frame; the job's later lines are still replicated)."
-    );
-    metrics::counter!(REPLICATION_LINES_LOST, "reason" => "oversized").absolute(0);
     for reason in ["replicated", "spool_max_bytes"] {
         metrics::counter!(JOBS_EVICTED, "reason" => reason).absolute(0);
     }
@@ -74,7 +73,9 @@ pub fn describe() {
     metrics::gauge!(SPOOL_BYTES).set(0.0);
     metrics::counter!(JOBS_STARTED).absolute(0);
     metrics::counter!(JOB_FAILURES).absolute(0);
-    metrics::gauge!(REPLICATION_BEHIND).set(0.0);
+    for reason in BEHIND_REASONS {
+        metrics::gauge!(REPLICATION_BEHIND, "reason" => reason).set(0.0);
+    }
     describe_gauge!(
         REPLICATION_OLDEST_UNACKED,
         "How long the job furthest behind has had spooled lines joblet-persist has not \

@@ -22,6 +22,7 @@
 use joblet_daemon::lock;
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,7 +147,7 @@ impl Replication {
         self.tasks.spawn_on(metrics, &self.runtime);
         let node_id = self.node_id.clone();
         let records = replicator(MessageType::Job)
-            .run(move |sender, job, first| send_records(sender, job, first, node_id.clone()));
+            .run(move |sender, job, round| send_records(sender, job, round, node_id.clone()));
         self.tasks.spawn_on(records, &self.runtime);
     }
 
@@ -252,7 +253,18 @@ async fn publish_lag(
             .values()
             .map(|since| now.duration_since(*since).as_secs_f64())
             .fold(0.0, f64::max);
-        metrics::gauge!(m::REPLICATION_BEHIND).set(behind as f64);
+        // Why it is behind: persist unreachable, refusing to store, or taking its time.
+        let why = if !sender.is_connected() {
+            "disconnected"
+        } else if sender.refusing().is_some() {
+            "persist_refusing"
+        } else {
+            "persist_busy"
+        };
+        for reason in m::BEHIND_REASONS {
+            let lines = if reason == why { behind } else { 0 };
+            metrics::gauge!(m::REPLICATION_BEHIND, "reason" => reason).set(lines as f64);
+        }
         metrics::gauge!(m::REPLICATION_OLDEST_UNACKED).set(oldest);
         // The writer updates the queue depth as it takes batches; refreshed here too, so that
         // it does not read stale while the writer is blocked on a stuck persist.
@@ -271,14 +283,34 @@ struct Replicator {
     stop: CancellationToken,
 }
 
+/// One pass of a replicator over its job's records, from `first`: those up to
+/// `resend_through` were queued by an earlier pass (before a reconnect) and count as resent.
+struct Round {
+    first: u64,
+    resend_through: u64,
+    /// The highest sequence queued by any pass.
+    queued: Arc<AtomicU64>,
+}
+
+impl Round {
+    /// Notes that `sequence` was queued.
+    fn queued(&self, sequence: u64) {
+        if sequence <= self.resend_through {
+            metrics::counter!(joblet_ipc::metrics::IPC_MESSAGES_RESENT).increment(1);
+        }
+        self.queued.fetch_max(sequence, Ordering::Relaxed);
+    }
+}
+
 impl Replicator {
-    /// `send_from(sender, job, first)` queues the job's records of this kind from sequence
-    /// `first` until no more will come, and returns the last sequence there is.
+    /// `send_from(sender, job, round)` queues the job's records of this kind from sequence
+    /// `round.first` until no more will come, and returns the last sequence there is.
     async fn run<F, Fut>(self, send_from: F)
     where
-        F: Fn(IpcSender, Arc<Job>, u64) -> Fut,
+        F: Fn(IpcSender, Arc<Job>, Round) -> Fut,
         Fut: Future<Output = Result<u64, SendError>>,
     {
+        let queued = Arc::new(AtomicU64::new(0));
         let mut connections = self.sender.connections();
         loop {
             connections.borrow_and_update();
@@ -288,9 +320,13 @@ impl Replicator {
                     changed = connections.changed() => if changed.is_err() { return } else { continue },
                 }
             }
-            let first = self.sender.acknowledged(&self.job.id, self.kind) + 1;
+            let round = Round {
+                first: self.sender.acknowledged(&self.job.id, self.kind) + 1,
+                resend_through: queued.load(Ordering::Relaxed),
+                queued: queued.clone(),
+            };
             let replicate = async {
-                let last = send_from(self.sender.clone(), self.job.clone(), first).await?;
+                let last = send_from(self.sender.clone(), self.job.clone(), round).await?;
                 while self.sender.acknowledged(&self.job.id, self.kind) < last
                     && !self.job.is_deleted()
                 {
@@ -309,10 +345,10 @@ impl Replicator {
 }
 
 /// Queues the job's lines from `first` to the end of its output.
-async fn send_logs(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u64, SendError> {
+async fn send_logs(sender: IpcSender, job: Arc<Job>, round: Round) -> Result<u64, SendError> {
     let mut reader = job
         .output
-        .reader(first - 1)
+        .reader(round.first - 1)
         .map_err(|_| SendError::Closed)?;
     loop {
         if job.is_deleted() {
@@ -341,22 +377,35 @@ async fn send_logs(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u64, 
             match sender.send(frame).await {
                 Ok(()) => {}
                 // Cannot happen with a valid config (a line always fits a frame); should it,
-                // the line is lost, said and counted, and the job's later lines still flow.
+                // the line is lost, said, counted and marked by a gap in its place, and the
+                // job's later lines still flow.
                 Err(SendError::Oversized { len }) => {
-                    tracing::error!(job_id = %job.id, sequence = record.sequence, len, "a log line is too large for an IPC frame; it is not replicated");
+                    tracing::error!(job_id = %job.id, sequence = record.sequence, len, "a log line is too large for an IPC frame; it is replaced by a gap marker");
                     metrics::counter!(m::REPLICATION_LINES_LOST, "reason" => "oversized")
                         .increment(1);
+                    let reason =
+                        format!("line of {len} bytes is over joblet-core's persist.max_frame_size");
+                    let gap = joblet_ipc::gap_message(
+                        &job.id,
+                        record.sequence,
+                        record.timestamp,
+                        stream,
+                        1,
+                        &reason,
+                    );
+                    sender.send(&gap).await?;
                 }
                 Err(error) => return Err(error),
             }
+            round.queued(record.sequence);
         }
     }
 }
 
 /// Queues the job's metric samples from `first` until sampling ended.
-async fn send_metrics(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u64, SendError> {
+async fn send_metrics(sender: IpcSender, job: Arc<Job>, round: Round) -> Result<u64, SendError> {
     let mut progress = job.metrics.subscribe();
-    let mut next = first;
+    let mut next = round.first;
     loop {
         let now = *progress.borrow_and_update();
         let samples = match job.metrics.after(next - 1).await {
@@ -372,6 +421,7 @@ async fn send_metrics(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u6
             }
             let frame = Frame::metric(&job.id, sample.sequence, sample.timestamp, &sample.data);
             sender.send(frame).await?;
+            round.queued(sample.sequence);
             next = sample.sequence + 1;
         }
         if now.finished || job.is_deleted() {
@@ -387,11 +437,11 @@ async fn send_metrics(sender: IpcSender, job: Arc<Job>, first: u64) -> Result<u6
 async fn send_records(
     sender: IpcSender,
     job: Arc<Job>,
-    first: u64,
+    round: Round,
     node_id: String,
 ) -> Result<u64, SendError> {
     let mut changes = job.subscribe();
-    let mut next = first;
+    let mut next = round.first;
     loop {
         changes.borrow_and_update();
         let state = job.state();
@@ -414,6 +464,7 @@ async fn send_records(
                 data: record.encode_to_vec().into(),
             };
             sender.send(&message).await?;
+            round.queued(state.version);
             next = state.version + 1;
         }
         if state.status.is_terminal() {

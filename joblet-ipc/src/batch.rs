@@ -24,6 +24,14 @@ pub struct Envelope<'a> {
     pub data: &'a [u8],
 }
 
+/// What [`Envelope::read_head`] reads of a frame too large to read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head<'a> {
+    pub envelope: Envelope<'a>,
+    /// For a log line, its stream as sent (0 when not read).
+    pub stream: i32,
+}
+
 /// Why a frame's body is not an `IPCMessage`.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
@@ -94,6 +102,37 @@ impl<'a> Envelope<'a> {
             }
         }
         Ok(envelope)
+    }
+
+    /// The envelope fields at the start of a frame's body cut short (a frame too large to be
+    /// read whole), as senders write them: fields 1 to 5 in order, then the data field's key
+    /// and length, then for a log line its stream. `data` is left empty. `None` when the head
+    /// does not hold them.
+    pub fn read_head(mut buf: &'a [u8]) -> Option<Head<'a>> {
+        let mut envelope = Envelope::EMPTY;
+        if next_is(0x08, &mut buf) {
+            envelope.version = varint(&mut buf)? as u32;
+        }
+        if next_is(0x10, &mut buf) {
+            envelope.r#type = varint(&mut buf)? as i32;
+        }
+        if next_is(0x1a, &mut buf) {
+            envelope.job_id = std::str::from_utf8(field(&mut buf)?).ok()?;
+        }
+        if next_is(0x20, &mut buf) {
+            envelope.timestamp = varint(&mut buf)? as i64;
+        }
+        if next_is(0x28, &mut buf) {
+            envelope.sequence = varint(&mut buf)?;
+        }
+        let mut stream = 0;
+        if next_is(0x32, &mut buf) {
+            varint(&mut buf)?;
+            if next_is(0x08, &mut buf) {
+                stream = varint(&mut buf).unwrap_or_default() as i32;
+            }
+        }
+        Some(Head { envelope, stream })
     }
 
     const EMPTY: Envelope<'static> = Envelope {
@@ -350,6 +389,22 @@ mod tests {
         let read: Vec<IpcMessage> = batch.iter().map(|e| e.to_message()).collect();
         messages.remove(2);
         assert_eq!(read, messages);
+    }
+
+    #[test]
+    fn the_head_of_a_frame_cut_short_says_whose_line_it_is() {
+        let message = log_message("job-7", 42, 99, Stream::Stderr, vec![b'x'; 5000].into());
+        let mut wire = BytesMut::new();
+        encode_frame(&message, usize::MAX >> 33, &mut wire).unwrap();
+        for cut in [40, 4096] {
+            let head = Envelope::read_head(&wire[LENGTH_PREFIX_BYTES..cut]).unwrap();
+            assert_eq!(head.envelope.job_id, "job-7");
+            assert_eq!((head.envelope.sequence, head.envelope.timestamp), (42, 99));
+            assert_eq!(head.envelope.validate(), Ok(MessageType::Log));
+            assert_eq!(head.stream, Stream::Stderr as i32);
+        }
+        // Cut inside the job id: it cannot say.
+        assert!(Envelope::read_head(&wire[LENGTH_PREFIX_BYTES..LENGTH_PREFIX_BYTES + 6]).is_none());
     }
 
     #[test]

@@ -36,7 +36,12 @@ pub mod sender;
 
 pub use batch::{Batch, Envelope};
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameCodec, FrameError};
-pub use joblet_proto::ipc::{IpcAck, IpcMessage, LogData, MessageType, MetricData, Stream};
-pub use message::{Frame, PROTOCOL_VERSION, log_message, log_payload, metric_message, now_ns};
+pub use joblet_proto::ipc::{
+    IpcAck, IpcMessage, LogData, MessageType, MetricData, Refusal, RefusalReason, Stream,
+};
+pub use message::{
+    Frame, LogPayload, PROTOCOL_VERSION, gap_message, log_message, log_payload, metric_message,
+    now_ns,
+};
 pub use receiver::{IpcReceiver, MessageSink, ReceiverConfig, ReceiverStats};
 pub use sender::{IpcSender, SendError, SenderConfig, SenderStats};

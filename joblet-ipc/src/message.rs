@@ -185,6 +185,7 @@ pub fn log_message(
     let data = LogData {
         stream: stream as i32,
         content,
+        ..Default::default()
     };
     envelope(
         MessageType::Log,
@@ -228,23 +229,64 @@ fn envelope(
     }
 }
 
-/// The fields of an encoded `LogData`, borrowed from it: the stream (as sent, possibly not a
-/// known `Stream` value) and the content. Accepts and refuses exactly what `LogData::decode`
-/// does; what senders write is read directly, anything else with prost's own field decoders.
-pub fn log_payload(buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
-    // As senders write it (stream, then content, each at most once) it is read straight
-    // through; anything else by prost's decoders.
+/// A gap marker: the message stands for `lost_lines` lines that could not be replicated, at
+/// its sequence (see `LogData` in ipc.proto).
+pub fn gap_message(
+    job_id: &str,
+    sequence: u64,
+    timestamp_ns: i64,
+    stream: Stream,
+    lost_lines: u64,
+    reason: &str,
+) -> IpcMessage {
+    let data = LogData {
+        stream: stream as i32,
+        content: Bytes::new(),
+        lost_lines,
+        lost_reason: reason.to_owned(),
+    };
+    envelope(
+        MessageType::Log,
+        job_id,
+        sequence,
+        timestamp_ns,
+        data.encode_to_vec().into(),
+    )
+}
+
+/// An encoded `LogData`, borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogPayload<'a> {
+    /// As sent: possibly not a known `Stream` value.
+    pub stream: i32,
+    pub content: &'a [u8],
+    /// Non-zero for a gap marker: this many lines were lost here.
+    pub lost_lines: u64,
+    /// Why, for a gap marker (UTF-8 as sent; prost would refuse what is not).
+    pub lost_reason: &'a str,
+}
+
+/// The fields of an encoded `LogData`. Accepts and refuses exactly what `LogData::decode` does;
+/// what senders write is read directly, anything else with prost's own field decoders.
+pub fn log_payload(buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError> {
+    // As senders write it (fields in order, each at most once) it is read straight through;
+    // anything else by prost's decoders.
     let canonical = || {
         let mut rest = buf;
-        let mut stream = 0;
+        let mut payload = LogPayload::default();
         if next_is(0x08, &mut rest) {
-            stream = varint(&mut rest)? as i32;
+            payload.stream = varint(&mut rest)? as i32;
         }
-        let mut content: &[u8] = &[];
         if next_is(0x12, &mut rest) {
-            content = field(&mut rest)?;
+            payload.content = field(&mut rest)?;
         }
-        rest.is_empty().then_some((stream, content))
+        if next_is(0x18, &mut rest) {
+            payload.lost_lines = varint(&mut rest)?;
+        }
+        if next_is(0x22, &mut rest) {
+            payload.lost_reason = std::str::from_utf8(field(&mut rest)?).ok()?;
+        }
+        rest.is_empty().then_some(payload)
     };
     match canonical() {
         Some(read) => Ok(read),
@@ -252,18 +294,27 @@ pub fn log_payload(buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
     }
 }
 
-fn log_payload_any(mut buf: &[u8]) -> Result<(i32, &[u8]), prost::DecodeError> {
-    use prost::encoding::{DecodeContext, decode_key, int32, skip_field};
-    let (mut stream, mut content): (i32, &[u8]) = (0, &[]);
+fn log_payload_any(mut buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError> {
+    use prost::encoding::{DecodeContext, decode_key, int32, skip_field, string, uint64};
+    let mut payload = LogPayload::default();
+    let context = DecodeContext::default;
     while !buf.is_empty() {
         let (tag, wire_type) = decode_key(&mut buf)?;
         match tag {
-            1 => int32::merge(wire_type, &mut stream, &mut buf, DecodeContext::default())?,
-            2 => content = length_delimited(wire_type, tag, &mut buf)?,
-            _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default())?,
+            1 => int32::merge(wire_type, &mut payload.stream, &mut buf, context())?,
+            2 => payload.content = length_delimited(wire_type, tag, &mut buf)?,
+            3 => uint64::merge(wire_type, &mut payload.lost_lines, &mut buf, context())?,
+            4 => {
+                // Borrowed, then checked by prost's own decoder (for its error).
+                let mut field = buf;
+                let bytes = length_delimited(wire_type, tag, &mut field)?;
+                string::merge(wire_type, &mut String::new(), &mut buf, context())?;
+                payload.lost_reason = std::str::from_utf8(bytes).unwrap_or_default();
+            }
+            _ => skip_field(wire_type, tag, &mut buf, context())?,
         }
     }
-    Ok((stream, content))
+    Ok(payload)
 }
 
 /// A varint that fits in 64 bits, as prost reads it; `None` for anything else, which
@@ -431,13 +482,15 @@ mod tests {
         }
 
         #[test]
-        fn log_payload_reads_what_prost_reads(bytes in test_support::protobuf_like(1..5, 6)) {
+        fn log_payload_reads_what_prost_reads(bytes in test_support::protobuf_like(1..6, 6)) {
             let ours = log_payload(&bytes);
             match LogData::decode(bytes.as_slice()) {
                 Ok(data) => {
-                    let (stream, content) = ours.expect("prost accepted it");
-                    prop_assert_eq!(stream, data.stream);
-                    prop_assert_eq!(content, data.content.as_ref());
+                    let ours = ours.expect("prost accepted it");
+                    prop_assert_eq!(ours.stream, data.stream);
+                    prop_assert_eq!(ours.content, data.content.as_ref());
+                    prop_assert_eq!(ours.lost_lines, data.lost_lines);
+                    prop_assert_eq!(ours.lost_reason, data.lost_reason.as_str());
                 }
                 Err(_) => prop_assert!(ours.is_err(), "prost refused it, we read {:?}", ours),
             }
@@ -447,9 +500,14 @@ mod tests {
     #[test]
     fn log_payload_of_an_encoded_line() {
         let message = log_message("job", 1, 2, Stream::Stderr, Bytes::from_static(b"\xffline"));
-        let (stream, content) = log_payload(&message.data).unwrap();
-        assert_eq!(stream, Stream::Stderr as i32);
-        assert_eq!(content, b"\xffline");
+        let payload = log_payload(&message.data).unwrap();
+        assert_eq!(payload.stream, Stream::Stderr as i32);
+        assert_eq!(payload.content, b"\xffline");
+        assert_eq!(payload.lost_lines, 0);
+        let gap = gap_message("job", 2, 3, Stream::Stdout, 7, "too large");
+        let payload = log_payload(&gap.data).unwrap();
+        assert_eq!((payload.lost_lines, payload.lost_reason), (7, "too large"));
+        assert!(payload.content.is_empty());
     }
 }
 

@@ -16,11 +16,23 @@ pub const IPC_RECONNECTS: &str = "joblet_ipc_reconnects_total";
 pub const IPC_CONNECT_ATTEMPTS: &str = "joblet_ipc_connect_attempts_total";
 pub const IPC_ACKS_RECEIVED: &str = "joblet_ipc_acks_received_total";
 pub const IPC_WRITE_DURATION: &str = "joblet_ipc_write_duration_seconds";
+pub const IPC_MESSAGES_RESENT: &str = "joblet_ipc_messages_resent_total";
+pub const IPC_MESSAGES_REFUSED: &str = "joblet_ipc_messages_refused_total";
+/// joblet-core's count of log lines lost to replication (the sender counts those persist
+/// refused; core those it could not send).
+pub const REPLICATION_LINES_LOST: &str = "joblet_core_replication_lines_lost_total";
 
 pub const PERSIST_IPC_MESSAGES_RECEIVED: &str = "joblet_persist_ipc_messages_received_total";
 pub const PERSIST_IPC_FRAMES_REJECTED: &str = "joblet_persist_ipc_frames_rejected_total";
 pub const PERSIST_IPC_CONNECTIONS: &str = "joblet_persist_ipc_connections";
 pub const PERSIST_IPC_CONNECTIONS_REFUSED: &str = "joblet_persist_ipc_connections_refused_total";
+pub const PERSIST_INGEST_ERRORS: &str = "joblet_persist_ingest_errors_total";
+
+/// Reasons persist refuses messages (`joblet_ipc_messages_refused_total{reason}` in core,
+/// `joblet_persist_ingest_errors_total{reason}` in persist).
+pub const REFUSAL_REASONS: [&str; 3] = ["frame_too_large", "bad_payload", "store_failed"];
+/// Reasons log lines are lost (`joblet_core_replication_lines_lost_total{reason}`).
+pub const LINES_LOST_REASONS: [&str; 3] = ["oversized", "frame_too_large", "bad_payload"];
 
 /// Reasons a sender drops a message (`joblet_ipc_messages_dropped_total{reason}`).
 pub const DROP_REASONS: [&str; 4] = ["queue_full", "disconnected", "oversized", "shutdown"];
@@ -55,6 +67,29 @@ pub fn describe_sender() {
     for reason in DROP_REASONS {
         metrics::counter!(IPC_MESSAGES_DROPPED, "reason" => reason).absolute(0);
     }
+    metrics::counter!(IPC_MESSAGES_RESENT).absolute(0);
+    describe_counter!(
+        IPC_MESSAGES_RESENT,
+        "Messages written again after a reconnect (persist had not acknowledged them); \
+         messages_sent_total counts them too."
+    );
+    for reason in REFUSAL_REASONS {
+        metrics::counter!(IPC_MESSAGES_REFUSED, "reason" => reason).absolute(0);
+    }
+    describe_counter!(
+        IPC_MESSAGES_REFUSED,
+        "Messages joblet-persist answered it could not take, by reason (frame_too_large, \
+         bad_payload; store_failed counts refused batches)."
+    );
+    for reason in LINES_LOST_REASONS {
+        metrics::counter!(REPLICATION_LINES_LOST, "reason" => reason).absolute(0);
+    }
+    describe_counter!(
+        REPLICATION_LINES_LOST,
+        "Log lines that could not be replicated, by reason (oversized: over core's \
+         persist.max_frame_size; frame_too_large: over persist's ipc.max_frame_size; \
+         bad_payload). Each is stored as a gap marker rnx shows; the job's later lines flow."
+    );
     describe_counter!(IPC_MESSAGES_SENT, "Messages written to the persist socket.");
     describe_counter!(
         IPC_MESSAGES_DROPPED,
@@ -93,6 +128,15 @@ pub fn describe_receiver() {
     for reason in REJECT_REASONS {
         metrics::counter!(PERSIST_IPC_FRAMES_REJECTED, "reason" => reason).absolute(0);
     }
+    for reason in REFUSAL_REASONS {
+        metrics::counter!(PERSIST_INGEST_ERRORS, "reason" => reason).absolute(0);
+    }
+    describe_counter!(
+        PERSIST_INGEST_ERRORS,
+        "Replicated data persist could not take, by reason: frame_too_large and bad_payload \
+         count messages (a log line is stored as a gap marker), store_failed counts batches \
+         (disk full, I/O or flush error; the sender resends them). Each is answered in-band."
+    );
     describe_counter!(
         PERSIST_IPC_MESSAGES_RECEIVED,
         "Valid messages received from joblet-core."

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use joblet_proto::ipc::{IpcAck, JobAck};
+use joblet_proto::ipc::{IpcAck, JobAck, MessageType, Refusal, RefusalReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
@@ -47,6 +47,11 @@ const QUEUED_RUNS: usize = 32;
 const READ_BUFFER_BYTES: usize = 1024 * 1024;
 /// A buffer with less room than this left is replaced before the next read.
 const MIN_READ_BYTES: usize = 64 * 1024;
+/// Of a frame over the limit, this much of its start is read to learn whose message it is
+/// (job id, type, sequence, stream: they come before the content); the rest is skipped.
+const OVERSIZED_HEAD_BYTES: usize = 4096;
+/// The first bytes of every message senders write: field 1 (version) = 1.
+const SENDERS_START: [u8; 2] = [0x08, crate::PROTOCOL_VERSION as u8];
 /// A connection that has had nothing to read for this long gives its read buffer back: an idle
 /// connection holds no buffer (only its task and the socket's kernel buffers).
 const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -75,10 +80,12 @@ impl ReceiverConfig {
 /// Where received messages go. A batch is acknowledged once `store` has returned and then
 /// `durable` has: a store that makes each batch durable as it writes it (the default `durable`
 /// is at once) or one that makes everything written so far durable later (a flush), while the
-/// connection goes on reading and storing. An error of either closes the connection without an
-/// ack, and the sender sends the data again after reconnecting.
+/// connection goes on reading and storing. `store` returns the messages it refused (a payload
+/// that does not decode), which the ack reports. An error of either is answered with a
+/// `STORE_FAILED` refusal and the connection is closed; the sender backs off and sends the
+/// data again after reconnecting.
 pub trait MessageSink: Send + Sync + 'static {
-    fn store(&self, batch: Batch) -> impl Future<Output = Result<(), String>> + Send;
+    fn store(&self, batch: Batch) -> impl Future<Output = Result<Vec<Refusal>, String>> + Send;
 
     /// Resolves once everything stored before the call is durable by the store's policy.
     fn durable(&self) -> impl Future<Output = Result<(), String>> + Send {
@@ -250,11 +257,12 @@ struct Connection<S> {
 }
 
 /// A run of whole, valid frames as read from the socket, how many messages it holds and the
-/// acknowledgement it earns once stored.
+/// acknowledgement it earns once stored (with what was refused before it).
 struct Run {
     frames: Bytes,
     messages: usize,
     highest: Highest,
+    refused: Vec<Refusal>,
 }
 
 /// The highest sequence per job and type of the messages seen, noted while they are scanned
@@ -277,7 +285,7 @@ impl Highest {
     }
 
     /// One acknowledgement for all of `runs`.
-    fn ack(runs: Vec<Highest>) -> IpcAck {
+    fn ack(runs: Vec<Highest>, refused: Vec<Refusal>) -> IpcAck {
         let mut highest: HashMap<(String, i32), u64> = HashMap::new();
         for ack in runs.into_iter().flat_map(|run| run.0) {
             let entry = highest.entry((ack.job_id, ack.r#type)).or_default();
@@ -292,6 +300,7 @@ impl Highest {
                     sequence,
                 })
                 .collect(),
+            refused,
         }
     }
 }
@@ -326,6 +335,8 @@ impl<S: MessageSink> Connection<S> {
     async fn read_frames(&self, mut socket: OwnedReadHalf, runs: &mpsc::Sender<Run>) {
         let max_frame_bytes = self.config.max_frame_bytes;
         let mut buffer = BytesMut::new();
+        // Bytes of a refused frame still to be read and thrown away.
+        let mut skip = 0usize;
         loop {
             // Queue the valid frames at the front; skip an invalid one alone and go on.
             let need = loop {
@@ -336,6 +347,7 @@ impl<S: MessageSink> Connection<S> {
                         frames: buffer.split_to(scan.bytes).freeze(),
                         messages: scan.messages,
                         highest,
+                        refused: Vec::new(),
                     };
                     self.stats
                         .received
@@ -363,11 +375,49 @@ impl<S: MessageSink> Connection<S> {
                         buffer.advance(frame_bytes);
                     }
                     Stop::Oversized { len } => {
-                        let error = FrameError::Oversized {
-                            len,
-                            max: max_frame_bytes,
+                        // Its head says whose it is: refused in-band, and skipped. A frame
+                        // that does not start as senders start theirs (version 1 first) is
+                        // garbage, not waited for.
+                        let head = LENGTH_PREFIX_BYTES + len.min(OVERSIZED_HEAD_BYTES);
+                        let started = &buffer[LENGTH_PREFIX_BYTES..head.min(buffer.len())];
+                        let plausible = started.iter().zip(SENDERS_START).all(|(a, b)| *a == b);
+                        if plausible && buffer.len() < head {
+                            break head - buffer.len();
+                        }
+                        let body = &buffer[LENGTH_PREFIX_BYTES..head.min(buffer.len())];
+                        let refused = plausible
+                            .then(|| refuse_oversized(body, len, max_frame_bytes))
+                            .flatten();
+                        let Some(run) = refused else {
+                            let error = FrameError::Oversized {
+                                len,
+                                max: max_frame_bytes,
+                            };
+                            return self.close_on(error);
                         };
-                        return self.close_on(error);
+                        self.reject("oversized");
+                        count_ingest_error("frame_too_large", 1);
+                        if let Some(refused) = OVERSIZED_LOG.hit() {
+                            let refusal = &run.refused[0];
+                            tracing::warn!(
+                                job_id = refusal.job_id,
+                                sequence = refusal.sequence,
+                                len,
+                                max = max_frame_bytes,
+                                refused,
+                                "refused an IPC frame over ipc.max_frame_size; a log line is stored as a gap marker (logged at most once a minute, with how many since)"
+                            );
+                        }
+                        if runs.send(run).await.is_err() {
+                            return;
+                        }
+                        skip = LENGTH_PREFIX_BYTES + len;
+                        let skipped = skip.min(buffer.len());
+                        buffer.advance(skipped);
+                        skip -= skipped;
+                        if skip > 0 {
+                            break 0;
+                        }
                     }
                     Stop::Undecodable(error) => return self.close_on(error.into()),
                 }
@@ -415,6 +465,11 @@ impl<S: MessageSink> Connection<S> {
                     return;
                 }
             }
+            if skip > 0 {
+                let skipped = skip.min(buffer.len());
+                buffer.advance(skipped);
+                skip -= skipped;
+            }
         }
     }
 
@@ -437,21 +492,96 @@ static STORE_ERROR_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 /// A sender writing garbage must not flood the log: one line a minute per kind, with a count.
 static REJECTED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 static BAD_FRAME_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
+static OVERSIZED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 /// Refused connections: logged at the first, then at most once a minute.
 static CONNECTIONS_REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
 
-/// The ack of a batch stored (or made durable), or `None` after logging why not.
-fn stored_or_log(stored: Result<IpcAck, String>, stats: &ReceiverStats) -> Option<IpcAck> {
-    match stored {
-        Ok(ack) => Some(ack),
-        Err(error) => {
-            stats.store_errors.fetch_add(1, Ordering::Relaxed);
-            if let Some(since_last) = STORE_ERROR_LOG.hit() {
-                tracing::error!(%error, failures_since_last_report = since_last, "storing replicated data failed; closing the connection (the sender retries with backoff)");
-            }
-            None
+/// What a frame over the limit becomes, from its head (`body`, the frame's first bytes): a
+/// refusal, and for a log line a gap marker stored in its place; `None` when the head does
+/// not say whose message it is (the connection is then closed, as for any frame that cannot
+/// be trusted).
+fn refuse_oversized(body: &[u8], len: usize, max_frame_bytes: usize) -> Option<Run> {
+    let head = Envelope::read_head(body)?;
+    let kind = head.envelope.validate().ok()?;
+    let detail = format!(
+        "frame of {len} bytes is over joblet-persist's ipc.max_frame_size ({max_frame_bytes} bytes)"
+    );
+    let mut highest = Highest::default();
+    highest.see(&head.envelope);
+    let refusal = Refusal {
+        reason: RefusalReason::FrameTooLarge as i32,
+        job_id: head.envelope.job_id.to_owned(),
+        r#type: kind as i32,
+        sequence: head.envelope.sequence,
+        detail: detail.clone(),
+    };
+    let (frames, messages) = if kind == MessageType::Log {
+        let stream = crate::Stream::try_from(head.stream).unwrap_or(crate::Stream::Stdout);
+        let gap = crate::gap_message(
+            head.envelope.job_id,
+            head.envelope.sequence,
+            head.envelope.timestamp,
+            stream,
+            1,
+            &detail,
+        );
+        let mut frame = BytesMut::new();
+        encode_frame(&gap, usize::MAX, &mut frame).ok()?;
+        (frame.freeze(), 1)
+    } else {
+        (Bytes::new(), 0)
+    };
+    Some(Run {
+        frames,
+        messages,
+        highest,
+        refused: vec![refusal],
+    })
+}
+
+/// `joblet_persist_ingest_errors_total{reason}`.
+fn count_ingest_error(reason: &'static str, messages: u64) {
+    metrics::counter!(m::PERSIST_INGEST_ERRORS, "reason" => reason).increment(messages);
+}
+
+/// The ack of a batch stored (or made durable), or after logging why not, the refusal that
+/// answers it.
+fn stored_or_refused(
+    stored: Result<IpcAck, String>,
+    stats: &ReceiverStats,
+) -> Result<IpcAck, IpcAck> {
+    stored.map_err(|error| {
+        stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        count_ingest_error("store_failed", 1);
+        if let Some(since_last) = STORE_ERROR_LOG.hit() {
+            tracing::error!(%error, failures_since_last_report = since_last, "storing replicated data failed; refusing and closing the connection (the sender retries with backoff)");
         }
+        IpcAck {
+            jobs: Vec::new(),
+            refused: vec![Refusal {
+                reason: RefusalReason::StoreFailed as i32,
+                detail: error,
+                ..Default::default()
+            }],
+        }
+    })
+}
+
+/// Writes `ack`; `false` when it cannot be framed (which ends the connection).
+async fn send_ack(
+    ack: &IpcAck,
+    socket: &mut OwnedWriteHalf,
+    buffer: &mut BytesMut,
+    max_frame_bytes: usize,
+) -> bool {
+    buffer.clear();
+    if encode_frame(ack, max_frame_bytes, buffer).is_err() {
+        tracing::error!("acknowledgement too large to frame");
+        return false;
     }
+    // If the sender went away, keep storing what was already read.
+    let _ = socket.write_all(buffer).await;
+    true
 }
 
 async fn store_and_ack<S: MessageSink>(
@@ -473,24 +603,34 @@ async fn store_and_ack<S: MessageSink>(
         tokio::select! {
             stored = storing.next(), if !storing.is_empty() => {
                 let Some(stored) = stored else { continue };
-                let Some(ack) = stored_or_log(stored, &stats) else {
-                    return; // dropping `queued` stops the reader
+                let ack = match stored_or_refused(stored, &stats) {
+                    Ok(ack) => ack,
+                    Err(refusal) => {
+                        // Acknowledge what was stored before, then say why no more.
+                        while let Some(Ok(ack)) = settling.next().await {
+                            if !send_ack(&ack, &mut socket, &mut buffer, max_frame_bytes).await {
+                                return;
+                            }
+                        }
+                        send_ack(&refusal, &mut socket, &mut buffer, max_frame_bytes).await;
+                        return; // dropping `queued` stops the reader
+                    }
                 };
                 let sink = sink.clone();
                 settling.push_back(async move { sink.durable().await.map(|()| ack) });
             }
             settled = settling.next(), if !settling.is_empty() => {
                 let Some(settled) = settled else { continue };
-                let Some(ack) = stored_or_log(settled, &stats) else {
-                    return;
+                let ack = match stored_or_refused(settled, &stats) {
+                    Ok(ack) => ack,
+                    Err(refusal) => {
+                        send_ack(&refusal, &mut socket, &mut buffer, max_frame_bytes).await;
+                        return;
+                    }
                 };
-                buffer.clear();
-                if encode_frame(&ack, max_frame_bytes, &mut buffer).is_err() {
-                    tracing::error!("acknowledgement too large to frame");
+                if !send_ack(&ack, &mut socket, &mut buffer, max_frame_bytes).await {
                     return;
                 }
-                // If the sender went away, keep storing what was already read.
-                let _ = socket.write_all(&buffer).await;
             }
             run = queued.recv(), if open && storing.len() < BATCHES_IN_FLIGHT => {
                 let Some(run) = run else {
@@ -500,15 +640,24 @@ async fn store_and_ack<S: MessageSink>(
                 // Everything queued, up to about `max_batch` messages, goes as one batch.
                 let mut batch = Batch::default();
                 let mut highest = vec![run.highest];
+                let mut refused = run.refused;
                 batch.push(run.frames, run.messages);
                 while batch.len() < max_batch {
                     let Ok(run) = queued.try_recv() else { break };
                     batch.push(run.frames, run.messages);
                     highest.push(run.highest);
+                    refused.extend(run.refused);
                 }
-                let ack = Highest::ack(highest);
                 let sink = sink.clone();
-                storing.push_back(async move { sink.store(batch).await.map(|()| ack) });
+                storing.push_back(async move {
+                    let mut ack = Highest::ack(highest, refused);
+                    let refused = sink.store(batch).await?;
+                    if !refused.is_empty() {
+                        count_ingest_error("bad_payload", refused.len() as u64);
+                    }
+                    ack.refused.extend(refused);
+                    Ok::<_, String>(ack)
+                });
             }
             else => return,
         }
@@ -519,7 +668,7 @@ async fn store_and_ack<S: MessageSink>(
 mod tests {
     use super::*;
     use crate::message::{log_message, metric_message};
-    use joblet_proto::ipc::{MessageType, MetricData, Stream};
+    use joblet_proto::ipc::{MetricData, Stream};
 
     #[test]
     fn an_ack_holds_the_highest_sequence_per_job_and_type_across_runs() {
@@ -539,7 +688,7 @@ mod tests {
                 highest
             })
             .collect();
-        let mut acks: Vec<(String, MessageType, u64)> = Highest::ack(highest)
+        let mut acks: Vec<(String, MessageType, u64)> = Highest::ack(highest, Vec::new())
             .jobs
             .into_iter()
             .map(|ack| (ack.job_id.clone(), ack.r#type(), ack.sequence))

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::StreamExt;
-use joblet_proto::ipc::{IpcAck, MessageType};
+use joblet_daemon::LogLimiter;
+use joblet_proto::ipc::{IpcAck, MessageType, Refusal, RefusalReason};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -137,6 +138,9 @@ struct Shared {
     /// Acknowledgement frames received, over all connections: a connection during which this
     /// did not grow made no progress.
     acks_received: AtomicU64,
+    /// Why persist last refused to store (its `STORE_FAILED` detail, or that it closed
+    /// connections without acknowledging), until it acknowledges again.
+    refusing: Mutex<Option<String>>,
 }
 
 /// Handle to the replication stream. Cheap to clone; all clones feed the same queue.
@@ -160,6 +164,7 @@ impl IpcSender {
             acks: Mutex::new(HashMap::new()),
             connection_generation: watch::Sender::new(0),
             acks_received: AtomicU64::new(0),
+            refusing: Mutex::new(None),
         });
         let writer = Writer {
             shared: shared.clone(),
@@ -239,6 +244,11 @@ impl IpcSender {
 
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// Why persist refuses what it is sent (it cannot store), while it does.
+    pub fn refusing(&self) -> Option<String> {
+        joblet_daemon::lock(&self.shared.refusing).clone()
     }
 
     /// A receiver of the connection generation: it changes every time the sender connects.
@@ -343,16 +353,26 @@ impl Writer {
             if let ConnectionEnd::Shutdown = end {
                 return;
             }
-            if self.shared.acks_received.load(Ordering::Relaxed) > acks_before {
+            if self.shared.acks_received.load(Ordering::Relaxed) > acks_before
+                && joblet_daemon::lock(&self.shared.refusing).is_none()
+            {
                 // It worked for a while: try again at once.
                 self.refusals.recovered();
                 backoff = INITIAL_BACKOFF;
                 tracing::warn!("connection to joblet-persist lost; reconnecting");
                 continue;
             }
-            // persist took the connection but acknowledged nothing (a store error, disk full,
-            // a frame over its limit): wait longer each time instead of resending at once.
-            self.refusals.note(backoff);
+            // persist took the connection but acknowledged nothing (a store error, disk full):
+            // wait longer each time instead of resending at once.
+            let why = {
+                let mut refusing = joblet_daemon::lock(&self.shared.refusing);
+                refusing
+                    .get_or_insert_with(|| {
+                        "it closed the connection without acknowledging anything".to_owned()
+                    })
+                    .clone()
+            };
+            self.refusals.note(backoff, &why);
             let delay = jitter(backoff);
             backoff = (backoff * 2).min(self.shared.config.reconnect_delay);
             tokio::select! {
@@ -398,6 +418,7 @@ impl Writer {
                 return ConnectionEnd::Broken;
             }
             if self.refusals.count > 0
+                && joblet_daemon::lock(&self.shared.refusing).is_none()
                 && self.shared.acks_received.load(Ordering::Relaxed) > self.acks_at_connect
             {
                 self.refusals.recovered();
@@ -466,36 +487,41 @@ impl Writer {
 #[derive(Default)]
 struct Refusals {
     count: u64,
+    why: Option<String>,
     since: Option<Instant>,
     reported: Option<Instant>,
     reported_count: u64,
 }
 
 impl Refusals {
-    fn note(&mut self, backoff: Duration) {
+    fn note(&mut self, backoff: Duration, why: &str) {
         self.count += 1;
         let now = Instant::now();
         let since = *self.since.get_or_insert(now);
+        let changed = self.why.as_deref() != Some(why);
         match self.reported {
-            None => {
+            _ if changed => {
                 tracing::warn!(
-                    "joblet-persist closed the connection without acknowledging anything (see \
-                     its log: store errors, disk full, frame limits); retrying with backoff"
+                    why,
+                    "joblet-persist refuses to store replicated data; replication waits and \
+                     retries with backoff"
                 );
+                self.why = Some(why.to_owned());
                 self.reported = Some(now);
                 self.reported_count = self.count;
             }
             Some(at) if now.duration_since(at) >= REFUSAL_SUMMARY_INTERVAL => {
                 tracing::warn!(
+                    why,
                     attempts = self.count - self.reported_count,
                     failing_for = ?now.duration_since(since),
                     next_retry_within = ?backoff,
-                    "joblet-persist still acknowledges nothing; replication waits"
+                    "joblet-persist still refuses; replication waits"
                 );
                 self.reported = Some(now);
                 self.reported_count = self.count;
             }
-            Some(_) => {}
+            _ => {}
         }
     }
 
@@ -518,11 +544,41 @@ async fn read_acks(
     while let Some(frame) = acks.next().await {
         let ack = match frame {
             Ok(ack) => ack,
+            Err(crate::FrameError::Io(error)) => {
+                tracing::debug!(%error, "connection to joblet-persist ended");
+                return;
+            }
             Err(error) => {
                 tracing::warn!(%error, "bad acknowledgement frame from joblet-persist");
                 return;
             }
         };
+        let store_failed = ack
+            .refused
+            .iter()
+            .find(|refusal| refusal.reason() == RefusalReason::StoreFailed);
+        match store_failed {
+            // persist ends the connection after this; it is answered with backoff.
+            Some(refusal) => {
+                metrics::counter!(m::IPC_MESSAGES_REFUSED, "reason" => "store_failed").increment(1);
+                *joblet_daemon::lock(&shared.refusing) =
+                    Some(format!("it cannot store: {}", refusal.detail));
+            }
+            None if !ack.jobs.is_empty() => {
+                *joblet_daemon::lock(&shared.refusing) = None;
+            }
+            None => {}
+        }
+        for refusal in ack
+            .refused
+            .iter()
+            .filter(|r| r.reason() != RefusalReason::StoreFailed)
+        {
+            note_refused(refusal);
+        }
+        if ack.jobs.is_empty() {
+            continue; // a refusal alone is no progress
+        }
         shared.acks_received.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::IPC_ACKS_RECEIVED).increment(1);
         let mut table = joblet_daemon::lock(&shared.acks);
@@ -531,6 +587,33 @@ async fn read_acks(
             let entry = table.entry(job.job_id).or_default();
             entry[slot] = entry[slot].max(job.sequence);
         }
+    }
+}
+
+/// A message persist refused alone (too large for it, a payload it cannot read): counted, and
+/// logged at most once a minute. A log line refused is stored as a gap marker by persist.
+fn note_refused(refusal: &Refusal) {
+    static REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
+    let reason = match refusal.reason() {
+        RefusalReason::FrameTooLarge => "frame_too_large",
+        RefusalReason::BadPayload => "bad_payload",
+        RefusalReason::StoreFailed | RefusalReason::Unspecified => "other",
+    };
+    metrics::counter!(m::IPC_MESSAGES_REFUSED, "reason" => reason).increment(1);
+    if refusal.r#type() == MessageType::Log {
+        metrics::counter!(m::REPLICATION_LINES_LOST, "reason" => reason).increment(1);
+    }
+    if let Some(refused) = REFUSED_LOG.hit() {
+        tracing::error!(
+            job_id = refusal.job_id,
+            kind = ?refusal.r#type(),
+            sequence = refusal.sequence,
+            reason,
+            detail = refusal.detail,
+            refused,
+            "joblet-persist refused a message; it is lost (a log line shows as a gap in the job's \
+             log). Logged at most once a minute, with how many since"
+        );
     }
 }
 

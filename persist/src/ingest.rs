@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use joblet_ipc::{Batch, MessageSink};
+use joblet_ipc::{Batch, MessageSink, Refusal};
 
 use crate::store::Store;
 
@@ -19,20 +19,23 @@ impl StoreSink {
 }
 
 impl MessageSink for StoreSink {
-    async fn store(&self, batch: Batch) -> Result<(), String> {
+    async fn store(&self, batch: Batch) -> Result<Vec<Refusal>, String> {
         let store = self.store.clone();
         // The batch is dropped with the task, off the IPC workers.
         let outcome = tokio::task::spawn_blocking(move || store.ingest(&batch))
             .await
             .map_err(|e| format!("ingest task failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        if outcome.invalid > 0 {
+        if let Some(first) = outcome.refused.first() {
             tracing::warn!(
-                count = outcome.invalid,
-                "skipped replicated records with invalid payloads"
+                count = outcome.refused.len(),
+                job_id = first.job_id,
+                sequence = first.sequence,
+                why = first.detail,
+                "replicated records that cannot be read: refused (log lines are kept as gap markers)"
             );
         }
-        Ok(())
+        Ok(outcome.refused)
     }
 
     async fn durable(&self) -> Result<(), String> {

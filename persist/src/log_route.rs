@@ -59,12 +59,17 @@ impl LineEncoder {
             (3, record.timestamp as u64),
             (4, record.sequence),
         ];
+        let (lost_lines, lost_reason) = record
+            .gap
+            .map_or((0, &b""[..]), |gap| (gap.lines, gap.reason.as_bytes()));
         let len = self.job_id_field.len()
             + varints
                 .iter()
                 .map(|&(_, value)| wire::varint_field_len(value))
                 .sum::<usize>()
-            + wire::bytes_field_len(record.content);
+            + wire::bytes_field_len(record.content)
+            + wire::varint_field_len(lost_lines)
+            + wire::bytes_field_len(lost_reason);
         if self.buffer.capacity() < len {
             self.buffer = BytesMut::with_capacity(len.max(BUFFER_BYTES));
         }
@@ -74,6 +79,8 @@ impl LineEncoder {
             wire::put_varint_field(tag, value, buf);
         }
         wire::put_bytes_field(5, record.content, buf);
+        wire::put_varint_field(10, lost_lines, buf);
+        wire::put_bytes_field(11, lost_reason, buf);
         buf.split().freeze()
     }
 }
@@ -170,6 +177,7 @@ impl Service<http::Request<Body>> for PersistRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Gap;
     use joblet_proto::persist::LogLine;
     use prost::Message;
 
@@ -192,12 +200,21 @@ mod tests {
             (joblet_ipc::Stream::Stdout, 0, 0, b""),
             (joblet_ipc::Stream::Stderr, 7, 300, &[b'x'; 300][..]),
         ];
-        for (stream, timestamp, sequence, content) in cases {
+        let gap = Gap {
+            lines: 300,
+            reason: "frame too large",
+        };
+        let cases = cases
+            .into_iter()
+            .map(|case| (case, None))
+            .chain([((joblet_ipc::Stream::Stdout, 9, 9, &b""[..]), Some(gap))]);
+        for ((stream, timestamp, sequence, content), gap) in cases {
             let record = LogRecord {
                 stream,
                 timestamp,
                 sequence,
                 content,
+                gap,
             };
             let expected = LogLine {
                 job_id: "job-1".into(),
@@ -208,6 +225,8 @@ mod tests {
                 timestamp,
                 sequence,
                 content: Bytes::copy_from_slice(content),
+                lost_lines: gap.map_or(0, |gap| gap.lines),
+                lost_reason: gap.map_or(String::new(), |gap| gap.reason.to_owned()),
             };
             assert_eq!(encoder.encode(&record), expected.encode_to_vec());
         }

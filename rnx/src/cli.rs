@@ -11,7 +11,7 @@ use crate::{Failure, config, jobs, logs, metrics};
     name = "rnx",
     version,
     about = "Run and watch jobs on a joblet node",
-    after_help = "Examples:\n  rnx job run -- echo hello\n  rnx job run --max-memory 512 --follow -- python3 train.py\n  rnx job list\n  rnx job log -f 3f2a\n  rnx job metrics --chart 3f2a\n\nExit codes: 0 ok; job run --follow: the job's exit code; 1 refused by the server;\n2 usage or configuration error; 69 daemon unreachable."
+    after_help = "Examples:\n  rnx job run -- echo hello\n  rnx job run --max-memory 512 --follow -- python3 train.py\n  rnx job list\n  rnx job log -f 3f2a\n  rnx job metrics --chart 3f2a\n\nExit codes: 0 ok; job run --follow: the job's exit code; 1 refused by the server;\n2 usage or configuration error; 3 job log: lines were lost (shown as gaps);\n69 daemon unreachable."
 )]
 pub struct Cli {
     /// rnx-config.yml to use (default: $RNX_CONFIG, ./rnx-config.yml, ~/.rnx/rnx-config.yml).

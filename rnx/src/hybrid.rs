@@ -14,7 +14,7 @@ use crate::{Failure, connect};
 /// Records persist may miss of a running job before rnx says so.
 const BEHIND_WARNING: u64 = 10_000;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Logs,
     Metrics,
@@ -102,17 +102,23 @@ impl Sources {
             return Plan::default();
         };
         let (stored, highest) = match kind {
-            Kind::Logs => (summary.log_lines, summary.last_log_sequence),
+            // A gap marker takes the place of the line it stands for.
+            Kind::Logs => (
+                summary.log_lines + summary.lost_lines,
+                summary.last_log_sequence,
+            ),
             Kind::Metrics => (summary.metric_samples, summary.last_metric_sequence),
         };
-        if stored == highest || !self.core_has_job {
+        // Lines persist could not take (gap markers) core may still hold whole.
+        let gaps = kind == Kind::Logs && summary.lost_lines > 0;
+        if (stored == highest && !gaps) || !self.core_has_job {
             return Plan {
                 history: true,
                 through: highest,
             };
         }
         let missing = highest.saturating_sub(stored);
-        if missing > BEHIND_WARNING {
+        if missing > BEHIND_WARNING && !gaps {
             eprintln!(
                 "rnx: warning: joblet-persist misses {missing} {} of this job; reading everything from joblet-core",
                 kind.noun()

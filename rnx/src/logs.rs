@@ -39,6 +39,8 @@ struct Line {
     timestamp: i64,
     sequence: u64,
     content: Bytes,
+    /// A gap marker from persist: this many lines were lost here, and why.
+    lost: Option<(u64, String)>,
 }
 
 struct Filters {
@@ -78,6 +80,8 @@ struct Printer<W: Write> {
     follow: bool,
     tail: Option<VecDeque<Line>>,
     tail_size: usize,
+    /// Lines the gaps printed stand for.
+    lost: u64,
 }
 
 impl<W: Write> Printer<W> {
@@ -97,6 +101,25 @@ impl<W: Write> Printer<W> {
     }
 
     fn print(&mut self, line: &Line) -> Result<(), Failure> {
+        if let Some((lines, reason)) = &line.lost {
+            self.lost += lines;
+            if self.json {
+                return json_line(
+                    &mut self.out,
+                    &json!({
+                        "timestamp": line.timestamp,
+                        "sequence": line.sequence,
+                        "lost_lines": lines,
+                        "lost_reason": reason,
+                    }),
+                );
+            }
+            // Said on stderr, in its place among the lines.
+            flush(&mut self.out)?;
+            let s = if *lines == 1 { "" } else { "s" };
+            eprintln!("rnx: {lines} line{s} lost here ({reason})");
+            return Ok(());
+        }
         if self.json {
             return json_line(
                 &mut self.out,
@@ -131,7 +154,21 @@ impl<W: Write> Printer<W> {
         }
         flush(&mut self.out)
     }
+
+    /// The end: a log with gaps is not whole, and the exit code says so.
+    fn finish(mut self) -> Result<(), Failure> {
+        self.release_tail()?;
+        if self.lost > 0 {
+            let s = if self.lost == 1 { "" } else { "s" };
+            eprintln!("rnx: this log misses {} line{s} (see above)", self.lost);
+            return Err(Failure::Exit(LOG_HAS_GAPS));
+        }
+        Ok(())
+    }
 }
+
+/// Exit code of `rnx job log` when lines were lost before persist stored them.
+const LOG_HAS_GAPS: u8 = 3;
 
 pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure> {
     let parse = |flag: &str, value: &Option<String>| -> Result<Option<i64>, Failure> {
@@ -179,6 +216,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
             .tail
             .map(|n| VecDeque::with_capacity((n as usize).min(65_536))),
         tail_size: args.tail.unwrap_or(0) as usize,
+        lost: 0,
     };
 
     // History.
@@ -210,6 +248,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                 timestamp: line.timestamp,
                 sequence: line.sequence,
                 content: line.content,
+                lost: (line.lost_lines > 0).then_some((line.lost_lines, line.lost_reason)),
             })?;
         }
     }
@@ -251,6 +290,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                                 timestamp: record.timestamp,
                                 sequence: record.sequence,
                                 content: record.content,
+                                lost: None,
                             };
                             if filters.keep(&line) {
                                 printer.emit(line).map_err(Streamed::Print)?;
@@ -278,7 +318,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
         }
         None => sources.without_core(plan, &args.id)?,
     }
-    printer.release_tail()
+    printer.finish()
 }
 
 /// How a live stream ended early.

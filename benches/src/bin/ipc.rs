@@ -12,7 +12,8 @@ use anyhow::Context;
 use clap::Parser;
 use joblet_benches::Table;
 use joblet_ipc::{
-    Batch, Frame, IpcReceiver, IpcSender, MessageSink, ReceiverConfig, SenderConfig, Stream,
+    Batch, Frame, IpcReceiver, IpcSender, MessageSink, ReceiverConfig, Refusal, SenderConfig,
+    Stream,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -111,7 +112,7 @@ struct CountingSink {
 }
 
 impl MessageSink for CountingSink {
-    async fn store(&self, batch: Batch) -> Result<(), String> {
+    async fn store(&self, batch: Batch) -> Result<Vec<Refusal>, String> {
         // Read every envelope, as a store does: the receiver hands them over unread.
         let n = batch
             .iter()
@@ -120,7 +121,7 @@ impl MessageSink for CountingSink {
         if self.messages.fetch_add(n, Ordering::Relaxed) + n >= self.target {
             self.done.notify_one();
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }
 

@@ -134,9 +134,14 @@ async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_lat
     let id = run(&mut client, shell("seq 1 200000; sleep 0.5")).await;
     assert_eq!(finished(&mut client, &id).await.status, "COMPLETED");
     assert_eq!(
-        gauge_soon(&core, "joblet_core_replication_behind_lines", 200_000.0).await,
+        gauge_soon(
+            &core,
+            "joblet_core_replication_behind_lines{reason=\"disconnected\"}",
+            200_000.0
+        )
+        .await,
         200_000.0,
-        "every line is waiting for persist"
+        "every line is waiting for persist, which is not there"
     );
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let waited = gauge_soon(
@@ -161,11 +166,14 @@ async fn a_flood_into_a_tiny_queue_with_persist_absent_is_replicated_in_full_lat
         .map(|(_, content)| std::str::from_utf8(content).unwrap().parse().unwrap())
         .collect();
     assert_eq!(numbers, (1..=expected as u64).collect::<Vec<_>>());
-    assert_eq!(
-        gauge_soon(&core, "joblet_core_replication_behind_lines", 0.0).await,
-        0.0,
-        "persist acknowledged everything"
-    );
+    for reason in ["disconnected", "persist_busy", "persist_refusing"] {
+        let name = format!("joblet_core_replication_behind_lines{{reason=\"{reason}\"}}");
+        assert_eq!(
+            gauge_soon(&core, &name, 0.0).await,
+            0.0,
+            "persist acknowledged everything"
+        );
+    }
     assert_eq!(
         gauge_soon(&core, "joblet_core_replication_oldest_unacked_seconds", 0.0).await,
         0.0,

@@ -11,8 +11,9 @@ use bytes::BufMut;
 use joblet_ipc::receiver::BindError;
 use joblet_ipc::{
     Batch, Frame, IpcMessage, IpcReceiver, IpcSender, MessageSink, MessageType, ReceiverConfig,
-    SendError, SenderConfig, Stream, log_message,
+    Refusal, SendError, SenderConfig, Stream, log_message,
 };
+use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, watch};
@@ -59,14 +60,14 @@ impl CollectingSink {
 }
 
 impl MessageSink for CollectingSink {
-    async fn store(&self, batch: Batch) -> Result<(), String> {
+    async fn store(&self, batch: Batch) -> Result<Vec<Refusal>, String> {
         if let Some(gate) = &self.gate {
             let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
         }
         let mut messages = self.messages.lock().unwrap();
         messages.extend(batch.iter().map(|envelope| envelope.to_message()));
         self.count.send_replace(messages.len());
-        Ok(())
+        Ok(Vec::new())
     }
 
     async fn durable(&self) -> Result<(), String> {
@@ -516,4 +517,138 @@ async fn batches_are_acknowledged_once_durable_while_reading_and_storing_go_on()
     wait_acked(&sender, "job-a", 50_000).await;
     shutdown.cancel();
     receiver.stop().await;
+}
+
+/// A sink whose store fails until told otherwise, as a full disk does.
+struct FailingSink {
+    inner: Arc<CollectingSink>,
+    failing: std::sync::atomic::AtomicBool,
+    attempts: std::sync::atomic::AtomicU64,
+}
+
+impl MessageSink for FailingSink {
+    async fn store(&self, batch: Batch) -> Result<Vec<Refusal>, String> {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        if self.failing.load(Ordering::Relaxed) {
+            return Err("No space left on device (os error 28)".into());
+        }
+        self.inner.store(batch).await
+    }
+}
+
+#[tokio::test]
+async fn a_frame_over_the_receivers_limit_becomes_a_gap_acknowledged_in_band_and_the_rest_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_in(&dir);
+    let sink = CollectingSink::new();
+    // persist's limit (4 KiB) is below core's (8 MiB): a 10 KB line passes the sender only.
+    let mut config = ReceiverConfig::new(&path);
+    config.max_frame_bytes = 4096;
+    let receiver = IpcReceiver::bind(config).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(receiver.run(sink.clone(), shutdown.clone()));
+    let (sender, _stop) = start_sender(&path, 1000);
+    wait_connected(&sender, 1).await;
+
+    let mut big = line("job", 2);
+    big.data = joblet_ipc::LogData {
+        stream: Stream::Stderr as i32,
+        content: vec![b'x'; 10_000].into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into();
+    for message in [line("job", 1), big, line("job", 3)] {
+        sender.send(&message).await.unwrap();
+    }
+    wait_acked(&sender, "job", 3).await;
+    let messages = sink.messages();
+    let payloads: Vec<_> = messages
+        .iter()
+        .map(|m| {
+            let payload = joblet_ipc::log_payload(&m.data).unwrap();
+            (
+                m.sequence,
+                payload.lost_lines,
+                payload.stream,
+                payload.content.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        payloads,
+        [
+            (1, 0, Stream::Stdout as i32, 10),
+            (2, 1, Stream::Stderr as i32, 0),
+            (3, 0, Stream::Stdout as i32, 10)
+        ],
+        "the line over the limit is a gap marker in its place, the next line follows"
+    );
+    let gap = joblet_ipc::log_payload(&messages[1].data).unwrap();
+    assert!(
+        gap.lost_reason.contains("ipc.max_frame_size (4096 bytes)"),
+        "{}",
+        gap.lost_reason
+    );
+    assert_eq!(messages[1].timestamp, 2000, "the gap has the line's time");
+    assert_eq!(
+        sender.stats().reconnects.load(Ordering::Relaxed),
+        0,
+        "refused in-band: the connection stays"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_store_that_fails_is_answered_in_band_and_the_sender_backs_off_then_resends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_in(&dir);
+    let sink = Arc::new(FailingSink {
+        inner: CollectingSink::new(),
+        failing: true.into(),
+        attempts: 0.into(),
+    });
+    let receiver = IpcReceiver::bind(ReceiverConfig::new(&path)).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(receiver.run(sink.clone(), shutdown.clone()));
+    let (sender, _stop) = start_sender(&path, 1000);
+    wait_connected(&sender, 1).await;
+    for sequence in 1..=10 {
+        sender.send(&line("job", sequence)).await.unwrap();
+    }
+    // The sender hears why, in-band.
+    tokio::time::timeout(WAIT, async {
+        while sender.refusing().is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the sender is told that persist cannot store");
+    assert!(
+        sender
+            .refusing()
+            .unwrap()
+            .contains("No space left on device"),
+        "{:?}",
+        sender.refusing()
+    );
+    assert_eq!(sender.acknowledged("job", MessageType::Log), 0);
+
+    // It reconnects (after a backoff), and what it sends again once the disk has room is
+    // acknowledged: the refusal is over.
+    wait_connected(&sender, 2).await;
+    sink.failing.store(false, Ordering::Relaxed);
+    for sequence in 1..=10 {
+        sender.send(&line("job", sequence)).await.unwrap();
+    }
+    wait_acked(&sender, "job", 10).await;
+    let received = sequences_by_job(&sink.inner.messages())
+        .remove("job")
+        .unwrap();
+    assert_eq!(received, (1..=10).collect::<Vec<_>>());
+    assert_eq!(sender.refusing(), None);
+    assert_eq!(sink.attempts.load(Ordering::Relaxed), 2);
+    shutdown.cancel();
+    task.await.unwrap();
 }

@@ -7,12 +7,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use joblet_daemon::lock;
-use joblet_ipc::{Batch, MessageType, MetricData};
+use joblet_ipc::{Batch, Envelope, MessageType, MetricData, Refusal, RefusalReason};
 use joblet_proto::ipc::JobRecord;
 use joblet_proto::persist::JobSummary;
 use prost::Message;
 use rocksdb::WriteBatch;
 
+use super::value::encode_gap;
 use super::{CF_JOBS, CF_LOGS, CF_METRICS, CF_SUMMARIES, IngestOutcome, Store, StoreError};
 use crate::keys;
 use crate::metrics as m;
@@ -75,7 +76,11 @@ impl Store {
                 }
             };
             let Some(index) = index else {
-                outcome.invalid += 1;
+                outcome.refuse(
+                    &message,
+                    RefusalReason::BadPayload,
+                    "its job id holds a NUL byte",
+                );
                 continue;
             };
             let job = &mut changed[index];
@@ -88,7 +93,8 @@ impl Store {
                     if message.sequence <= summary.last_record_sequence {
                         outcome.duplicates += 1;
                     } else if JobRecord::decode(message.data).is_err() {
-                        outcome.invalid += 1;
+                        let detail = "its payload does not decode as JobRecord";
+                        outcome.refuse(&message, RefusalReason::BadPayload, detail);
                     } else {
                         write.put_cf(jobs_cf, job_id.as_bytes(), message.data);
                         summary.last_record_sequence = message.sequence;
@@ -99,7 +105,7 @@ impl Store {
                     continue;
                 }
                 MessageType::Unspecified => {
-                    outcome.invalid += 1;
+                    outcome.refuse(&message, RefusalReason::BadPayload, "unknown message type");
                     continue;
                 }
             };
@@ -127,25 +133,43 @@ impl Store {
             }
             value.clear();
             if kind == Kind::Log {
-                // The stream is stored in one byte: a value that is not a known stream
-                // would be read back as another stream, or not at all.
-                let Some((stream, content)) = joblet_ipc::log_payload(message.data)
-                    .ok()
-                    .filter(|(stream, _)| joblet_ipc::Stream::try_from(*stream).is_ok())
-                else {
-                    outcome.invalid += 1;
-                    continue;
-                };
-                value.push(stream as u8);
-                value.extend_from_slice(content);
-                summary.log_lines += 1;
-                summary.log_bytes += content.len() as u64;
-                outcome.bytes += content.len() as u64;
+                let payload = joblet_ipc::log_payload(message.data).ok();
+                // The stream is stored in one byte: a value that is not a known stream would
+                // be read back as another stream, or not at all.
+                let stream = payload.and_then(|p| joblet_ipc::Stream::try_from(p.stream).ok());
+                match (payload, stream) {
+                    (Some(payload), Some(stream)) if payload.lost_lines == 0 => {
+                        let content = payload.content;
+                        value.push(stream as u8);
+                        value.extend_from_slice(content);
+                        summary.log_lines += 1;
+                        summary.log_bytes += content.len() as u64;
+                        outcome.bytes += content.len() as u64;
+                        outcome.lines += 1;
+                    }
+                    (Some(payload), Some(stream)) => {
+                        encode_gap(&mut value, stream, payload.lost_lines, payload.lost_reason);
+                        summary.lost_lines += payload.lost_lines;
+                        outcome.lost_lines += payload.lost_lines;
+                    }
+                    // A line that cannot be read is not dropped in silence: a gap marker
+                    // takes its place, and the sender hears why.
+                    _ => {
+                        let detail = match payload {
+                            Some(payload) => format!("unknown stream {}", payload.stream),
+                            None => "its payload does not decode as LogData".to_owned(),
+                        };
+                        outcome.refuse(&message, RefusalReason::BadPayload, &detail);
+                        encode_gap(&mut value, joblet_ipc::Stream::Unspecified, 1, &detail);
+                        summary.lost_lines += 1;
+                        outcome.lost_lines += 1;
+                    }
+                }
                 summary.last_log_sequence = summary.last_log_sequence.max(message.sequence);
-                outcome.lines += 1;
             } else {
                 if MetricData::decode(message.data).is_err() {
-                    outcome.invalid += 1;
+                    let detail = "its payload does not decode as MetricData";
+                    outcome.refuse(&message, RefusalReason::BadPayload, detail);
                     continue;
                 }
                 value.extend_from_slice(message.data);
@@ -208,11 +232,24 @@ impl Store {
         if outcome.duplicates > 0 {
             metrics::counter!(m::DUPLICATES_SKIPPED).increment(outcome.duplicates);
         }
-        if outcome.invalid > 0 {
+        if !outcome.refused.is_empty() {
             metrics::counter!(joblet_ipc::metrics::PERSIST_IPC_FRAMES_REJECTED, "reason" => "payload")
-                .increment(outcome.invalid);
+                .increment(outcome.refused.len() as u64);
         }
         Ok(outcome)
+    }
+}
+
+impl IngestOutcome {
+    /// Notes that `message` is refused, and why.
+    fn refuse(&mut self, message: &Envelope<'_>, reason: RefusalReason, detail: &str) {
+        self.refused.push(Refusal {
+            reason: reason as i32,
+            job_id: message.job_id.chars().take(64).collect(),
+            r#type: message.r#type,
+            sequence: message.sequence,
+            detail: detail.to_owned(),
+        });
     }
 }
 

@@ -1,6 +1,7 @@
 //! The RocksDB store: three column families and what may be done with them.
 //!
-//! - `logs`: key (job_id, timestamp, sequence) → stream byte ‖ content bytes.
+//! - `logs`: key (job_id, timestamp, sequence) → stream byte ‖ content bytes, or a gap marker
+//!   (lines lost at that place, and why: see `value.rs`).
 //! - `metrics`: key (job_id, timestamp, sequence) → `joblet.ipc.MetricData` bytes.
 //! - `summaries`: job_id → `joblet.persist.JobSummary` (first/last timestamp, counts, bytes,
 //!   highest stored sequence per kind), written in the same atomic batch as the records.
@@ -33,6 +34,7 @@
 mod expiry;
 mod ingest;
 mod scan;
+mod value;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -55,6 +57,7 @@ use joblet_daemon::lock;
 use tokio::sync::watch;
 
 use expiry::{job_record_filter, longest, oldest_kept_ns, record_filter, summary_filter};
+pub use value::Gap;
 
 pub const CF_LOGS: &str = "logs";
 pub const CF_METRICS: &str = "metrics";
@@ -126,6 +129,8 @@ pub struct LogRecord<'a> {
     pub timestamp: i64,
     pub sequence: u64,
     pub content: &'a [u8],
+    /// For a gap marker: the lines lost at this place (content is empty).
+    pub gap: Option<Gap<'a>>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,13 +141,16 @@ pub struct MetricRecord {
 }
 
 /// How one ingest batch went.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct IngestOutcome {
     pub lines: u64,
     pub samples: u64,
     pub records: u64,
     pub duplicates: u64,
-    pub invalid: u64,
+    /// Lines the gap markers stored stand for.
+    pub lost_lines: u64,
+    /// Messages that could not be read (a log line's place then holds a gap marker).
+    pub refused: Vec<joblet_ipc::Refusal>,
     /// Bytes of log content stored.
     pub bytes: u64,
 }
@@ -730,7 +738,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_of_unknown_streams_are_refused_not_stored_as_another_stream() {
+    fn lines_of_unknown_streams_are_refused_and_kept_as_gaps_not_as_another_stream() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
         let with_stream = |sequence: u64, stream: i32| {
@@ -738,13 +746,22 @@ mod tests {
             let data = joblet_ipc::LogData {
                 stream,
                 content: "x".into(),
+                ..Default::default()
             };
             message.data = data.encode_to_vec().into();
             message
         };
         let batch = [with_stream(1, 2), with_stream(2, 7), with_stream(3, 258)];
         let outcome = ingest(&store, &batch);
-        assert_eq!((outcome.lines, outcome.invalid), (1, 2));
+        assert_eq!((outcome.lines, outcome.lost_lines), (1, 2));
+        let refused: Vec<_> = outcome
+            .refused
+            .iter()
+            .map(|r| (r.sequence, r.reason()))
+            .collect();
+        let bad = joblet_ipc::RefusalReason::BadPayload;
+        assert_eq!(refused, [(2, bad), (3, bad)]);
+        assert_eq!(store.list_jobs("")[0].lost_lines, 2);
         let mut streams = Vec::new();
         let all = Selection {
             job_id: "job".into(),
@@ -752,11 +769,19 @@ mod tests {
         };
         store
             .scan_logs(&all, StreamFilter::Both, b"", |record| {
-                streams.push((record.sequence, record.stream));
+                streams.push((record.sequence, record.stream, record.gap.map(|g| g.lines)));
                 ControlFlow::Continue(())
             })
             .unwrap();
-        assert_eq!(streams, [(1, Stream::Stderr)]);
+        let unspecified = Stream::Unspecified;
+        assert_eq!(
+            streams,
+            [
+                (1, Stream::Stderr, None),
+                (2, unspecified, Some(1)),
+                (3, unspecified, Some(1))
+            ]
+        );
     }
 
     #[test]

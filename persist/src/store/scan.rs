@@ -9,6 +9,7 @@ use prost::Message;
 use rocksdb::ReadOptions;
 
 use super::expiry::oldest_kept_ns;
+use super::value::parse_log_value;
 use super::{
     CF_LOGS, CF_METRICS, LogRecord, MetricRecord, Selection, Store, StoreError, StreamFilter,
 };
@@ -32,21 +33,27 @@ impl Store {
             self.policy.logs(),
             selection,
             |value| {
-                parse_log_value(value).is_some_and(|(stream, content)| {
+                parse_log_value(value).is_some_and(|line| {
                     let wanted = match streams {
                         StreamFilter::Both => true,
-                        StreamFilter::Stdout => stream == joblet_ipc::Stream::Stdout,
-                        StreamFilter::Stderr => stream == joblet_ipc::Stream::Stderr,
+                        StreamFilter::Stdout => line.stream == joblet_ipc::Stream::Stdout,
+                        StreamFilter::Stderr => line.stream == joblet_ipc::Stream::Stderr,
                     };
-                    wanted && finder.as_ref().is_none_or(|f| f.find(content).is_some())
+                    // A gap passes every filter: the lines it stands for might have matched.
+                    line.gap.is_some()
+                        || wanted
+                            && finder
+                                .as_ref()
+                                .is_none_or(|f| f.find(line.content).is_some())
                 })
             },
             &mut |timestamp, sequence, value| match parse_log_value(value) {
-                Some((stream, content)) => emit(LogRecord {
-                    stream,
+                Some(line) => emit(LogRecord {
+                    stream: line.stream,
                     timestamp,
                     sequence,
-                    content,
+                    content: line.content,
+                    gap: line.gap,
                 }),
                 None => ControlFlow::Continue(()),
             },
@@ -166,11 +173,4 @@ impl Store {
         iter.status()?;
         Ok(None)
     }
-}
-
-/// A log value: its stream byte, then the content.
-fn parse_log_value(value: &[u8]) -> Option<(joblet_ipc::Stream, &[u8])> {
-    let (&stream_byte, content) = value.split_first()?;
-    let stream = joblet_ipc::Stream::try_from(i32::from(stream_byte)).ok()?;
-    Some((stream, content))
 }

@@ -188,7 +188,7 @@ async fn expired_lines_are_never_returned() {
 }
 
 #[tokio::test]
-async fn invalid_payloads_are_counted_and_skipped_and_metrics_are_exported() {
+async fn an_unreadable_line_is_kept_as_a_gap_counted_and_metrics_are_exported() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = harness::start(dir.path(), "").await;
     let replicator = Replicator::connect(&daemon.socket).await;
@@ -198,12 +198,34 @@ async fn invalid_payloads_are_counted_and_skipped_and_metrics_are_exported() {
     messages.push(broken);
     messages.extend(lines(JOB, 3..=3, now()));
     replicator.send_all_acked(messages).await;
-    assert_eq!(all_sequences(&daemon, JOB).await, [1, 3]);
+    let mut client = daemon.client().await;
+    let request = QueryLogsRequest {
+        job_id: JOB.into(),
+        ..Default::default()
+    };
+    let stored = query_logs(&mut client, request).await.unwrap();
+    let mut stored: Vec<_> = stored
+        .iter()
+        .map(|line| (line.sequence, line.lost_lines, line.lost_reason.as_str()))
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            (1, 0, ""),
+            (2, 1, "its payload does not decode as LogData"),
+            (3, 0, "")
+        ],
+        "the line that cannot be read is a gap in its place"
+    );
+    assert_eq!(job_summaries(&daemon).await[0].lost_lines, 1);
 
     let scrape = daemon.scrape().await;
     for name in [
         "joblet_persist_ipc_messages_received_total",
         "joblet_persist_ipc_frames_rejected_total{reason=\"payload\"} 1",
+        "joblet_persist_ingest_errors_total{reason=\"bad_payload\"} 1",
+        "joblet_persist_ingest_errors_total{reason=\"store_failed\"} 0",
         "joblet_persist_ipc_connections 1",
         "joblet_persist_write_duration_seconds",
         "joblet_persist_storage_bytes",

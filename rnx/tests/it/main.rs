@@ -85,6 +85,16 @@ impl Node {
     /// Like [`Node::start_with`], core listening on `listen`. Jobs are stopped with core unless
     /// `core_jobs` sets `on_core_shutdown`.
     async fn start_on(with_persist: bool, core_jobs: &str, listen: &str) -> Node {
+        Node::start_configured(with_persist, "", core_jobs, listen).await
+    }
+
+    /// Like [`Node::start_on`], `persist_ipc` added to persist's `ipc:` block.
+    async fn start_configured(
+        with_persist: bool,
+        persist_ipc: &str,
+        core_jobs: &str,
+        listen: &str,
+    ) -> Node {
         let on_shutdown = if core_jobs.contains("on_core_shutdown") {
             ""
         } else {
@@ -95,7 +105,7 @@ impl Node {
         let persist = if with_persist {
             let config = dir.path().join("persist.yml");
             std::fs::write(&config, format!(
-                "data_dir: {}\nipc:\n  socket: {}\ngrpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
+                "data_dir: {}\nipc:\n  socket: {}\n{persist_ipc}grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
                 dir.path().join("persist-data").display(), socket.display()
             )).unwrap();
             Some(Daemon::start("joblet-persist", &config).await)
@@ -621,6 +631,66 @@ async fn run_follow_exits_with_the_jobs_exit_code() {
         String::from_utf8_lossy(&killed.stderr)
     );
     assert!(String::from_utf8_lossy(&killed.stderr).contains("out of memory"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_line_persist_cannot_take_shows_as_a_gap_and_the_log_exits_non_zero() {
+    // persist's frame limit (4 KiB) below core's (8 MiB, the default): a 10 KB line is
+    // refused by persist alone. Before, it stalled the job's replication for good.
+    let node = Node::start_configured(
+        true,
+        "  max_frame_size: 4 KiB\n",
+        "  keep_finished: 1s\n",
+        "127.0.0.1:0",
+    )
+    .await;
+    let id = node
+        .run("echo before; head -c 10000 /dev/zero | tr '\\0' x; echo; echo after")
+        .await;
+    node.wait_ended(&id).await;
+    // While core has the job, it serves every line itself, the long one too.
+    let whole = node.output(&["job", "log", &id]).await;
+    assert!(whole.status.success());
+    assert_eq!(String::from_utf8_lossy(&whole.stdout).lines().count(), 3);
+    // The later line was replicated and acknowledged: core lets the job go.
+    let mut listed = String::new();
+    for _ in 0..300 {
+        listed = node.stdout(&["job", "list"]).await;
+        if !listed.contains(&id[..8]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!listed.contains(&id[..8]), "core still holds it: {listed}");
+
+    let history = node.output(&["job", "log", &id]).await;
+    let stderr = String::from_utf8_lossy(&history.stderr);
+    assert_eq!(String::from_utf8_lossy(&history.stdout), "before\nafter\n");
+    assert!(
+        stderr.contains("rnx: 1 line lost here (frame of ")
+            && stderr.contains("over joblet-persist's ipc.max_frame_size (4096 bytes))"),
+        "{stderr}"
+    );
+    assert_eq!(history.status.code(), Some(3), "{stderr}");
+    let json = node.output(&["job", "log", "--json", &id]).await;
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&json.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(
+        (rows[1]["sequence"].as_u64(), rows[1]["lost_lines"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(json.status.code(), Some(3));
+    // A grep shows the gap too: the lost line might have matched.
+    let grep = node.output(&["job", "log", "--grep", "after", &id]).await;
+    assert_eq!(String::from_utf8_lossy(&grep.stdout), "after\n");
+    assert!(String::from_utf8_lossy(&grep.stderr).contains("1 line lost here"));
+
+    let metrics = node.stdout(&["job", "list", "--all", "--json"]).await;
+    assert!(metrics.contains(&id), "{metrics}");
     node.stop().await;
 }
 
