@@ -21,8 +21,8 @@ pub fn publish_build_info(component: &'static str, version: &'static str) {
 /// The Prometheus text exposition format, version 0.0.4.
 const EXPOSITION_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// How often process figures are refreshed.
-const PROCESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the exporter's histograms are kept up (process figures are read at each scrape).
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Starts the Prometheus endpoint of `metrics.listen`, if set: binds `listen` (port 0 picks a
 /// free port), installs the recorder (histograms with [`SECONDS_BUCKETS`]), serves
@@ -55,12 +55,14 @@ async fn install_exporter(address: std::net::SocketAddr) -> std::io::Result<std:
     let upkeep = handle.clone();
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(PROCESS_REFRESH).await;
-            collector.collect();
+            tokio::time::sleep(UPKEEP_INTERVAL).await;
             upkeep.run_upkeep();
         }
     });
     let render = move || {
+        // The process figures as of this scrape (CPU seconds to the tick: a gauge, as
+        // metrics-process exports them unrounded).
+        collector.collect();
         let content_type = (axum::http::header::CONTENT_TYPE, EXPOSITION_CONTENT_TYPE);
         std::future::ready(([content_type], handle.render()))
     };

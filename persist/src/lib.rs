@@ -106,6 +106,7 @@ impl Persist {
             config.clone(),
             shutdown.clone(),
         ));
+        tasks.spawn(publish_query_stall(shutdown.clone()));
         tasks.spawn(retention::run(
             store.clone(),
             config.data_dir.clone(),
@@ -173,18 +174,23 @@ async fn publish_storage_gauges(store: Arc<Store>, config: Config, shutdown: Can
         let config_for_task = config.clone();
         let measured = tokio::task::spawn_blocking(move || {
             let used = store::directory_bytes(&config_for_task.data_dir);
+            let filesystem = filesystem_bytes(&config_for_task.data_dir);
             let capacity = config_for_task
                 .storage
                 .capacity
                 .map(|c| c.as_u64())
-                .or_else(|| filesystem_bytes(&config_for_task.data_dir));
-            (used, capacity, store.index_bytes())
+                .or(filesystem.map(|(size, _)| size));
+            (used, capacity, filesystem, store.index_bytes())
         })
         .await;
-        if let Ok((used, capacity, index)) = measured {
+        if let Ok((used, capacity, filesystem, index)) = measured {
             ::metrics::gauge!(metrics::STORAGE_BYTES).set(used as f64);
             if let Some(capacity) = capacity {
                 ::metrics::gauge!(metrics::STORAGE_CAPACITY_BYTES).set(capacity as f64);
+            }
+            if let Some((size, available)) = filesystem {
+                ::metrics::gauge!(metrics::FILESYSTEM_SIZE_BYTES).set(size as f64);
+                ::metrics::gauge!(metrics::FILESYSTEM_AVAILABLE_BYTES).set(available as f64);
             }
             ::metrics::gauge!(metrics::INDEX_BYTES).set(index as f64);
         }
@@ -195,9 +201,25 @@ async fn publish_storage_gauges(store: Arc<Store>, config: Config, shutdown: Can
     }
 }
 
-fn filesystem_bytes(path: &Path) -> Option<u64> {
+/// Every second: the longest a running query has worked without handing on a record.
+async fn publish_query_stall(shutdown: CancellationToken) {
+    loop {
+        ::metrics::gauge!(metrics::QUERY_STALL).set(service::longest_stall().as_secs_f64());
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The size of the filesystem holding `path`, and what an unprivileged writer can still use.
+fn filesystem_bytes(path: &Path) -> Option<(u64, u64)> {
     let stat = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(stat.blocks() as u64 * stat.fragment_size() as u64)
+    let fragment = stat.fragment_size() as u64;
+    Some((
+        stat.blocks() as u64 * fragment,
+        stat.blocks_available() as u64 * fragment,
+    ))
 }
 
 /// Durability `flushed`: flushes what was written every `every` (at once once shutting down,

@@ -5,8 +5,12 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 pub const WRITE_DURATION: &str = "joblet_persist_write_duration_seconds";
 pub const QUERY_DURATION: &str = "joblet_persist_query_duration_seconds";
+pub const QUERY_FIRST_RECORD: &str = "joblet_persist_query_first_record_seconds";
+pub const QUERY_STALL: &str = "joblet_persist_query_stall_seconds";
 pub const STORAGE_BYTES: &str = "joblet_persist_storage_bytes";
 pub const STORAGE_CAPACITY_BYTES: &str = "joblet_persist_storage_capacity_bytes";
+pub const FILESYSTEM_SIZE_BYTES: &str = "joblet_persist_filesystem_size_bytes";
+pub const FILESYSTEM_AVAILABLE_BYTES: &str = "joblet_persist_filesystem_available_bytes";
 pub const RETENTION_EXPIRED: &str = "joblet_persist_retention_expired_total";
 pub const RETENTION_EVICTED_JOBS: &str = "joblet_persist_retention_evicted_jobs_total";
 pub const RETENTION_EVICTED_BYTES: &str = "joblet_persist_retention_evicted_bytes_total";
@@ -29,7 +33,20 @@ pub fn describe() {
     describe_histogram!(
         QUERY_DURATION,
         Unit::Seconds,
-        "Duration of a query RPC from request to the end of its stream, by rpc."
+        "Server time of a query RPC, by rpc: from the request to the end of its stream, less \
+         the time it waited for the client to take records (a client that reads slowly, or \
+         pipes into a pager, does not count)."
+    );
+    describe_histogram!(
+        QUERY_FIRST_RECORD,
+        Unit::Seconds,
+        "Server time from a query's request to its first record handed to the client, by rpc."
+    );
+    describe_gauge!(
+        QUERY_STALL,
+        Unit::Seconds,
+        "The longest any running query's scan has worked without handing its client a record \
+         (0 when none runs): a query stuck in the store shows here before it ends."
     );
     describe_gauge!(
         STORAGE_BYTES,
@@ -40,6 +57,17 @@ pub fn describe() {
         STORAGE_CAPACITY_BYTES,
         Unit::Bytes,
         "Capacity the storage usage is measured against (config or filesystem size)."
+    );
+    describe_gauge!(
+        FILESYSTEM_SIZE_BYTES,
+        Unit::Bytes,
+        "Size of the filesystem that holds the data directory."
+    );
+    describe_gauge!(
+        FILESYSTEM_AVAILABLE_BYTES,
+        Unit::Bytes,
+        "Bytes persist can still write on the data directory's filesystem (whatever else fills \
+         the volume counts too)."
     );
     describe_counter!(
         RETENTION_EXPIRED,
@@ -87,5 +115,7 @@ pub fn describe() {
     for rpc in ["QueryLogs", "QueryMetrics"] {
         // Registered empty so that latency rules and dashboards have series from the start.
         let _ = metrics::histogram!(QUERY_DURATION, "rpc" => rpc);
+        let _ = metrics::histogram!(QUERY_FIRST_RECORD, "rpc" => rpc);
     }
+    metrics::gauge!(QUERY_STALL).set(0.0);
 }

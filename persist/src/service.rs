@@ -5,10 +5,15 @@
 //! bounded channel: the response is never built up whole, and a client that goes away closes
 //! the channel, which ends the scan.
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use joblet_daemon::lock;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -116,6 +121,7 @@ impl PersistApi {
         &self,
         request: QueryLogsRequest,
     ) -> Result<ResponseStream<Bytes>, Status> {
+        let started = Instant::now();
         let parsed = (|| {
             let streams = match StreamType::try_from(request.stream) {
                 Ok(StreamType::Unspecified) => StreamFilter::Both,
@@ -161,7 +167,11 @@ impl PersistApi {
             }
         }
         let store = self.store.clone();
-        let rest = stream_scan("QueryLogs", move |emit| {
+        if first.is_some() {
+            metrics::histogram!(m::QUERY_FIRST_RECORD, "rpc" => "QueryLogs")
+                .record(started.elapsed().as_secs_f64());
+        }
+        let rest = stream_scan("QueryLogs", started, first.is_some(), move |emit| {
             if selection.limit == Some(0) {
                 return Ok(());
             }
@@ -173,6 +183,43 @@ impl PersistApi {
         });
         Ok(Box::pin(futures::stream::iter(first.map(Ok)).chain(rest)))
     }
+}
+
+/// Queries whose scan runs, each with since when it has worked without handing its client a
+/// record (`None` while it waits for the client to take some).
+static IN_FLIGHT: Mutex<BTreeMap<u64, Option<Instant>>> = Mutex::new(BTreeMap::new());
+static NEXT_QUERY: AtomicU64 = AtomicU64::new(0);
+
+/// A query in [`IN_FLIGHT`] while this lives.
+struct InFlight(u64);
+
+impl InFlight {
+    fn start() -> InFlight {
+        let id = NEXT_QUERY.fetch_add(1, Ordering::Relaxed);
+        lock(&IN_FLIGHT).insert(id, Some(Instant::now()));
+        InFlight(id)
+    }
+
+    fn working(&self, working: bool) {
+        lock(&IN_FLIGHT).insert(self.0, working.then(Instant::now));
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&IN_FLIGHT).remove(&self.0);
+    }
+}
+
+/// The longest any running query has worked without handing its client a record: a scan
+/// stuck in the store shows here long before it ends (and is recorded in the histograms).
+pub fn longest_stall() -> std::time::Duration {
+    lock(&IN_FLIGHT)
+        .values()
+        .flatten()
+        .map(Instant::elapsed)
+        .max()
+        .unwrap_or_default()
 }
 
 /// The request fields QueryLogs and QueryMetrics share.
@@ -231,14 +278,34 @@ pub fn status_of(error: StoreError) -> Status {
     }
 }
 
-/// Runs `scan` on the blocking pool and returns its records as a response stream.
+/// Runs `scan` on the blocking pool and returns its records as a response stream. The query's
+/// server time is recorded, not the time it waits for its client to take records:
+/// `joblet_persist_query_duration_seconds` (the whole query, from `started`) and
+/// `joblet_persist_query_first_record_seconds` (unless `first_sent`: the caller sent one).
 fn stream_scan<T: Send + 'static>(
     rpc: &'static str,
+    started: Instant,
+    first_sent: bool,
     scan: impl FnOnce(&mut dyn FnMut(T) -> ControlFlow<()>) -> Result<(), StoreError> + Send + 'static,
 ) -> ResponseStream<T> {
     let (chunks, chunks_rx) = mpsc::channel::<Result<Vec<T>, Status>>(CHUNKS_IN_FLIGHT);
-    let started = Instant::now();
     tokio::task::spawn_blocking(move || {
+        let query = InFlight::start();
+        let mut waited = std::time::Duration::ZERO;
+        let mut first_sent = first_sent;
+        let mut send = |chunk| {
+            if !first_sent {
+                first_sent = true;
+                metrics::histogram!(m::QUERY_FIRST_RECORD, "rpc" => rpc)
+                    .record((started.elapsed() - waited).as_secs_f64());
+            }
+            query.working(false);
+            let wait = Instant::now();
+            let sent = chunks.blocking_send(chunk);
+            waited += wait.elapsed();
+            query.working(true);
+            sent
+        };
         let mut chunk_size = 1;
         let mut chunk = Vec::with_capacity(chunk_size);
         let mut emit = |record: T| {
@@ -248,7 +315,7 @@ fn stream_scan<T: Send + 'static>(
             }
             chunk_size = (chunk_size * 2).min(CHUNK_RECORDS);
             let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_size));
-            match chunks.blocking_send(Ok(full)) {
+            match send(Ok(full)) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()), // the client went away
             }
@@ -261,9 +328,9 @@ fn stream_scan<T: Send + 'static>(
                 Err(status_of(error))
             }
         };
-        let _ = chunks.blocking_send(last);
+        let _ = send(last);
         metrics::histogram!(m::QUERY_DURATION, "rpc" => rpc)
-            .record(started.elapsed().as_secs_f64());
+            .record((started.elapsed() - waited).as_secs_f64());
     });
     Box::pin(ReceiverStream::new(chunks_rx).flat_map(|chunk| {
         let (records, error) = match chunk {
@@ -304,41 +371,47 @@ impl PersistService for PersistApi {
         &self,
         request: Request<QueryMetricsRequest>,
     ) -> Result<Response<Self::QueryMetricsStream>, Status> {
+        let started = Instant::now();
         let request = request.into_inner();
         let selection = self
             .selection(window_of!(request))
             .inspect_err(|s| count_rejection("QueryMetrics", s))?;
         let store = self.store.clone();
-        Ok(Response::new(stream_scan("QueryMetrics", move |emit| {
-            let job_id = selection.job_id.clone();
-            store
-                .scan_metrics(&selection, |record| {
-                    let sample = record.sample;
-                    emit(Metric {
-                        job_id: job_id.clone(),
-                        timestamp: record.timestamp,
-                        sequence: record.sequence,
-                        sample: Some(JobMetricsEvent {
+        Ok(Response::new(stream_scan(
+            "QueryMetrics",
+            started,
+            false,
+            move |emit| {
+                let job_id = selection.job_id.clone();
+                store
+                    .scan_metrics(&selection, |record| {
+                        let sample = record.sample;
+                        emit(Metric {
+                            job_id: job_id.clone(),
                             timestamp: record.timestamp,
-                            job_uuid: job_id.clone(),
-                            cpu_percent: sample.cpu_percent,
-                            memory_bytes: sample.memory_bytes,
-                            memory_limit: sample.memory_limit,
-                            disk_read_bytes: sample.io_read_bytes,
-                            disk_write_bytes: sample.io_write_bytes,
-                            net_recv_bytes: sample.net_recv_bytes,
-                            net_sent_bytes: sample.net_sent_bytes,
-                            pids: sample.pids,
                             sequence: record.sequence,
-                            cpu_pressure_some: sample.cpu_pressure_some,
-                            memory_pressure_some: sample.memory_pressure_some,
-                            memory_pressure_full: sample.memory_pressure_full,
-                            ..Default::default()
-                        }),
+                            sample: Some(JobMetricsEvent {
+                                timestamp: record.timestamp,
+                                job_uuid: job_id.clone(),
+                                cpu_percent: sample.cpu_percent,
+                                memory_bytes: sample.memory_bytes,
+                                memory_limit: sample.memory_limit,
+                                disk_read_bytes: sample.io_read_bytes,
+                                disk_write_bytes: sample.io_write_bytes,
+                                net_recv_bytes: sample.net_recv_bytes,
+                                net_sent_bytes: sample.net_sent_bytes,
+                                pids: sample.pids,
+                                sequence: record.sequence,
+                                cpu_pressure_some: sample.cpu_pressure_some,
+                                memory_pressure_some: sample.memory_pressure_some,
+                                memory_pressure_full: sample.memory_pressure_full,
+                                ..Default::default()
+                            }),
+                        })
                     })
-                })
-                .map(drop)
-        })))
+                    .map(drop)
+            },
+        )))
     }
 
     async fn list_jobs(

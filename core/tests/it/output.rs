@@ -266,6 +266,35 @@ fn names_in_alert_rules() -> Vec<String> {
     names
 }
 
+#[test]
+fn every_dashboard_panel_has_one_unit_follows_the_instance_variable_and_shows_zero_when_quiet() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../deploy/grafana/joblet.json")).unwrap();
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(variables.iter().any(|v| v["name"] == "instance"));
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap();
+        let defaults = &panel["fieldConfig"]["defaults"];
+        assert!(defaults["unit"].is_string(), "{title}: one unit");
+        assert!(
+            panel["fieldConfig"]["overrides"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{title}: no second unit"
+        );
+        assert_eq!(defaults["noValue"], "0", "{title}: shows 0 when quiet");
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(
+                expr.matches("{instance=~\"$instance\"").count()
+                    >= expr.matches("joblet_").count() + expr.matches("process_").count(),
+                "{title}: every series follows $instance: {expr}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_metric_in_the_alert_rules_and_dashboard_is_exported_by_a_real_daemon() {
     let dir = tempfile::tempdir().unwrap();

@@ -341,3 +341,78 @@ pub fn now() -> i64 {
         .unwrap()
         .as_nanos() as i64
 }
+
+/// The sum of a histogram's observations for `rpc`, from a scrape.
+fn histogram_sum(scrape: &str, name: &str, rpc: &str) -> f64 {
+    let prefix = format!("{name}_sum{{rpc=\"{rpc}\"}}");
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn query_latency_is_the_servers_time_not_the_time_a_slow_client_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = harness::start(dir.path(), "").await;
+    let replicator = Replicator::connect(&daemon.socket).await;
+    let base = now();
+    let lines: Vec<_> = (1..=300_000u64)
+        .map(|sequence| {
+            let content = format!("{sequence:0100}");
+            log_message(
+                JOB,
+                sequence,
+                base + sequence as i64,
+                Stream::Stdout,
+                content.into(),
+            )
+        })
+        .collect();
+    replicator.send_all_acked(lines).await;
+
+    // A client that reads one line, then looks at it for 3 s (a pager), then reads the rest.
+    let mut client = daemon.client().await;
+    let request = QueryLogsRequest {
+        job_id: JOB.into(),
+        ..Default::default()
+    };
+    let mut stream = client.query_logs(request).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut count = 1;
+    while stream.message().await.unwrap().is_some() {
+        count += 1;
+    }
+    assert_eq!(count, 300_000);
+
+    let mut scrape = String::new();
+    for _ in 0..50 {
+        scrape = daemon.scrape().await;
+        if scrape.contains("joblet_persist_query_duration_seconds_count{rpc=\"QueryLogs\"} 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let busy = histogram_sum(
+        &scrape,
+        "joblet_persist_query_duration_seconds",
+        "QueryLogs",
+    );
+    let first = histogram_sum(
+        &scrape,
+        "joblet_persist_query_first_record_seconds",
+        "QueryLogs",
+    );
+    assert!(
+        busy < 2.5,
+        "the query's server time is {busy} s: it counts the client's 3 s"
+    );
+    assert!(first < 0.5, "first line after {first} s");
+    assert!(
+        scrape.contains("joblet_persist_query_stall_seconds 0"),
+        "{scrape}"
+    );
+    drop(replicator);
+    daemon.terminate().await;
+}

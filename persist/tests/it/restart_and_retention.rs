@@ -241,6 +241,20 @@ async fn an_unreadable_line_is_kept_as_a_gap_counted_and_metrics_are_exported() 
         scrape.starts_with("HTTP/1.0 200") || scrape.starts_with("HTTP/1.1 200"),
         "{scrape}"
     );
+    // CPU seconds to the tick, not truncated to whole seconds (rate() needs them): starting
+    // RocksDB alone takes more than a tick and less than a second.
+    let cpu: f64 = scrape
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("process_cpu_seconds_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(
+        cpu > 0.0 && cpu.fract() != 0.0,
+        "process_cpu_seconds_total {cpu}"
+    );
     assert!(
         scrape
             .to_ascii_lowercase()
