@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 JOBLET_DIR := $(CURDIR)/.joblet
 
-.PHONY: all build deps promtool rules test test-cgroup2 test-deb deb install fmt clippy run bench clean-run
+.PHONY: all build deps promtool rules test test-cgroup2 test-deb test-alerts deb install fmt clippy run bench clean-run
 
 all: build
 
@@ -42,11 +42,18 @@ test: deps fmt rules
 	$(MAKE) --no-print-directory clippy
 	$(MAKE) --no-print-directory test-cgroup2
 	$(MAKE) --no-print-directory test-deb
+	$(MAKE) --no-print-directory test-alerts
 
 # core's cgroup and limits tests in a throw-away QEMU guest whose only hierarchy is cgroup v2
 # (../shared/tools/cgroup2-vm.sh), at the root and in a systemd-like delegated cgroup.
 test-cgroup2: deps
 	scripts/test-cgroup2.sh
+
+# The shipped alert rules (for: and windows shortened) in Debian's prometheus and
+# prometheus-alertmanager against the real daemons: core down, persist down, persist stopped,
+# persist's disk full; each alert must reach Alertmanager and resolve (~3.5 min).
+test-alerts: deps
+	scripts/test-alerts.sh
 
 # The Debian package installed, used and purged on this machine (root; no systemd needed).
 test-deb: deps
