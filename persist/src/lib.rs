@@ -201,10 +201,13 @@ async fn publish_storage_gauges(store: Arc<Store>, config: Config, shutdown: Can
     }
 }
 
-/// Every second: the longest a running query has worked without handing on a record.
+/// Every second: the oldest running query's age, and the longest a running query has worked
+/// without handing on a record.
 async fn publish_query_stall(shutdown: CancellationToken) {
     loop {
-        ::metrics::gauge!(metrics::QUERY_STALL).set(service::longest_stall().as_secs_f64());
+        let (oldest, stall) = service::in_flight();
+        ::metrics::gauge!(metrics::QUERY_OLDEST).set(oldest.as_secs_f64());
+        ::metrics::gauge!(metrics::QUERY_STALL).set(stall.as_secs_f64());
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -7,6 +7,7 @@ pub const WRITE_DURATION: &str = "joblet_persist_write_duration_seconds";
 pub const QUERY_DURATION: &str = "joblet_persist_query_duration_seconds";
 pub const QUERY_FIRST_RECORD: &str = "joblet_persist_query_first_record_seconds";
 pub const QUERY_STALL: &str = "joblet_persist_query_stall_seconds";
+pub const QUERY_OLDEST: &str = "joblet_persist_query_oldest_inflight_seconds";
 pub const STORAGE_BYTES: &str = "joblet_persist_storage_bytes";
 pub const STORAGE_CAPACITY_BYTES: &str = "joblet_persist_storage_capacity_bytes";
 pub const FILESYSTEM_SIZE_BYTES: &str = "joblet_persist_filesystem_size_bytes";
@@ -118,4 +119,11 @@ pub fn describe() {
         let _ = metrics::histogram!(QUERY_FIRST_RECORD, "rpc" => rpc);
     }
     metrics::gauge!(QUERY_STALL).set(0.0);
+    metrics::gauge!(QUERY_OLDEST).set(0.0);
+    describe_gauge!(
+        QUERY_OLDEST,
+        Unit::Seconds,
+        "Age of the oldest query being answered, the time its client takes to read included \
+         (0 when none runs)."
+    );
 }

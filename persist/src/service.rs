@@ -185,9 +185,9 @@ impl PersistApi {
     }
 }
 
-/// Queries whose scan runs, each with since when it has worked without handing its client a
-/// record (`None` while it waits for the client to take some).
-static IN_FLIGHT: Mutex<BTreeMap<u64, Option<Instant>>> = Mutex::new(BTreeMap::new());
+/// Queries whose scan runs: when each started, and since when it has worked without handing
+/// its client a record (`None` while it waits for the client to take some).
+static IN_FLIGHT: Mutex<BTreeMap<u64, (Instant, Option<Instant>)>> = Mutex::new(BTreeMap::new());
 static NEXT_QUERY: AtomicU64 = AtomicU64::new(0);
 
 /// A query in [`IN_FLIGHT`] while this lives.
@@ -196,12 +196,15 @@ struct InFlight(u64);
 impl InFlight {
     fn start() -> InFlight {
         let id = NEXT_QUERY.fetch_add(1, Ordering::Relaxed);
-        lock(&IN_FLIGHT).insert(id, Some(Instant::now()));
+        let now = Instant::now();
+        lock(&IN_FLIGHT).insert(id, (now, Some(now)));
         InFlight(id)
     }
 
     fn working(&self, working: bool) {
-        lock(&IN_FLIGHT).insert(self.0, working.then(Instant::now));
+        if let Some(query) = lock(&IN_FLIGHT).get_mut(&self.0) {
+            query.1 = working.then(Instant::now);
+        }
     }
 }
 
@@ -211,15 +214,18 @@ impl Drop for InFlight {
     }
 }
 
-/// The longest any running query has worked without handing its client a record: a scan
-/// stuck in the store shows here long before it ends (and is recorded in the histograms).
-pub fn longest_stall() -> std::time::Duration {
-    lock(&IN_FLIGHT)
+/// Of the running queries: the age of the oldest (client time included), and the longest any
+/// has worked without handing its client a record (a scan stuck in the store shows there long
+/// before it ends and is recorded in the histograms).
+pub fn in_flight() -> (std::time::Duration, std::time::Duration) {
+    let queries = lock(&IN_FLIGHT);
+    let oldest = queries.values().map(|(started, _)| started.elapsed()).max();
+    let stall = queries
         .values()
-        .flatten()
-        .map(Instant::elapsed)
-        .max()
-        .unwrap_or_default()
+        .filter_map(|(_, working)| *working)
+        .map(|w| w.elapsed())
+        .max();
+    (oldest.unwrap_or_default(), stall.unwrap_or_default())
 }
 
 /// The request fields QueryLogs and QueryMetrics share.

@@ -112,6 +112,13 @@ async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
     for n in 1..=expected as u64 {
         assert_eq!(by_sequence[&n], n.to_string().into_bytes());
     }
+    // What the killed persist had not acknowledged was sent again, and counted apart.
+    let resent = gauge_soon(&core, "joblet_ipc_messages_resent_total", -1.0).await;
+    let sent = gauge_soon(&core, "joblet_ipc_messages_sent_total", -1.0).await;
+    assert!(
+        resent > 0.0 && sent >= expected as f64 + resent,
+        "sent {sent}, of which resent {resent}"
+    );
     core.terminate().await;
     persist.terminate().await;
 }

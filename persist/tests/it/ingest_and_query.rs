@@ -380,6 +380,22 @@ async fn query_latency_is_the_servers_time_not_the_time_a_slow_client_takes() {
     let mut stream = client.query_logs(request).await.unwrap().into_inner();
     assert!(stream.message().await.unwrap().is_some());
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // Meanwhile the query is in flight, waiting for its client: old, but not stalled.
+    let during = daemon.scrape().await;
+    let gauge = |name: &str| -> f64 {
+        during
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap()
+    };
+    assert!(
+        gauge("joblet_persist_query_oldest_inflight_seconds ") >= 1.0,
+        "{during}"
+    );
+    assert!(
+        gauge("joblet_persist_query_stall_seconds ") < 1.0,
+        "{during}"
+    );
     let mut count = 1;
     while stream.message().await.unwrap().is_some() {
         count += 1;
