@@ -240,6 +240,7 @@ impl Config {
             i64::MIN,
             joblet_ipc::Stream::Stderr,
             &longest_line,
+            true,
         )
         .body_len() as u64;
         if frame > self.persist.max_frame_size.as_u64() {

@@ -560,7 +560,8 @@ pub struct Append<'a> {
 }
 
 impl Append<'_> {
-    pub fn line(&mut self, content: &[u8]) {
+    /// Appends a record; `partial` when no newline followed it.
+    pub fn line(&mut self, content: &[u8], partial: bool) {
         let state = &mut *self.state;
         let sequence = state.next_sequence;
         state.next_sequence += 1;
@@ -575,6 +576,7 @@ impl Append<'_> {
             self.timestamp,
             sequence,
             content,
+            partial,
         );
     }
 }
@@ -634,6 +636,7 @@ fn encode_record(
     timestamp: i64,
     sequence: u64,
     content: &[u8],
+    partial: bool,
 ) {
     let varints = [
         (1, stream as i32 as u64),
@@ -644,13 +647,15 @@ fn encode_record(
         .iter()
         .map(|&(_, value)| wire::varint_field_len(value))
         .sum::<usize>()
-        + wire::bytes_field_len(content);
+        + wire::bytes_field_len(content)
+        + wire::varint_field_len(u64::from(partial));
     buf.reserve(4 + len);
     buf.put_u32(len as u32);
     for (tag, value) in varints {
         wire::put_varint_field(tag, value, buf);
     }
     wire::put_bytes_field(4, content, buf);
+    wire::put_varint_field(5, u64::from(partial), buf);
 }
 
 pub struct SpoolReader {
@@ -761,7 +766,9 @@ pub fn pump(writer: &SpoolWriter, stream: LogStream, mut pipe: File, max_line: u
             Ok(0) => break,
             Ok(n) => {
                 let mut append = writer.append(stream);
-                splitter.push(&buffer[..n], &mut |line| append.line(line));
+                splitter.push(&buffer[..n], &mut |line, partial| {
+                    append.line(line, partial)
+                });
                 drop(append);
                 if n == buffer.len() && n < PIPE_READ {
                     buffer.resize(n * 2, 0);
@@ -779,7 +786,7 @@ pub fn pump(writer: &SpoolWriter, stream: LogStream, mut pipe: File, max_line: u
         }
     }
     let mut append = writer.append(stream);
-    splitter.finish(&mut |line| append.line(line));
+    splitter.finish(&mut |line, partial| append.line(line, partial));
 }
 
 /// Whether `pipe` has something to read (or reached its end) within `wait`.
@@ -795,8 +802,10 @@ fn readable_within(pipe: &File, wait: Duration) -> bool {
 }
 
 /// Splits a byte stream into lines without their newline; lines longer than `max` are cut
-/// into pieces of `max` bytes. Lines are lent to a callback: only a line that spans two
-/// pushes is copied.
+/// into pieces of `max` bytes. Lines are lent to a callback with whether they are partial (no
+/// newline followed: a piece of a longer line, or the end of a stream without a final newline),
+/// so that the bytes can be put back together exactly. Only a line that spans two pushes is
+/// copied.
 pub struct LineSplitter {
     partial: Vec<u8>,
     max: usize,
@@ -810,17 +819,17 @@ impl LineSplitter {
         }
     }
 
-    pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8])) {
+    pub fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
         while !data.is_empty() {
             let room = self.max - self.partial.len();
             let window = &data[..data.len().min(room + 1)];
             match memchr::memchr(b'\n', window) {
                 Some(end) => {
                     if self.partial.is_empty() {
-                        emit(&data[..end]);
+                        emit(&data[..end], false);
                     } else {
                         self.partial.extend_from_slice(&data[..end]);
-                        emit(&self.partial);
+                        emit(&self.partial, false);
                         self.partial.clear();
                     }
                     data = &data[end + 1..];
@@ -828,7 +837,7 @@ impl LineSplitter {
                 // A full piece is cut only once the next byte is known not to be its
                 // newline, so where the input was split between reads does not matter.
                 None if room == 0 => {
-                    emit(&self.partial);
+                    emit(&self.partial, true);
                     self.partial.clear();
                 }
                 None => {
@@ -840,10 +849,10 @@ impl LineSplitter {
         }
     }
 
-    /// The last line if the stream did not end with a newline.
-    pub fn finish(&mut self, emit: &mut impl FnMut(&[u8])) {
+    /// The last line if the stream did not end with a newline (partial: none follows).
+    pub fn finish(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
         if !self.partial.is_empty() {
-            emit(&self.partial);
+            emit(&self.partial, true);
             self.partial.clear();
         }
     }
@@ -854,13 +863,90 @@ mod tests {
     use super::*;
 
     fn split(max: usize, chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        split_marked(max, chunks)
+            .into_iter()
+            .map(|(line, _)| line)
+            .collect()
+    }
+
+    /// The records and whether each is partial.
+    fn split_marked(max: usize, chunks: &[&[u8]]) -> Vec<(Vec<u8>, bool)> {
         let mut splitter = LineSplitter::new(max);
-        let mut lines: Vec<Vec<u8>> = Vec::new();
+        let mut lines = Vec::new();
+        let mut emit = |line: &[u8], partial| lines.push((line.to_vec(), partial));
         for chunk in chunks {
-            splitter.push(chunk, &mut |line| lines.push(line.to_vec()));
+            splitter.push(chunk, &mut emit);
         }
-        splitter.finish(&mut |line| lines.push(line.to_vec()));
+        splitter.finish(&mut emit);
         lines
+    }
+
+    #[test]
+    fn records_say_whether_a_newline_followed() {
+        let t = |s: &str, partial| (s.as_bytes().to_vec(), partial);
+        assert_eq!(
+            split_marked(
+                4,
+                &[
+                    b"abcdefghij
+xy
+",
+                    b"tail"
+                ]
+            ),
+            vec![
+                t("abcd", true),
+                t("efgh", true),
+                t("ij", false),
+                t("xy", false),
+                t("tail", true)
+            ]
+        );
+        assert_eq!(
+            split_marked(
+                4,
+                &[b"abcd
+"]
+            ),
+            vec![t("abcd", false)]
+        );
+        assert_eq!(
+            split_marked(4, &[b"abcd", b"e"]),
+            vec![t("abcd", true), t("e", true)]
+        );
+    }
+
+    proptest::proptest! {
+        /// The records, each followed by a newline unless partial, are the input byte for
+        /// byte, however it was cut into reads.
+        #[test]
+        fn records_put_back_together_are_the_input(
+            input in proptest::collection::vec(
+                proptest::prop_oneof![proptest::num::u8::ANY, proptest::strategy::Just(b'\n')],
+                0..400,
+            ),
+            max in 1usize..40,
+            cuts in proptest::collection::vec(0usize..400, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(input.len())).collect();
+            cuts.push(input.len());
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut from = 0;
+            for cut in cuts {
+                chunks.push(&input[from..cut]);
+                from = cut;
+            }
+            let mut joined = Vec::new();
+            for (line, partial) in split_marked(max, &chunks) {
+                proptest::prop_assert!(line.len() <= max);
+                joined.extend_from_slice(&line);
+                if !partial {
+                    joined.push(b'\n');
+                }
+            }
+            proptest::prop_assert_eq!(joined, input);
+        }
     }
 
     #[test]
@@ -914,17 +1000,20 @@ mod tests {
             (LogStream::Stdout, -5, 300, &[0xff, 0, b'\n'][..]),
             (LogStream::Unspecified, i64::MAX, 0, &[b'x'; 70_000][..]),
         ] {
-            let mut buf = BytesMut::new();
-            encode_record(&mut buf, stream, timestamp, sequence, content);
-            let expected = LogRecord {
-                stream: stream as i32,
-                timestamp,
-                sequence,
-                content: bytes::Bytes::copy_from_slice(content),
-            };
-            let mut prost_buf = BytesMut::new();
-            joblet_ipc::codec::encode_frame(&expected, usize::MAX, &mut prost_buf).unwrap();
-            assert_eq!(buf, prost_buf, "same bytes as prost for {sequence}");
+            for partial in [false, true] {
+                let mut buf = BytesMut::new();
+                encode_record(&mut buf, stream, timestamp, sequence, content, partial);
+                let expected = LogRecord {
+                    stream: stream as i32,
+                    timestamp,
+                    sequence,
+                    content: bytes::Bytes::copy_from_slice(content),
+                    partial,
+                };
+                let mut prost_buf = BytesMut::new();
+                joblet_ipc::codec::encode_frame(&expected, usize::MAX, &mut prost_buf).unwrap();
+                assert_eq!(buf, prost_buf, "same bytes as prost for {sequence}");
+            }
         }
     }
 
@@ -937,7 +1026,7 @@ mod tests {
             (LogStream::Stdout, 5, 0),
         ] {
             let mut buf = BytesMut::new();
-            encode_record(&mut buf, stream, timestamp, sequence, b"content\n");
+            encode_record(&mut buf, stream, timestamp, sequence, b"content\n", true);
             assert_eq!(record_sequence(&buf[4..]), Ok(sequence));
         }
         // Another field order goes through the general decoder.
@@ -960,7 +1049,7 @@ mod tests {
         for batch in 0..10u64 {
             let mut append = writer.append(LogStream::Stdout);
             for i in 0..500 {
-                append.line(format!("{}", batch * 500 + i + 1).as_bytes());
+                append.line(format!("{}", batch * 500 + i + 1).as_bytes(), false);
             }
             drop(append);
             if follow_progress {
@@ -1008,14 +1097,14 @@ mod tests {
         let writer = SpoolWriter::open(&path).unwrap();
         let mut append = writer.append(LogStream::Stdout);
         for i in 1..=10 {
-            append.line(format!("{i}").as_bytes());
+            append.line(format!("{i}").as_bytes(), false);
         }
         drop(append);
         output.refresh().unwrap();
         let progress = std::fs::read(progress_path(&path)).unwrap();
         // A supervisor killed after its next write, before its progress update.
         let mut append = writer.append(LogStream::Stdout);
-        append.line(b"11");
+        append.line(b"11", false);
         drop(append);
         std::fs::write(progress_path(&path), &progress).unwrap();
         output.refresh().unwrap();

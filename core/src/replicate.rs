@@ -373,6 +373,7 @@ async fn send_logs(sender: IpcSender, job: Arc<Job>, round: Round) -> Result<u64
                 record.timestamp,
                 stream,
                 &record.content,
+                record.partial,
             );
             match sender.send(frame).await {
                 Ok(()) => {}

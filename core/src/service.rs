@@ -406,8 +406,10 @@ impl JobService for JobApi {
                     |sender| async move {
                         loop {
                             let item = match lines.message().await {
+                                // A gap marker: the compat stream has no way to say it.
+                                Ok(Some(line)) if line.lost_lines > 0 => continue,
                                 Ok(Some(line)) => Ok(DataChunk {
-                                    payload: with_newline(&line.content),
+                                    payload: with_newline(&line.content, line.partial),
                                 }),
                                 Ok(None) => return,
                                 Err(status) => Err(status),
@@ -430,7 +432,7 @@ impl JobService for JobApi {
                             .into_iter()
                             .map(|r| {
                                 Ok(DataChunk {
-                                    payload: with_newline(&r.content),
+                                    payload: with_newline(&r.content, r.partial),
                                 })
                             })
                             .collect(),
@@ -597,10 +599,13 @@ impl JobService for JobApi {
     }
 }
 
-fn with_newline(content: &[u8]) -> bytes::Bytes {
+/// A record as the job wrote it: its content and, unless partial, the newline after it.
+fn with_newline(content: &[u8], partial: bool) -> bytes::Bytes {
     let mut payload = Vec::with_capacity(content.len() + 1);
     payload.extend_from_slice(content);
-    payload.push(b'\n');
+    if !partial {
+        payload.push(b'\n');
+    }
     payload.into()
 }
 

@@ -25,6 +25,7 @@ enum Body<'a> {
         /// Stream as its int32 wire value, sign-extended as prost does.
         stream: u64,
         content: &'a [u8],
+        partial: bool,
     },
     Metric {
         envelope: Fields<'a>,
@@ -78,13 +79,14 @@ impl Fields<'_> {
 }
 
 impl<'a> Frame<'a> {
-    /// One log line.
+    /// One log line (`partial`: no newline followed it; see `LogData`).
     pub fn log(
         job_id: &'a str,
         sequence: u64,
         timestamp_ns: i64,
         stream: Stream,
         content: &'a [u8],
+        partial: bool,
     ) -> Frame<'a> {
         let stream = i64::from(stream as i32) as u64;
         let envelope = Fields {
@@ -92,7 +94,9 @@ impl<'a> Frame<'a> {
             job_id,
             timestamp: timestamp_ns as u64,
             sequence,
-            payload_len: wire::varint_field_len(stream) + wire::bytes_field_len(content),
+            payload_len: wire::varint_field_len(stream)
+                + wire::bytes_field_len(content)
+                + wire::varint_field_len(u64::from(partial)),
         };
         Frame {
             body_len: envelope.body_len(),
@@ -100,6 +104,7 @@ impl<'a> Frame<'a> {
                 envelope,
                 stream,
                 content,
+                partial,
             },
         }
     }
@@ -141,10 +146,12 @@ impl<'a> Frame<'a> {
                 envelope,
                 stream,
                 content,
+                partial,
             } => {
                 envelope.put(buf);
                 wire::put_varint_field(1, stream, buf);
                 wire::put_bytes_field(2, content, buf);
+                wire::put_varint_field(5, u64::from(partial), buf);
             }
             Body::Metric { envelope, sample } => {
                 envelope.put(buf);
@@ -244,6 +251,7 @@ pub fn gap_message(
         content: Bytes::new(),
         lost_lines,
         lost_reason: reason.to_owned(),
+        partial: false,
     };
     envelope(
         MessageType::Log,
@@ -264,6 +272,8 @@ pub struct LogPayload<'a> {
     pub lost_lines: u64,
     /// Why, for a gap marker (UTF-8 as sent; prost would refuse what is not).
     pub lost_reason: &'a str,
+    /// No newline followed the content.
+    pub partial: bool,
 }
 
 /// The fields of an encoded `LogData`. Accepts and refuses exactly what `LogData::decode` does;
@@ -286,6 +296,10 @@ pub fn log_payload(buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError> {
         if next_is(0x22, &mut rest) {
             payload.lost_reason = std::str::from_utf8(field(&mut rest)?).ok()?;
         }
+        if next_is(0x28, &mut rest) {
+            // prost reads any varint as a bool, non-zero as true.
+            payload.partial = varint(&mut rest)? != 0;
+        }
         rest.is_empty().then_some(payload)
     };
     match canonical() {
@@ -295,7 +309,7 @@ pub fn log_payload(buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError> {
 }
 
 fn log_payload_any(mut buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError> {
-    use prost::encoding::{DecodeContext, decode_key, int32, skip_field, string, uint64};
+    use prost::encoding::{DecodeContext, bool, decode_key, int32, skip_field, string, uint64};
     let mut payload = LogPayload::default();
     let context = DecodeContext::default;
     while !buf.is_empty() {
@@ -311,6 +325,7 @@ fn log_payload_any(mut buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError>
                 string::merge(wire_type, &mut String::new(), &mut buf, context())?;
                 payload.lost_reason = std::str::from_utf8(bytes).unwrap_or_default();
             }
+            5 => bool::merge(wire_type, &mut payload.partial, &mut buf, context())?,
             _ => skip_field(wire_type, tag, &mut buf, context())?,
         }
     }
@@ -466,10 +481,15 @@ mod tests {
             stream in 0i32..3,
             content in prop::collection::vec(any::<u8>(), 0..300),
             memory in any::<i64>(),
+            partial in any::<bool>(),
         ) {
             let stream = Stream::try_from(stream).unwrap();
-            let log = log_message(&job_id, sequence, timestamp, stream, content.clone().into());
-            let frame = Frame::log(&job_id, sequence, timestamp, stream, &content);
+            let mut log = log_message(&job_id, sequence, timestamp, stream, content.clone().into());
+            if partial {
+                let data = LogData { stream: stream as i32, content: content.clone().into(), partial, ..Default::default() };
+                log.data = data.encode_to_vec().into();
+            }
+            let frame = Frame::log(&job_id, sequence, timestamp, stream, &content, partial);
             prop_assert_eq!(frame.to_bytes().to_vec(), framed(&log));
             prop_assert_eq!(Frame::from(&log).to_bytes().to_vec(), framed(&log));
             prop_assert_eq!(frame.body_len(), log.encoded_len());
@@ -482,7 +502,7 @@ mod tests {
         }
 
         #[test]
-        fn log_payload_reads_what_prost_reads(bytes in test_support::protobuf_like(1..6, 6)) {
+        fn log_payload_reads_what_prost_reads(bytes in test_support::protobuf_like(1..7, 6)) {
             let ours = log_payload(&bytes);
             match LogData::decode(bytes.as_slice()) {
                 Ok(data) => {
@@ -491,6 +511,7 @@ mod tests {
                     prop_assert_eq!(ours.content, data.content.as_ref());
                     prop_assert_eq!(ours.lost_lines, data.lost_lines);
                     prop_assert_eq!(ours.lost_reason, data.lost_reason.as_str());
+                    prop_assert_eq!(ours.partial, data.partial);
                 }
                 Err(_) => prop_assert!(ours.is_err(), "prost refused it, we read {:?}", ours),
             }

@@ -141,7 +141,7 @@ mod tests {
     use std::sync::Arc;
 
     fn frame(sequence: u64) -> Frame<'static> {
-        Frame::log("job", sequence, 1, Stream::Stdout, b"line")
+        Frame::log("job", sequence, 1, Stream::Stdout, b"line", false)
     }
 
     fn frames(sequences: std::ops::RangeInclusive<u64>) -> Vec<u8> {

@@ -69,7 +69,8 @@ impl LineEncoder {
                 .sum::<usize>()
             + wire::bytes_field_len(record.content)
             + wire::varint_field_len(lost_lines)
-            + wire::bytes_field_len(lost_reason);
+            + wire::bytes_field_len(lost_reason)
+            + wire::varint_field_len(u64::from(record.partial));
         if self.buffer.capacity() < len {
             self.buffer = BytesMut::with_capacity(len.max(BUFFER_BYTES));
         }
@@ -81,6 +82,7 @@ impl LineEncoder {
         wire::put_bytes_field(5, record.content, buf);
         wire::put_varint_field(10, lost_lines, buf);
         wire::put_bytes_field(11, lost_reason, buf);
+        wire::put_varint_field(12, u64::from(record.partial), buf);
         buf.split().freeze()
     }
 }
@@ -208,12 +210,15 @@ mod tests {
             .into_iter()
             .map(|case| (case, None))
             .chain([((joblet_ipc::Stream::Stdout, 9, 9, &b""[..]), Some(gap))]);
-        for ((stream, timestamp, sequence, content), gap) in cases {
+        for (((stream, timestamp, sequence, content), gap), partial) in
+            cases.flat_map(|case| [(case, false), (case, true)])
+        {
             let record = LogRecord {
                 stream,
                 timestamp,
                 sequence,
                 content,
+                partial,
                 gap,
             };
             let expected = LogLine {
@@ -227,6 +232,7 @@ mod tests {
                 content: Bytes::copy_from_slice(content),
                 lost_lines: gap.map_or(0, |gap| gap.lines),
                 lost_reason: gap.map_or(String::new(), |gap| gap.reason.to_owned()),
+                partial,
             };
             assert_eq!(encoder.encode(&record), expected.encode_to_vec());
         }

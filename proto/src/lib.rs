@@ -170,6 +170,7 @@ pub mod wire {
                     timestamp: -5,
                     sequence,
                     content: bytes::Bytes::from_static(b"a line\n"),
+                    partial: true,
                 };
                 let encoded = prost::Message::encode_to_vec(&record);
                 assert_eq!(varint_field(&encoded, 3), Ok(sequence));

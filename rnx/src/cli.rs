@@ -141,7 +141,7 @@ pub enum JobCommand {
     DeleteAll,
     /// Show a job's output: history from joblet-persist, then live from joblet-core.
     #[command(
-        after_help = "Times (T) are RFC 3339 (nanoseconds allowed) or a duration back from now (10m).\n--since is inclusive, --until exclusive.\n\nExamples:\n  rnx job log 3f2a\n  rnx job log -f 3f2a\n  rnx job log --since 10m --stderr --grep ERROR 3f2a\n  rnx job log --tail 100 --timestamps 3f2a"
+        after_help = "Times (T) are RFC 3339 (nanoseconds allowed) or a duration back from now (10m).\n--since is inclusive, --until exclusive.\n\nOutput is the job's bytes exactly (with one stream: what it wrote). --json gives one object\nper record: stream, timestamp (RFC 3339, UTC), timestamp_ns, sequence, and content (text)\nor content_base64 (bytes that are not UTF-8); \"partial\": true when no newline followed it.\nLines lost before persist stored them are said on stderr, in their place (exit 3).\n\nExamples:\n  rnx job log 3f2a\n  rnx job log -f 3f2a\n  rnx job log --since 10m --stderr --grep ERROR 3f2a\n  rnx job log --tail 100 --timestamps 3f2a"
     )]
     Log(LogArgs),
     /// Show a job's resource samples (CPU, memory, IO, pids).

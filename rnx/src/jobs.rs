@@ -131,8 +131,11 @@ pub async fn run(node: &Node, args: RunArgs, json: bool) -> Result<(), Failure> 
         tokio::select! {
             message = stream.message() => match message? {
                 Some(record) => {
+                    // The job's bytes as written: no newline after a partial record.
                     write(&mut out, &record.content)?;
-                    write(&mut out, b"\n")?;
+                    if !record.partial {
+                        write(&mut out, b"\n")?;
+                    }
                 }
                 None => break,
             },

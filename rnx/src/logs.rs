@@ -14,6 +14,8 @@ use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use joblet_proto::joblet::job_service_client::JobServiceClient;
 use joblet_proto::joblet::{GetJobStatusRequest, LogStream, StreamLogsRequest};
@@ -39,6 +41,8 @@ struct Line {
     timestamp: i64,
     sequence: u64,
     content: Bytes,
+    /// No newline followed the content in what the job wrote.
+    partial: bool,
     /// A gap marker from persist: this many lines were lost here, and why.
     lost: Option<(u64, String)>,
 }
@@ -82,6 +86,8 @@ struct Printer<W: Write> {
     tail_size: usize,
     /// Lines the gaps printed stand for.
     lost: u64,
+    /// The stream (stderr?) whose line the last record printed left open (it was partial).
+    open_line: Option<bool>,
 }
 
 impl<W: Write> Printer<W> {
@@ -107,7 +113,8 @@ impl<W: Write> Printer<W> {
                 return json_line(
                     &mut self.out,
                     &json!({
-                        "timestamp": line.timestamp,
+                        "timestamp": timespec::format_ns_utc(line.timestamp),
+                        "timestamp_ns": line.timestamp,
                         "sequence": line.sequence,
                         "lost_lines": lines,
                         "lost_reason": reason,
@@ -121,28 +128,49 @@ impl<W: Write> Printer<W> {
             return Ok(());
         }
         if self.json {
-            return json_line(
-                &mut self.out,
-                &json!({
-                    "stream": if line.stderr { "stderr" } else { "stdout" },
-                    "timestamp": line.timestamp,
-                    "sequence": line.sequence,
-                    "content": String::from_utf8_lossy(&line.content),
-                }),
-            );
+            let mut record = json!({
+                "stream": if line.stderr { "stderr" } else { "stdout" },
+                "timestamp": timespec::format_ns_utc(line.timestamp),
+                "timestamp_ns": line.timestamp,
+                "sequence": line.sequence,
+            });
+            // Content as is when it is text; anything else losslessly, in base64.
+            match std::str::from_utf8(&line.content) {
+                Ok(text) => record["content"] = text.into(),
+                Err(_) => record["content_base64"] = BASE64.encode(&line.content).into(),
+            }
+            if line.partial {
+                record["partial"] = true.into();
+            }
+            return json_line(&mut self.out, &record);
         }
-        if self.prefix {
-            write(&mut self.out, if line.stderr { b"err| " } else { b"out| " })?;
-        }
-        if self.timestamps {
-            write(
-                &mut self.out,
-                timespec::format_ns(line.timestamp).as_bytes(),
-            )?;
-            write(&mut self.out, b" ")?;
+        // Plain: the job's bytes exactly. Decorated (stream prefix, timestamps): a line's
+        // pieces stay one line, and a line left open by the other stream is ended first.
+        let decorated = self.prefix || self.timestamps;
+        let continues = self.open_line == Some(line.stderr);
+        if decorated && !continues {
+            if self.open_line.is_some() {
+                write(&mut self.out, b"\n")?;
+            }
+            if self.prefix {
+                write(&mut self.out, if line.stderr { b"err| " } else { b"out| " })?;
+            }
+            if self.timestamps {
+                write(
+                    &mut self.out,
+                    timespec::format_ns(line.timestamp).as_bytes(),
+                )?;
+                write(&mut self.out, b" ")?;
+            }
         }
         write(&mut self.out, &line.content)?;
-        write(&mut self.out, b"\n")
+        if line.partial {
+            self.open_line = Some(line.stderr);
+            Ok(())
+        } else {
+            self.open_line = None;
+            write(&mut self.out, b"\n")
+        }
     }
 
     /// Prints what the tail buffer holds and switches to printing directly.
@@ -158,6 +186,11 @@ impl<W: Write> Printer<W> {
     /// The end: a log with gaps is not whole, and the exit code says so.
     fn finish(mut self) -> Result<(), Failure> {
         self.release_tail()?;
+        // Decorated output ends its last line; plain output ends as the job's did.
+        if self.open_line.is_some() && (self.prefix || self.timestamps) {
+            write(&mut self.out, b"\n")?;
+            flush(&mut self.out)?;
+        }
         if self.lost > 0 {
             let s = if self.lost == 1 { "" } else { "s" };
             eprintln!("rnx: this log misses {} line{s} (see above)", self.lost);
@@ -217,6 +250,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
             .map(|n| VecDeque::with_capacity((n as usize).min(65_536))),
         tail_size: args.tail.unwrap_or(0) as usize,
         lost: 0,
+        open_line: None,
     };
 
     // History.
@@ -248,6 +282,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                 timestamp: line.timestamp,
                 sequence: line.sequence,
                 content: line.content,
+                partial: line.partial,
                 lost: (line.lost_lines > 0).then_some((line.lost_lines, line.lost_reason)),
             })?;
         }
@@ -290,6 +325,7 @@ pub async fn show(node: &Node, args: LogArgs, json: bool) -> Result<(), Failure>
                                 timestamp: record.timestamp,
                                 sequence: record.sequence,
                                 content: record.content,
+                                partial: record.partial,
                                 lost: None,
                             };
                             if filters.keep(&line) {

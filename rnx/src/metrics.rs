@@ -114,7 +114,8 @@ impl View {
             json_line(
                 &mut self.out,
                 &json!({
-                    "timestamp": sample.timestamp, "sequence": sample.sequence,
+                    "timestamp": timespec::format_ns_utc(sample.timestamp),
+                    "timestamp_ns": sample.timestamp, "sequence": sample.sequence,
                     "cpu_percent": sample.cpu_percent, "memory_bytes": sample.memory_bytes,
                     "memory_limit": sample.memory_limit, "io_read_bytes": sample.disk_read_bytes,
                     "io_write_bytes": sample.disk_write_bytes, "pids": sample.pids,

@@ -51,12 +51,23 @@ fn in_shown_zone(time: DateTime<Utc>) -> DateTime<chrono::FixedOffset> {
 
 /// Unix nanoseconds as RFC 3339 with nanoseconds, in local time with its offset (`Z` in UTC).
 pub fn format_ns(ns: i64) -> String {
+    utc_of(ns)
+        .map(|t| in_shown_zone(t).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+        .unwrap_or_else(|| ns.to_string())
+}
+
+/// Unix nanoseconds as RFC 3339 in UTC with nanoseconds, as JSON output gives every time.
+pub fn format_ns_utc(ns: i64) -> String {
+    utc_of(ns)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+        .unwrap_or_else(|| ns.to_string())
+}
+
+fn utc_of(ns: i64) -> Option<DateTime<Utc>> {
     DateTime::<Utc>::from_timestamp(
         ns.div_euclid(1_000_000_000),
         ns.rem_euclid(1_000_000_000) as u32,
     )
-    .map(|t| in_shown_zone(t).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
-    .unwrap_or_else(|| ns.to_string())
 }
 
 /// An RFC 3339 time from the server, for a table: local time to the second (`…Z` with

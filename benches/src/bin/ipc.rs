@@ -38,7 +38,7 @@ const JOB_ID: &str = "4f1c2a7e-9b3d-4c5e-8f60-1a2b3c4d5e6f";
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let content = bytes::Bytes::from(vec![b'x'; args.line_bytes]);
-    let frame = Frame::log(JOB_ID, 1, 1, Stream::Stdout, &content).to_bytes();
+    let frame = Frame::log(JOB_ID, 1, 1, Stream::Stdout, &content, false).to_bytes();
 
     let baseline = raw_socket(&frame, args.messages)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -152,7 +152,14 @@ async fn through_joblet_ipc(content: bytes::Bytes, messages: u64) -> anyhow::Res
         let sender = sender.clone();
         tokio::spawn(async move {
             for sequence in 1..=messages {
-                let frame = Frame::log(JOB_ID, sequence, sequence as i64, Stream::Stdout, &content);
+                let frame = Frame::log(
+                    JOB_ID,
+                    sequence,
+                    sequence as i64,
+                    Stream::Stdout,
+                    &content,
+                    false,
+                );
                 if sender.send(frame).await.is_err() {
                     break;
                 }

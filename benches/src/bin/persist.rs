@@ -355,7 +355,7 @@ async fn replicate(
         let content = &contents[sequence as usize % contents.len()];
         let timestamp = timestamp(line_interval_ns, sequence);
         // As joblet-core's replication builds them.
-        let frame = Frame::log(JOB, sequence, timestamp, Stream::Stdout, content);
+        let frame = Frame::log(JOB, sequence, timestamp, Stream::Stdout, content, false);
         sender.send(frame).await.ok().context("sender closed")?;
     }
     while sender.acknowledged(JOB, MessageType::Log) < lines {

@@ -25,6 +25,18 @@ async fn a_job_runs_and_its_output_and_exit_code_are_reported() {
     )
     .await;
     assert_eq!(logs(&mut client, &id).await, "hi\n");
+    // A missing final newline and a line longer than max_line_length (64 KiB) come back as
+    // written through the compat stream: no newline is added to a line's pieces or its end.
+    let written = format!("a\n{}\nb", "x".repeat(150_000));
+    let script = "printf 'a\\n'; head -c 150000 /dev/zero | tr '\\0' x; printf '\\nb'";
+    let exact = run(&mut client, harness::shell(script)).await;
+    let got = logs(&mut client, &exact).await;
+    assert!(
+        got == written,
+        "not the bytes written: {} bytes, ending {:?}",
+        got.len(),
+        &got[got.len().saturating_sub(20)..]
+    );
     let done = finished(&mut client, &id).await;
     assert_eq!(
         (done.status.as_str(), done.exit_code),

@@ -207,7 +207,7 @@ async fn a_message_over_the_frame_limit_is_refused_and_counted_and_the_rest_flow
     let (sender, _task) = IpcSender::start(config, shutdown.clone());
     wait_connected(&sender, 1).await;
 
-    let big = Frame::log("job", 1, 1, Stream::Stdout, &[b'x'; 1100]);
+    let big = Frame::log("job", 1, 1, Stream::Stdout, &[b'x'; 1100], false);
     let refused = sender.send(big).await;
     assert!(
         matches!(refused, Err(SendError::Oversized { len }) if len == big.body_len() && len > 1024),
@@ -218,7 +218,7 @@ async fn a_message_over_the_frame_limit_is_refused_and_counted_and_the_rest_flow
         Err(SendError::Oversized { .. })
     ));
     sender
-        .send(Frame::log("job", 2, 2, Stream::Stdout, b"fits"))
+        .send(Frame::log("job", 2, 2, Stream::Stdout, b"fits", false))
         .await
         .unwrap();
     wait_acked(&sender, "job", 2).await;

@@ -13,7 +13,7 @@ use joblet_proto::persist::JobSummary;
 use prost::Message;
 use rocksdb::WriteBatch;
 
-use super::value::encode_gap;
+use super::value::{encode_gap, encode_line};
 use super::{CF_JOBS, CF_LOGS, CF_METRICS, CF_SUMMARIES, IngestOutcome, Store, StoreError};
 use crate::keys;
 use crate::metrics as m;
@@ -140,8 +140,7 @@ impl Store {
                 match (payload, stream) {
                     (Some(payload), Some(stream)) if payload.lost_lines == 0 => {
                         let content = payload.content;
-                        value.push(stream as u8);
-                        value.extend_from_slice(content);
+                        encode_line(&mut value, stream, content, payload.partial);
                         summary.log_lines += 1;
                         summary.log_bytes += content.len() as u64;
                         outcome.bytes += content.len() as u64;

@@ -129,6 +129,9 @@ pub struct LogRecord<'a> {
     pub timestamp: i64,
     pub sequence: u64,
     pub content: &'a [u8],
+    /// No newline followed the content (a piece of a longer line, or a stream's unterminated
+    /// end).
+    pub partial: bool,
     /// For a gap marker: the lines lost at this place (content is empty).
     pub gap: Option<Gap<'a>>,
 }

@@ -53,6 +53,7 @@ impl Store {
                     timestamp,
                     sequence,
                     content: line.content,
+                    partial: line.partial,
                     gap: line.gap,
                 }),
                 None => ControlFlow::Continue(()),

@@ -302,7 +302,7 @@ async fn time_tail_stream_and_grep_filters_apply_across_both_sources() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let time_of = |content: &str| {
-        lines.iter().find(|l| l["content"] == content).unwrap()["timestamp"]
+        lines.iter().find(|l| l["content"] == content).unwrap()["timestamp_ns"]
             .as_i64()
             .unwrap()
     };
@@ -599,6 +599,10 @@ async fn run_follow_exits_with_the_jobs_exit_code() {
         .await;
     assert_eq!(ok.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&ok.stdout), "fine\n");
+    let unterminated = node
+        .output(&["job", "run", "--follow", "--", "printf", "no newline"])
+        .await;
+    assert_eq!(String::from_utf8_lossy(&unterminated.stdout), "no newline");
     let three = node
         .output(&[
             "job",
@@ -691,6 +695,134 @@ async fn a_line_persist_cannot_take_shows_as_a_gap_and_the_log_exits_non_zero() 
 
     let metrics = node.stdout(&["job", "list", "--all", "--json"]).await;
     assert!(metrics.contains(&id), "{metrics}");
+    node.stop().await;
+}
+
+/// What a job writes, as random byte streams: lines of random length (some over the 64 KiB
+/// `max_line_length`, so split into pieces), random bytes (NUL, invalid UTF-8, CR), with and
+/// without a final newline; plus the edge cases by name.
+fn job_outputs() -> Vec<(String, Vec<u8>)> {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    let line = prop_oneof![
+        3 => prop::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..200),
+        1 => prop::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 60_000..140_000),
+    ];
+    let stream =
+        (prop::collection::vec(line, 0..12), any::<bool>()).prop_map(|(lines, last_newline)| {
+            let mut bytes = lines.join(&b'\n');
+            if last_newline {
+                bytes.push(b'\n');
+            }
+            bytes
+        });
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut outputs: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                format!("random {i}"),
+                stream.new_tree(&mut runner).unwrap().current(),
+            )
+        })
+        .collect();
+    let mut binary = vec![0u8; 300_000];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for byte in &mut binary {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    outputs.push(("binary, no final newline".into(), binary));
+    outputs.push(("one 10 MiB line, no newline".into(), vec![b'x'; 10 << 20]));
+    outputs.push((
+        "20 lines of 1 MiB".into(),
+        [vec![b'y'; 1 << 20], b"\n".to_vec()].concat().repeat(20),
+    ));
+    outputs.push((
+        "a line of exactly 64 KiB".into(),
+        [vec![b'z'; 65_536], b"\n".to_vec()].concat(),
+    ));
+    outputs.push(("empty lines".into(), b"\n\n\nlast".to_vec()));
+    outputs
+}
+
+#[tokio::test]
+async fn job_log_gives_back_exactly_the_bytes_the_job_wrote_from_core_and_from_history() {
+    let node = Node::start_with(true, "  keep_finished: 1s\n").await;
+    let mut jobs = Vec::new();
+    for (name, bytes) in job_outputs() {
+        let file = node.dir.path().join(format!("out-{}", jobs.len()));
+        std::fs::write(&file, &bytes).unwrap();
+        let upload = file.to_str().unwrap().to_owned();
+        let base = file.file_name().unwrap().to_str().unwrap().to_owned();
+        let id = node
+            .stdout(&["job", "run", "--upload", &upload, "--", "cat", &base])
+            .await
+            .trim()
+            .to_owned();
+        jobs.push((name, bytes, id));
+    }
+    // Plain output is the bytes; JSON carries them losslessly (text as is, the rest base64,
+    // `partial` where no newline followed).
+    let check = |source: &'static str| {
+        let jobs = &jobs;
+        let node = &node;
+        async move {
+            for (name, bytes, id) in jobs {
+                let plain = node.output(&["job", "log", "--stdout", id]).await;
+                assert!(plain.status.success(), "{name} ({source})");
+                assert!(
+                    plain.stdout == *bytes,
+                    "{name} ({source}): {} bytes back for {} written",
+                    plain.stdout.len(),
+                    bytes.len()
+                );
+                let json = node.stdout(&["job", "log", "--json", "--stdout", id]).await;
+                let mut rebuilt = Vec::new();
+                for record in json.lines() {
+                    let record: serde_json::Value = serde_json::from_str(record).unwrap();
+                    match record["content"].as_str() {
+                        Some(text) => rebuilt.extend_from_slice(text.as_bytes()),
+                        None => {
+                            use base64::Engine as _;
+                            let encoded = record["content_base64"].as_str().unwrap();
+                            rebuilt.extend(
+                                base64::engine::general_purpose::STANDARD
+                                    .decode(encoded)
+                                    .unwrap(),
+                            );
+                        }
+                    }
+                    if record["partial"] != true {
+                        rebuilt.push(b'\n');
+                    }
+                }
+                assert!(
+                    rebuilt == *bytes,
+                    "{name} ({source}): JSON gives {} bytes",
+                    rebuilt.len()
+                );
+            }
+        }
+    };
+    for (_, _, id) in &jobs {
+        node.wait_ended(id).await;
+    }
+    check("core").await;
+    // Once persist holds them all and core let the jobs go, the history gives the same.
+    for (name, _, id) in &jobs {
+        let mut listed = String::new();
+        for _ in 0..300 {
+            listed = node.stdout(&["job", "list"]).await;
+            if !listed.contains(&id[..8]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!listed.contains(&id[..8]), "{name}: core still holds it");
+    }
+    check("persist").await;
     node.stop().await;
 }
 
