@@ -179,8 +179,9 @@ pub struct Job {
     pub deleted: AtomicBool,
 }
 
+/// A time as the API gives it: RFC 3339 in UTC, to the millisecond ("" when not set).
 pub fn rfc3339(time: Option<DateTime<Utc>>) -> String {
-    time.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+    time.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
         .unwrap_or_default()
 }
 

@@ -1,6 +1,6 @@
 //! Job commands other than log and metrics.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::cli::{ListArgs, RunArgs};
 use crate::config::Node;
-use crate::output::{flush, json_line, write};
+use crate::output::{flush, human_bytes, json_line, write};
 use crate::{Failure, connect, timespec};
 
 fn key_values(
@@ -76,6 +76,29 @@ fn collect_upload(
     Ok(())
 }
 
+/// On a terminal, a spinner while files are uploaded with the job (they travel in its one
+/// request): how many, how large, for how long. Nothing otherwise.
+fn upload_progress(uploads: &[FileUpload]) -> Option<indicatif::ProgressBar> {
+    let bytes: usize = uploads.iter().map(|u| u.content.len()).sum();
+    if uploads.is_empty() || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let files = uploads.iter().filter(|u| !u.is_directory).count();
+    let style =
+        indicatif::ProgressStyle::with_template("rnx: {spinner} {msg} {prefix} ({elapsed})")
+            .ok()?;
+    let progress = indicatif::ProgressBar::new_spinner()
+        .with_style(style)
+        .with_message("uploading")
+        .with_prefix(format!(
+            "{files} file{} ({})",
+            if files == 1 { "" } else { "s" },
+            human_bytes(bytes as i64)
+        ));
+    progress.enable_steady_tick(std::time::Duration::from_millis(100));
+    Some(progress)
+}
+
 pub async fn run(node: &Node, args: RunArgs, json: bool) -> Result<(), Failure> {
     let mut command = args.command.into_iter();
     let request = RunJobRequest {
@@ -99,7 +122,15 @@ pub async fn run(node: &Node, args: RunArgs, json: bool) -> Result<(), Failure> 
         ..Default::default()
     };
     let mut core = connect::core(node).await?;
-    let response = core.run_job(request).await?.into_inner();
+    let progress = upload_progress(&request.uploads);
+    let response = core.run_job(request).await;
+    if let Some(progress) = progress {
+        match &response {
+            Ok(_) => progress.finish_with_message("uploaded"),
+            Err(_) => progress.abandon_with_message("upload failed"),
+        }
+    }
+    let response = response?.into_inner();
     let mut out = std::io::stdout().lock();
     if !args.follow {
         if json {
@@ -199,16 +230,28 @@ fn reason(status: &GetJobStatusResponse) -> String {
     }
 }
 
+/// A job's status as JSON: what is not set (no exit code before the job ended, no end time
+/// while it runs) is `null`, not `0` or `""`.
 fn status_json(s: &GetJobStatusResponse) -> serde_json::Value {
+    let ended = !s.end_time.is_empty();
     json!({
-        "uuid": s.uuid, "status": s.status, "exit_code": s.exit_code, "reason": s.status_reason,
-        "command": s.command, "args": s.args, "start_time": s.start_time, "end_time": s.end_time,
-        "scheduled_time": s.scheduled_time, "max_cpu": s.max_cpu, "max_memory": s.max_memory,
-        "max_io_bps": s.max_io_bps, "cpu_cores": s.cpu_cores, "network": s.network,
-        "work_dir": s.work_dir, "environment": s.environment,
-        "secret_environment": s.secret_environment, "node_id": s.node_id, "timeout": s.timeout,
+        "uuid": s.uuid, "status": s.status, "exit_code": ended.then_some(s.exit_code),
+        "reason": text_or_null(&s.status_reason),
+        "command": s.command, "args": s.args, "start_time": text_or_null(&s.start_time),
+        "end_time": text_or_null(&s.end_time), "scheduled_time": text_or_null(&s.scheduled_time),
+        "max_cpu": s.max_cpu, "max_memory": s.max_memory,
+        "max_io_bps": s.max_io_bps, "cpu_cores": text_or_null(&s.cpu_cores),
+        "network": text_or_null(&s.network),
+        "work_dir": text_or_null(&s.work_dir), "environment": s.environment,
+        "secret_environment": s.secret_environment, "node_id": text_or_null(&s.node_id),
+        "timeout": text_or_null(&s.timeout),
         "history": s.history,
     })
+}
+
+/// A text field for JSON: `null` when empty.
+fn text_or_null(text: &str) -> Option<&str> {
+    (!text.is_empty()).then_some(text)
 }
 
 /// One row of `job list`: a job core holds, or one from persist's history.
@@ -331,10 +374,12 @@ pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure
                 &mut out,
                 &json!({
                     "uuid": job.uuid, "status": job.status, "exit_code": exit_code(job),
-                    "command": job.command, "args": job.args, "start_time": job.start_time,
-                    "end_time": job.end_time, "reason": job.status_reason,
-                    "created_time": job.created_time, "history": history,
-                    "scheduled_time": (!job.scheduled_time.is_empty()).then_some(&job.scheduled_time),
+                    "command": job.command, "args": job.args,
+                    "start_time": text_or_null(&job.start_time),
+                    "end_time": text_or_null(&job.end_time),
+                    "reason": text_or_null(&job.status_reason),
+                    "created_time": text_or_null(&job.created_time), "history": history,
+                    "scheduled_time": text_or_null(&job.scheduled_time),
                 }),
             )?;
         }
@@ -350,6 +395,8 @@ pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure
     }
     header.push_str("COMMAND\n");
     write(&mut out, header.as_bytes())?;
+    // On a terminal each job is one row, cut to its width; a pipe gets whole rows.
+    let width = crate::output::terminal_width();
     for Listed { job, history, .. } in rows {
         let id = if args.no_trunc {
             job.uuid.as_str()
@@ -379,6 +426,7 @@ pub async fn list(node: &Node, args: ListArgs, json: bool) -> Result<(), Failure
             ));
         }
         line.push_str(&command_line(&job.command, &job.args));
+        let mut line = crate::output::fit(&line, width);
         line.push('\n');
         write(&mut out, line.as_bytes())?;
     }
@@ -409,17 +457,26 @@ pub async fn status(node: &Node, id: &str, json: bool) -> Result<(), Failure> {
             "history (joblet-persist); joblet-core no longer holds this job",
         );
     }
-    row("Exit code", &s.exit_code.to_string());
+    // A job that has not ended has no exit code (not 0).
+    let ended = !s.end_time.is_empty();
+    if ended {
+        row("Exit code", &s.exit_code.to_string());
+    }
     row("Command", &command_line(&s.command, &s.args));
-    row("Scheduled", &timespec::for_table(&s.scheduled_time));
-    row("Started", &timespec::for_table(&s.start_time));
-    row("Ended", &timespec::for_table(&s.end_time));
-    if let (Ok(start), Ok(end)) = (
-        chrono::DateTime::parse_from_rfc3339(&s.start_time),
-        chrono::DateTime::parse_from_rfc3339(&s.end_time),
-    ) {
-        let took = (end - start).to_std().unwrap_or_default();
-        row("Duration", &humantime::format_duration(took).to_string());
+    row("Scheduled", &timespec::for_status(&s.scheduled_time));
+    row("Started", &timespec::for_status(&s.start_time));
+    row("Ended", &timespec::for_status(&s.end_time));
+    if let Ok(start) = chrono::DateTime::parse_from_rfc3339(&s.start_time) {
+        let end = chrono::DateTime::parse_from_rfc3339(&s.end_time).ok();
+        let until = end.unwrap_or_else(|| chrono::Utc::now().fixed_offset());
+        let took = (until - start).to_std().unwrap_or_default();
+        // To the millisecond, as the times above.
+        let took = std::time::Duration::from_millis(took.as_millis() as u64);
+        let took = humantime::format_duration(took).to_string();
+        match end {
+            Some(_) => row("Duration", &took),
+            None => row("Running for", &took),
+        }
     }
     row("Max CPU", &nonzero(s.max_cpu, "%"));
     row("Max memory", &nonzero(s.max_memory, " MiB"));

@@ -164,9 +164,12 @@ impl View {
 
     fn draw(&mut self) -> Result<(), Failure> {
         let text = chart(&self.samples, 60);
-        if self.follow {
+        if self.follow && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             // Redraw in place: clear the screen, home the cursor.
             write(&mut self.out, b"\x1b[2J\x1b[H")?;
+        } else if self.follow && self.samples.len() > 1 {
+            // Not a terminal: one chart after the other, no control codes.
+            write(&mut self.out, b"\n")?;
         }
         write(&mut self.out, text.as_bytes())?;
         flush(&mut self.out)

@@ -48,3 +48,38 @@ pub fn human_bytes(bytes: i64) -> String {
         format!("{value:.1} {}", units[unit])
     }
 }
+
+/// The terminal's width in columns when stdout is one (rows are cut to it), else `None` (pipes
+/// get whole rows).
+pub fn terminal_width() -> Option<usize> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    terminal_size::terminal_size().map(|(terminal_size::Width(columns), _)| usize::from(columns))
+}
+
+/// `row` cut to `width` characters, the cut marked with `…`.
+pub fn fit(row: &str, width: Option<usize>) -> String {
+    match width {
+        Some(width) if row.chars().count() > width => {
+            let mut cut: String = row.chars().take(width.saturating_sub(1)).collect();
+            cut.push('…');
+            cut
+        }
+        _ => row.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_cut_to_the_width_with_an_ellipsis() {
+        assert_eq!(fit("abcdef", Some(4)), "abc…");
+        assert_eq!(fit("abcd", Some(4)), "abcd");
+        assert_eq!(fit("äöüß€x", Some(5)), "äöüß…");
+        assert_eq!(fit("abcdef", None), "abcdef");
+    }
+}

@@ -73,6 +73,15 @@ fn utc_of(ns: i64) -> Option<DateTime<Utc>> {
 /// An RFC 3339 time from the server, for a table: local time to the second (`…Z` with
 /// `--utc`); empty stays empty, anything unreadable is shown as it came.
 pub fn for_table(rfc3339: &str) -> String {
+    shown_as(rfc3339, "%Y-%m-%d %H:%M:%S")
+}
+
+/// An RFC 3339 time for `job status`: as [`for_table`], to the millisecond.
+pub fn for_status(rfc3339: &str) -> String {
+    shown_as(rfc3339, "%Y-%m-%d %H:%M:%S%.3f")
+}
+
+fn shown_as(rfc3339: &str, format: &str) -> String {
     match DateTime::parse_from_rfc3339(rfc3339) {
         Ok(time) => {
             let shown = in_shown_zone(time.with_timezone(&Utc));
@@ -81,7 +90,7 @@ pub fn for_table(rfc3339: &str) -> String {
             } else {
                 ""
             };
-            format!("{}{zone}", shown.format("%Y-%m-%d %H:%M:%S"))
+            format!("{}{zone}", shown.format(format))
         }
         Err(_) => rfc3339.to_owned(),
     }

@@ -477,6 +477,14 @@ async fn job_list_shows_short_ids_no_exit_code_for_running_jobs_and_quoted_comma
     let json = node.stdout(&["job", "list", "--json"]).await;
     let json: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(json["exit_code"], serde_json::Value::Null);
+    assert_eq!(json["end_time"], serde_json::Value::Null, "not \"\"");
+    let status = node.stdout(&["job", "status", "--json", &running]).await;
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(
+        (&status["exit_code"], &status["end_time"]),
+        (&serde_json::Value::Null, &serde_json::Value::Null),
+        "a running job has no exit code or end yet: {status}"
+    );
     // Tables show local time (TZ), --utc shows UTC; JSON stays UTC.
     let start = chrono::DateTime::parse_from_rfc3339(json["start_time"].as_str().unwrap()).unwrap();
     let tokyo = node
@@ -911,6 +919,107 @@ async fn metrics_show_as_table_json_and_chart() {
     assert!(
         chart.contains("CPU %") && chart.contains("Memory") && chart.contains('█'),
         "{chart}"
+    );
+    node.stop().await;
+}
+
+/// What rnx prints with stdout and stderr on a pseudo-terminal `columns` wide, until it exits.
+async fn on_terminal(node: &Node, args: &[&str], columns: u16) -> String {
+    let size = nix::pty::Winsize {
+        ws_row: 40,
+        ws_col: columns,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let mut command = node.rnx(args);
+    command
+        .stdout(std::fs::File::from(pty.slave.try_clone().unwrap()))
+        .stderr(std::fs::File::from(pty.slave));
+    let mut child = command.spawn().unwrap();
+    drop(command); // our copies of the terminal's side: the read below ends with rnx
+    let mut master = std::fs::File::from(pty.master);
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once rnx, the last holder of the terminal's side, has exited.
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let out = tokio::time::timeout(WAIT, read).await.unwrap().unwrap();
+    String::from_utf8_lossy(&out).replace("\r\n", "\n")
+}
+
+#[tokio::test]
+async fn live_views_redraw_on_a_terminal_rows_fit_its_width_and_pipes_get_plain_text() {
+    let node = Node::start(true).await;
+    let long = format!("sleep 3; echo {}", "x".repeat(200));
+    let id = node.run(&long).await;
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = node.stdout(&["job", "status", &id]).await;
+        if status.contains("RUNNING") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The chart, followed, redraws in place on a terminal; a pipe gets no control codes.
+    let chart = on_terminal(&node, &["job", "metrics", "-f", "--chart", &id], 120).await;
+    assert!(
+        chart.contains("\x1b[2J\x1b[H") && chart.contains("CPU %"),
+        "{chart:?}"
+    );
+    let piped = node.stdout(&["job", "metrics", "--chart", &id]).await;
+    assert!(!piped.contains('\x1b'), "{piped:?}");
+
+    // While it ran: no exit code, how long it has run, times to the millisecond.
+    assert!(
+        status.contains("Running for") && !status.contains("Exit code"),
+        "{status}"
+    );
+    let started = status.lines().find(|l| l.starts_with("Started")).unwrap();
+    assert!(
+        started.len() > 4 && started.as_bytes()[started.len() - 4] == b'.',
+        "milliseconds: {started}"
+    );
+    node.wait_ended(&id).await;
+    let status = node.stdout(&["job", "status", &id]).await;
+    assert!(
+        status.contains("Exit code    0") && status.contains("Duration"),
+        "{status}"
+    );
+
+    // One row per job, cut to the terminal's width; a pipe gets the whole command.
+    let table = on_terminal(&node, &["job", "list"], 60).await;
+    let row = table.lines().find(|l| l.starts_with(&id[..8])).unwrap();
+    assert!(row.chars().count() == 60 && row.ends_with('…'), "{row:?}");
+    let piped = node.stdout(&["job", "list"]).await;
+    assert!(piped.contains(&"x".repeat(200)), "{piped}");
+
+    // An upload says what it sends, on a terminal only.
+    let file = node.dir.path().join("data.bin");
+    std::fs::write(&file, vec![7u8; 3 << 20]).unwrap();
+    let upload = [
+        "job",
+        "run",
+        "--upload",
+        file.to_str().unwrap(),
+        "--",
+        "true",
+    ];
+    let shown = on_terminal(&node, &upload, 120).await;
+    assert!(shown.contains("uploaded 1 file (3.0 MiB)"), "{shown:?}");
+    let piped = node.output(&upload).await;
+    assert!(
+        piped.status.success() && piped.stderr.is_empty(),
+        "{piped:?}"
     );
     node.stop().await;
 }
