@@ -925,6 +925,11 @@ async fn metrics_show_as_table_json_and_chart() {
 
 /// What rnx prints with stdout and stderr on a pseudo-terminal `columns` wide, until it exits.
 async fn on_terminal(node: &Node, args: &[&str], columns: u16) -> String {
+    on_terminal_in(node, args, columns, "UTC").await
+}
+
+/// [`on_terminal`] with the time zone `tz`.
+async fn on_terminal_in(node: &Node, args: &[&str], columns: u16, tz: &str) -> String {
     let size = nix::pty::Winsize {
         ws_row: 40,
         ws_col: columns,
@@ -934,6 +939,7 @@ async fn on_terminal(node: &Node, args: &[&str], columns: u16) -> String {
     let pty = nix::pty::openpty(Some(&size), None).unwrap();
     let mut command = node.rnx(args);
     command
+        .env("TZ", tz)
         .stdout(std::fs::File::from(pty.slave.try_clone().unwrap()))
         .stderr(std::fs::File::from(pty.slave));
     let mut child = command.spawn().unwrap();
@@ -1021,6 +1027,57 @@ async fn live_views_redraw_on_a_terminal_rows_fit_its_width_and_pipes_get_plain_
         piped.status.success() && piped.stderr.is_empty(),
         "{piped:?}"
     );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn tables_keep_their_layout_on_a_terminal_and_in_a_pipe() {
+    let node = Node::start(true).await;
+    let id = node.run("echo 'a b'; exit 3").await;
+    node.wait_ended(&id).await;
+    let json = node.stdout(&["job", "status", "--json", &id]).await;
+    let json: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    // What changes from run to run, masked: the id, the times as Tokyo shows them, the ages.
+    let time = |key: &str, format: &str| {
+        let at = chrono::DateTime::parse_from_rfc3339(json[key].as_str().unwrap()).unwrap();
+        (at + chrono::Duration::hours(9)).format(format).to_string()
+    };
+    let mask = |text: String| {
+        let mut text = text
+            .replace(&id, "<id>")
+            .replace(&id[..8], "<id8>")
+            .replace(&time("start_time", "%Y-%m-%d %H:%M:%S%.3f"), "<started>")
+            .replace(&time("end_time", "%Y-%m-%d %H:%M:%S%.3f"), "<ended>")
+            .replace(&time("start_time", "%Y-%m-%d %H:%M:%S"), "<started>")
+            .replace(node.dir.path().to_str().unwrap(), "<dir>")
+            .replace(
+                &format!("Node         {}", json["node_id"].as_str().unwrap()),
+                "Node         <node>",
+            );
+        for unit in ["s", "m"] {
+            for n in (0..60).rev() {
+                text = text.replace(&format!("({n}{unit} ago)"), "(<age>)");
+            }
+        }
+        let duration = text
+            .lines()
+            .find(|l| l.starts_with("Duration"))
+            .map(str::to_owned);
+        if let Some(line) = duration {
+            text = text.replace(&line, "Duration     <took>");
+        }
+        text
+    };
+    for (name, args) in [
+        ("job-list", &["job", "list"][..]),
+        ("job-status", &["job", "status", &id][..]),
+    ] {
+        let terminal = on_terminal_in(&node, args, 100, "JST-9").await;
+        let piped = node.rnx(args).env("TZ", "JST-9").output().await.unwrap();
+        let piped = String::from_utf8_lossy(&piped.stdout).into_owned();
+        snapshot(&format!("{name}-terminal.txt"), &mask(terminal));
+        snapshot(&format!("{name}-pipe.txt"), &mask(piped));
+    }
     node.stop().await;
 }
 
