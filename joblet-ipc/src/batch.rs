@@ -55,23 +55,7 @@ impl<'a> Envelope<'a> {
     /// Read straight through; `None` for anything else.
     #[inline]
     fn read_canonical(mut buf: &'a [u8]) -> Option<Envelope<'a>> {
-        let mut envelope = Envelope::EMPTY;
-        // The key of field n with wire type w is the byte n << 3 | w.
-        if next_is(0x08, &mut buf) {
-            envelope.version = varint(&mut buf)? as u32;
-        }
-        if next_is(0x10, &mut buf) {
-            envelope.r#type = varint(&mut buf)? as i32;
-        }
-        if next_is(0x1a, &mut buf) {
-            envelope.job_id = std::str::from_utf8(field(&mut buf)?).ok()?;
-        }
-        if next_is(0x20, &mut buf) {
-            envelope.timestamp = varint(&mut buf)? as i64;
-        }
-        if next_is(0x28, &mut buf) {
-            envelope.sequence = varint(&mut buf)?;
-        }
+        let mut envelope = Envelope::read_leading_fields(&mut buf)?;
         if next_is(0x32, &mut buf) {
             envelope.data = field(&mut buf)?;
         }
@@ -109,22 +93,7 @@ impl<'a> Envelope<'a> {
     /// and length, then for a log line its stream. `data` is left empty. `None` when the head
     /// does not hold them.
     pub fn read_head(mut buf: &'a [u8]) -> Option<Head<'a>> {
-        let mut envelope = Envelope::EMPTY;
-        if next_is(0x08, &mut buf) {
-            envelope.version = varint(&mut buf)? as u32;
-        }
-        if next_is(0x10, &mut buf) {
-            envelope.r#type = varint(&mut buf)? as i32;
-        }
-        if next_is(0x1a, &mut buf) {
-            envelope.job_id = std::str::from_utf8(field(&mut buf)?).ok()?;
-        }
-        if next_is(0x20, &mut buf) {
-            envelope.timestamp = varint(&mut buf)? as i64;
-        }
-        if next_is(0x28, &mut buf) {
-            envelope.sequence = varint(&mut buf)?;
-        }
+        let envelope = Envelope::read_leading_fields(&mut buf)?;
         let mut stream = 0;
         if next_is(0x32, &mut buf) {
             varint(&mut buf)?;
@@ -133,6 +102,30 @@ impl<'a> Envelope<'a> {
             }
         }
         Some(Head { envelope, stream })
+    }
+
+    /// Fields 1 to 5 (all but the data), as senders write them: in field order, each at most
+    /// once. Moves `buf` past them; `None` when one is cut short or malformed.
+    #[inline]
+    fn read_leading_fields(buf: &mut &'a [u8]) -> Option<Envelope<'a>> {
+        let mut envelope = Envelope::EMPTY;
+        // The key of field n with wire type w is the byte n << 3 | w.
+        if next_is(0x08, buf) {
+            envelope.version = varint(buf)? as u32;
+        }
+        if next_is(0x10, buf) {
+            envelope.r#type = varint(buf)? as i32;
+        }
+        if next_is(0x1a, buf) {
+            envelope.job_id = std::str::from_utf8(field(buf)?).ok()?;
+        }
+        if next_is(0x20, buf) {
+            envelope.timestamp = varint(buf)? as i64;
+        }
+        if next_is(0x28, buf) {
+            envelope.sequence = varint(buf)?;
+        }
+        Some(envelope)
     }
 
     const EMPTY: Envelope<'static> = Envelope {

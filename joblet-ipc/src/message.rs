@@ -194,6 +194,10 @@ pub fn log_message(
         content,
         ..Default::default()
     };
+    log_envelope(job_id, sequence, timestamp_ns, &data)
+}
+
+fn log_envelope(job_id: &str, sequence: u64, timestamp_ns: i64, data: &LogData) -> IpcMessage {
     envelope(
         MessageType::Log,
         job_id,
@@ -253,13 +257,7 @@ pub fn gap_message(
         lost_reason: reason.to_owned(),
         partial: false,
     };
-    envelope(
-        MessageType::Log,
-        job_id,
-        sequence,
-        timestamp_ns,
-        data.encode_to_vec().into(),
-    )
+    log_envelope(job_id, sequence, timestamp_ns, &data)
 }
 
 /// An encoded `LogData`, borrowed from it.

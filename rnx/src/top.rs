@@ -104,7 +104,12 @@ pub async fn show(node: &Node, args: TopArgs, json: bool) -> Result<(), Failure>
                     node.address,
                     humantime::format_duration(interval)
                 );
-                text.push_str(&render(&rows));
+                // On a terminal each job is one row, cut to its width.
+                let width = crate::output::terminal_width();
+                for row in render(&rows).lines() {
+                    text.push_str(&crate::output::fit(row, width));
+                    text.push('\n');
+                }
                 if !terminal {
                     text.push('\n');
                 }
