@@ -29,8 +29,19 @@ pub const PERSIST_IPC_CONNECTIONS_REFUSED: &str = "joblet_persist_ipc_connection
 pub const PERSIST_INGEST_ERRORS: &str = "joblet_persist_ingest_errors_total";
 
 /// Reasons persist refuses messages (`joblet_ipc_messages_refused_total{reason}` in core,
-/// `joblet_persist_ingest_errors_total{reason}` in persist).
+/// `joblet_persist_ingest_errors_total{reason}` in persist), as [`refusal_label`] gives them.
 pub const REFUSAL_REASONS: [&str; 3] = ["frame_too_large", "bad_payload", "store_failed"];
+
+/// The `reason` label of a refusal, the same on both ends of the stream.
+pub fn refusal_label(reason: joblet_proto::ipc::RefusalReason) -> &'static str {
+    use joblet_proto::ipc::RefusalReason;
+    match reason {
+        RefusalReason::FrameTooLarge => "frame_too_large",
+        RefusalReason::BadPayload => "bad_payload",
+        RefusalReason::StoreFailed => "store_failed",
+        RefusalReason::Unspecified => "other",
+    }
+}
 /// Reasons log lines are lost (`joblet_core_replication_lines_lost_total{reason}`).
 pub const LINES_LOST_REASONS: [&str; 3] = ["oversized", "frame_too_large", "bad_payload"];
 

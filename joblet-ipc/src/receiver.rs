@@ -340,6 +340,15 @@ impl<S: MessageSink> Connection<S> {
         loop {
             // Queue the valid frames at the front; skip an invalid one alone and go on.
             let need = loop {
+                // What is left of a refused frame is thrown away as it arrives.
+                if skip > 0 {
+                    let skipped = skip.min(buffer.len());
+                    buffer.advance(skipped);
+                    skip -= skipped;
+                    if skip > 0 {
+                        break 0;
+                    }
+                }
                 let mut highest = Highest::default();
                 let scan = batch::scan(&buffer, max_frame_bytes, |e| highest.see(e));
                 if scan.messages > 0 {
@@ -379,12 +388,11 @@ impl<S: MessageSink> Connection<S> {
                         // that does not start as senders start theirs (version 1 first) is
                         // garbage, not waited for.
                         let head = LENGTH_PREFIX_BYTES + len.min(OVERSIZED_HEAD_BYTES);
-                        let started = &buffer[LENGTH_PREFIX_BYTES..head.min(buffer.len())];
-                        let plausible = started.iter().zip(SENDERS_START).all(|(a, b)| *a == b);
+                        let body = &buffer[LENGTH_PREFIX_BYTES..head.min(buffer.len())];
+                        let plausible = body.iter().zip(SENDERS_START).all(|(a, b)| *a == b);
                         if plausible && buffer.len() < head {
                             break head - buffer.len();
                         }
-                        let body = &buffer[LENGTH_PREFIX_BYTES..head.min(buffer.len())];
                         let refused = plausible
                             .then(|| refuse_oversized(body, len, max_frame_bytes))
                             .flatten();
@@ -396,7 +404,7 @@ impl<S: MessageSink> Connection<S> {
                             return self.close_on(error);
                         };
                         self.reject("oversized");
-                        count_ingest_error("frame_too_large", 1);
+                        count_ingest_error(RefusalReason::FrameTooLarge, 1);
                         if let Some(refused) = OVERSIZED_LOG.hit() {
                             let refusal = &run.refused[0];
                             tracing::warn!(
@@ -412,12 +420,6 @@ impl<S: MessageSink> Connection<S> {
                             return;
                         }
                         skip = LENGTH_PREFIX_BYTES + len;
-                        let skipped = skip.min(buffer.len());
-                        buffer.advance(skipped);
-                        skip -= skipped;
-                        if skip > 0 {
-                            break 0;
-                        }
                     }
                     Stop::Undecodable(error) => return self.close_on(error.into()),
                 }
@@ -464,11 +466,6 @@ impl<S: MessageSink> Connection<S> {
                     tracing::debug!(%error, "IPC connection closed");
                     return;
                 }
-            }
-            if skip > 0 {
-                let skipped = skip.min(buffer.len());
-                buffer.advance(skipped);
-                skip -= skipped;
             }
         }
     }
@@ -540,7 +537,8 @@ fn refuse_oversized(body: &[u8], len: usize, max_frame_bytes: usize) -> Option<R
 }
 
 /// `joblet_persist_ingest_errors_total{reason}`.
-fn count_ingest_error(reason: &'static str, messages: u64) {
+fn count_ingest_error(reason: RefusalReason, messages: u64) {
+    let reason = m::refusal_label(reason);
     metrics::counter!(m::PERSIST_INGEST_ERRORS, "reason" => reason).increment(messages);
 }
 
@@ -552,7 +550,7 @@ fn stored_or_refused(
 ) -> Result<IpcAck, IpcAck> {
     stored.map_err(|error| {
         stats.store_errors.fetch_add(1, Ordering::Relaxed);
-        count_ingest_error("store_failed", 1);
+        count_ingest_error(RefusalReason::StoreFailed, 1);
         if let Some(since_last) = STORE_ERROR_LOG.hit() {
             tracing::error!(%error, failures_since_last_report = since_last, "storing replicated data failed; refusing and closing the connection (the sender retries with backoff)");
         }
@@ -653,7 +651,7 @@ async fn store_and_ack<S: MessageSink>(
                     let mut ack = Highest::ack(highest, refused);
                     let refused = sink.store(batch).await?;
                     if !refused.is_empty() {
-                        count_ingest_error("bad_payload", refused.len() as u64);
+                        count_ingest_error(RefusalReason::BadPayload, refused.len() as u64);
                     }
                     ack.refused.extend(refused);
                     Ok::<_, String>(ack)

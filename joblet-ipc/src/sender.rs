@@ -143,6 +143,15 @@ struct Shared {
     refusing: Mutex<Option<String>>,
 }
 
+impl Shared {
+    /// Whether persist acknowledged something since `acks_received` was `acks`, and is not
+    /// refusing to store now.
+    fn progressed_since(&self, acks: u64) -> bool {
+        self.acks_received.load(Ordering::Relaxed) > acks
+            && joblet_daemon::lock(&self.refusing).is_none()
+    }
+}
+
 /// Handle to the replication stream. Cheap to clone; all clones feed the same queue.
 #[derive(Clone)]
 pub struct IpcSender {
@@ -353,9 +362,7 @@ impl Writer {
             if let ConnectionEnd::Shutdown = end {
                 return;
             }
-            if self.shared.acks_received.load(Ordering::Relaxed) > acks_before
-                && joblet_daemon::lock(&self.shared.refusing).is_none()
-            {
+            if self.shared.progressed_since(acks_before) {
                 // It worked for a while: try again at once.
                 self.refusals.recovered();
                 backoff = INITIAL_BACKOFF;
@@ -417,10 +424,7 @@ impl Writer {
                 ack_reader.abort();
                 return ConnectionEnd::Broken;
             }
-            if self.refusals.count > 0
-                && joblet_daemon::lock(&self.shared.refusing).is_none()
-                && self.shared.acks_received.load(Ordering::Relaxed) > self.acks_at_connect
-            {
+            if self.refusals.count > 0 && self.shared.progressed_since(self.acks_at_connect) {
                 self.refusals.recovered();
             }
         }
@@ -560,7 +564,8 @@ async fn read_acks(
         match store_failed {
             // persist ends the connection after this; it is answered with backoff.
             Some(refusal) => {
-                metrics::counter!(m::IPC_MESSAGES_REFUSED, "reason" => "store_failed").increment(1);
+                let reason = m::refusal_label(RefusalReason::StoreFailed);
+                metrics::counter!(m::IPC_MESSAGES_REFUSED, "reason" => reason).increment(1);
                 *joblet_daemon::lock(&shared.refusing) =
                     Some(format!("it cannot store: {}", refusal.detail));
             }
@@ -594,11 +599,7 @@ async fn read_acks(
 /// logged at most once a minute. A log line refused is stored as a gap marker by persist.
 fn note_refused(refusal: &Refusal) {
     static REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(60));
-    let reason = match refusal.reason() {
-        RefusalReason::FrameTooLarge => "frame_too_large",
-        RefusalReason::BadPayload => "bad_payload",
-        RefusalReason::StoreFailed | RefusalReason::Unspecified => "other",
-    };
+    let reason = m::refusal_label(refusal.reason());
     metrics::counter!(m::IPC_MESSAGES_REFUSED, "reason" => reason).increment(1);
     if refusal.r#type() == MessageType::Log {
         metrics::counter!(m::REPLICATION_LINES_LOST, "reason" => reason).increment(1);

@@ -26,12 +26,18 @@ impl MessageSink for StoreSink {
             .await
             .map_err(|e| format!("ingest task failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        if let Some(first) = outcome.refused.first() {
+        // A sender writing bad payloads must not flood the log: once a minute, with a count.
+        static REFUSED_LOG: joblet_daemon::LogLimiter =
+            joblet_daemon::LogLimiter::new(std::time::Duration::from_secs(60));
+        if let Some(first) = outcome.refused.first()
+            && let Some(batches) = REFUSED_LOG.hit()
+        {
             tracing::warn!(
                 count = outcome.refused.len(),
                 job_id = first.job_id,
                 sequence = first.sequence,
                 why = first.detail,
+                batches_since_last_report = batches,
                 "replicated records that cannot be read: refused (log lines are kept as gap markers)"
             );
         }

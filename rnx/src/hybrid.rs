@@ -102,11 +102,7 @@ impl Sources {
             return Plan::default();
         };
         let (stored, highest) = match kind {
-            // A gap marker takes the place of the line it stands for.
-            Kind::Logs => (
-                summary.log_lines + summary.lost_lines,
-                summary.last_log_sequence,
-            ),
+            Kind::Logs => (summary.log_lines, summary.last_log_sequence),
             Kind::Metrics => (summary.metric_samples, summary.last_metric_sequence),
         };
         // Lines persist could not take (gap markers) core may still hold whole.
