@@ -85,6 +85,9 @@ pub struct RetentionConfig {
     pub logs: Retention,
     /// How long metric samples are kept; "0" keeps forever.
     pub metrics: Retention,
+    /// How long metric samples are kept as taken; older ones are kept as 1-minute rollups
+    /// (min, average, max). "0": never downsampled.
+    pub metrics_full_resolution: Retention,
     /// Accepts retention periods under one minute. For tests only: in production such a value
     /// is a typo ("1ns") that would delete everything.
     pub allow_under_a_minute: bool,
@@ -101,6 +104,7 @@ impl Default for RetentionConfig {
         RetentionConfig {
             logs: Retention(Some(Duration::from_secs(7 * 86_400))),
             metrics: Retention(Some(Duration::from_secs(30 * 86_400))),
+            metrics_full_resolution: Retention(Some(Duration::from_secs(86_400))),
             allow_under_a_minute: false,
             max_bytes: ByteSize::b(0),
             check_interval: Duration::from_secs(60),
@@ -280,6 +284,10 @@ impl Config {
         for (key, retention) in [
             ("retention.logs", self.retention.logs),
             ("retention.metrics", self.retention.metrics),
+            (
+                "retention.metrics_full_resolution",
+                self.retention.metrics_full_resolution,
+            ),
         ] {
             if let Some(period) = retention.0
                 && period < Duration::from_secs(60)
@@ -389,6 +397,18 @@ mod tests {
             "{short}"
         );
         assert!(error_of("retention:\n  metrics: 59s\n").contains("retention.metrics"));
+        assert!(
+            error_of("retention:\n  metrics_full_resolution: 10s\n")
+                .contains("retention.metrics_full_resolution")
+        );
+        assert_eq!(
+            Config::parse("retention:\n  metrics_full_resolution: 0\n")
+                .unwrap()
+                .retention
+                .metrics_full_resolution,
+            Retention(None),
+            "0: never downsampled"
+        );
         assert!(Config::parse("retention:\n  logs: 1m\n").is_ok());
         assert!(
             Config::parse("retention:\n  logs: 1s\n  allow_under_a_minute: true\n").is_ok(),

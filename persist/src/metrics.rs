@@ -18,6 +18,7 @@ pub const RETENTION_EVICTED_BYTES: &str = "joblet_persist_retention_evicted_byte
 pub const INDEX_BYTES: &str = "joblet_persist_index_bytes";
 pub const LINES_STORED: &str = "joblet_persist_log_lines_stored_total";
 pub const METRICS_STORED: &str = "joblet_persist_metric_samples_stored_total";
+pub const METRICS_DOWNSAMPLED: &str = "joblet_persist_metric_samples_downsampled_total";
 pub const JOB_RECORDS_STORED: &str = "joblet_persist_job_records_stored_total";
 pub const DUPLICATES_SKIPPED: &str = "joblet_persist_duplicates_skipped_total";
 pub const QUERY_ERRORS: &str = "joblet_persist_query_errors_total";
@@ -96,6 +97,11 @@ pub fn describe() {
     describe_counter!(LINES_STORED, "Log lines stored.");
     describe_counter!(METRICS_STORED, "Metric samples stored.");
     describe_counter!(
+        METRICS_DOWNSAMPLED,
+        "Metric samples older than retention.metrics_full_resolution rolled up into 1-minute \
+         records."
+    );
+    describe_counter!(
         JOB_RECORDS_STORED,
         "Versions of job records (the catalogue of past jobs) stored."
     );
@@ -111,6 +117,7 @@ pub fn describe() {
     metrics::counter!(DUPLICATES_SKIPPED).absolute(0);
     metrics::counter!(LINES_STORED).absolute(0);
     metrics::counter!(METRICS_STORED).absolute(0);
+    metrics::counter!(METRICS_DOWNSAMPLED).absolute(0);
     metrics::counter!(JOB_RECORDS_STORED).absolute(0);
     joblet_daemon::exporter::publish_build_info("joblet-persist", env!("CARGO_PKG_VERSION"));
     for rpc in ["QueryLogs", "QueryMetrics"] {

@@ -11,6 +11,9 @@
 //!    90 % of the cap. The check also runs as soon as a twentieth of the cap was ingested since
 //!    the last one, so the cap holds between intervals.
 //!
+//! Each pass first rolls metric samples older than `retention.metrics_full_resolution` up into
+//! 1-minute records (`store/downsample.rs`).
+//!
 //! Records of jobs that still write keep expiring through the compaction filters. The periods
 //! and the cap live in a [`Policy`] that the filters, queries and this task read at each use:
 //! SIGHUP re-reads them from the configuration file ([`Policy::apply`]).
@@ -36,6 +39,7 @@ const CAP_POLL: Duration = Duration::from_secs(1);
 pub struct Policy {
     logs_ns: AtomicU64,
     metrics_ns: AtomicU64,
+    metrics_full_resolution_ns: AtomicU64,
     max_bytes: AtomicU64,
     /// Wakes the retention task (a changed policy, a cap about to be reached).
     wake: Notify,
@@ -66,6 +70,11 @@ impl Policy {
         retention(self.metrics_ns.load(Ordering::Relaxed))
     }
 
+    /// How long samples are kept as taken before they are downsampled.
+    pub fn metrics_full_resolution(&self) -> Retention {
+        retention(self.metrics_full_resolution_ns.load(Ordering::Relaxed))
+    }
+
     pub fn max_bytes(&self) -> Option<u64> {
         Some(self.max_bytes.load(Ordering::Relaxed)).filter(|&cap| cap > 0)
     }
@@ -89,6 +98,12 @@ impl Policy {
                 "retention.metrics",
                 &self.metrics_ns,
                 nanos(config.metrics),
+                show,
+            ),
+            (
+                "retention.metrics_full_resolution",
+                &self.metrics_full_resolution_ns,
+                nanos(config.metrics_full_resolution),
                 show,
             ),
             (
@@ -152,7 +167,20 @@ pub async fn run(
         let pass = {
             let store = store.clone();
             let data_dir = data_dir.clone();
-            tokio::task::spawn_blocking(move || store.enforce_retention(&data_dir)).await
+            tokio::task::spawn_blocking(move || {
+                match store.downsample_metrics() {
+                    Ok(done) if done.samples > 0 => tracing::info!(
+                        jobs = done.jobs,
+                        samples = done.samples,
+                        rollups = done.rollups,
+                        "metric samples older than retention.metrics_full_resolution rolled up"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(%error, "downsampling metrics failed"),
+                }
+                store.enforce_retention(&data_dir)
+            })
+            .await
         };
         match pass {
             Ok(Ok(dropped)) if dropped != Dropped::default() => tracing::info!(

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use joblet_daemon::lock;
+use joblet_ipc::MetricData;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -391,28 +392,33 @@ impl PersistService for PersistApi {
                 let job_id = selection.job_id.clone();
                 store
                     .scan_metrics(&selection, |record| {
-                        let sample = record.sample;
+                        let event = |sample: &MetricData| JobMetricsEvent {
+                            timestamp: record.timestamp,
+                            job_uuid: job_id.clone(),
+                            cpu_percent: sample.cpu_percent,
+                            memory_bytes: sample.memory_bytes,
+                            memory_limit: sample.memory_limit,
+                            disk_read_bytes: sample.io_read_bytes,
+                            disk_write_bytes: sample.io_write_bytes,
+                            net_recv_bytes: sample.net_recv_bytes,
+                            net_sent_bytes: sample.net_sent_bytes,
+                            pids: sample.pids,
+                            sequence: record.sequence,
+                            cpu_pressure_some: sample.cpu_pressure_some,
+                            memory_pressure_some: sample.memory_pressure_some,
+                            memory_pressure_full: sample.memory_pressure_full,
+                            ..Default::default()
+                        };
+                        let rollup = record.rollup.as_ref();
                         emit(Metric {
                             job_id: job_id.clone(),
                             timestamp: record.timestamp,
                             sequence: record.sequence,
-                            sample: Some(JobMetricsEvent {
-                                timestamp: record.timestamp,
-                                job_uuid: job_id.clone(),
-                                cpu_percent: sample.cpu_percent,
-                                memory_bytes: sample.memory_bytes,
-                                memory_limit: sample.memory_limit,
-                                disk_read_bytes: sample.io_read_bytes,
-                                disk_write_bytes: sample.io_write_bytes,
-                                net_recv_bytes: sample.net_recv_bytes,
-                                net_sent_bytes: sample.net_sent_bytes,
-                                pids: sample.pids,
-                                sequence: record.sequence,
-                                cpu_pressure_some: sample.cpu_pressure_some,
-                                memory_pressure_some: sample.memory_pressure_some,
-                                memory_pressure_full: sample.memory_pressure_full,
-                                ..Default::default()
-                            }),
+                            sample: Some(event(&record.sample)),
+                            resolution_seconds: if rollup.is_some() { 60 } else { 0 },
+                            samples: rollup.map_or(1, |r| r.samples),
+                            min: rollup.and_then(|r| r.min.as_ref()).map(event),
+                            max: rollup.and_then(|r| r.max.as_ref()).map(event),
                         })
                     })
                     .map(drop)

@@ -4,7 +4,7 @@
 use std::io::BufWriter;
 
 use joblet_proto::joblet::{JobMetricsEvent, StreamMetricsRequest};
-use joblet_proto::persist::QueryMetricsRequest;
+use joblet_proto::persist::{Metric, QueryMetricsRequest};
 use serde_json::json;
 
 use crate::cli::MetricsArgs;
@@ -48,9 +48,10 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
             .into_inner();
         while let Some(metric) = stream.message().await? {
             if metric.sequence <= plan.through
-                && let Some(sample) = metric.sample
+                && let Some(sample) = metric.sample.clone()
             {
-                view.add(sample)?;
+                let rollup = (metric.resolution_seconds > 0).then_some(&metric);
+                view.add(sample, rollup)?;
             }
         }
     }
@@ -72,7 +73,7 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
                     break;
                 }
                 if in_range(&sample) {
-                    view.add(sample)?;
+                    view.add(sample, None)?;
                 }
             }
         }
@@ -87,7 +88,20 @@ struct View {
     chart: bool,
     follow: bool,
     header_printed: bool,
+    rollup_noted: bool,
     samples: Vec<JobMetricsEvent>,
+}
+
+/// A figure set as JSON (the fields of a sample's line).
+fn figures(sample: &JobMetricsEvent) -> serde_json::Value {
+    json!({
+        "cpu_percent": sample.cpu_percent, "memory_bytes": sample.memory_bytes,
+        "memory_limit": sample.memory_limit, "io_read_bytes": sample.disk_read_bytes,
+        "io_write_bytes": sample.disk_write_bytes, "pids": sample.pids,
+        "cpu_pressure_some": sample.cpu_pressure_some,
+        "memory_pressure_some": sample.memory_pressure_some,
+        "memory_pressure_full": sample.memory_pressure_full,
+    })
 }
 
 impl View {
@@ -98,11 +112,21 @@ impl View {
             chart,
             follow,
             header_printed: false,
+            rollup_noted: false,
             samples: Vec::new(),
         }
     }
 
-    fn add(&mut self, sample: JobMetricsEvent) -> Result<(), Failure> {
+    /// Adds a sample, or (`rollup`: the record persist sent) a minute of older samples that
+    /// persist downsampled, `sample` then holding their averages.
+    fn add(&mut self, sample: JobMetricsEvent, rollup: Option<&Metric>) -> Result<(), Failure> {
+        if rollup.is_some() && !self.rollup_noted && !self.json {
+            self.rollup_noted = true;
+            eprintln!(
+                "note: persist keeps samples older than its retention.metrics_full_resolution as \
+                 1-minute averages (rows marked \"1m avg\"); --json gives their minimum and maximum"
+            );
+        }
         if self.chart {
             self.samples.push(sample);
             if self.follow {
@@ -111,19 +135,24 @@ impl View {
             return Ok(());
         }
         if self.json {
-            json_line(
-                &mut self.out,
-                &json!({
-                    "timestamp": timespec::format_ns_utc(sample.timestamp),
-                    "timestamp_ns": sample.timestamp, "sequence": sample.sequence,
-                    "cpu_percent": sample.cpu_percent, "memory_bytes": sample.memory_bytes,
-                    "memory_limit": sample.memory_limit, "io_read_bytes": sample.disk_read_bytes,
-                    "io_write_bytes": sample.disk_write_bytes, "pids": sample.pids,
-                    "cpu_pressure_some": sample.cpu_pressure_some,
-                    "memory_pressure_some": sample.memory_pressure_some,
-                    "memory_pressure_full": sample.memory_pressure_full,
-                }),
-            )?;
+            let mut line = json!({
+                "timestamp": timespec::format_ns_utc(sample.timestamp),
+                "timestamp_ns": sample.timestamp, "sequence": sample.sequence,
+            });
+            let object = line.as_object_mut().expect("an object");
+            if let serde_json::Value::Object(values) = figures(&sample) {
+                object.extend(values);
+            }
+            if let Some(rollup) = rollup {
+                object.insert(
+                    "resolution_seconds".into(),
+                    rollup.resolution_seconds.into(),
+                );
+                object.insert("samples".into(), rollup.samples.into());
+                object.insert("min".into(), rollup.min.as_ref().map(figures).into());
+                object.insert("max".into(), rollup.max.as_ref().map(figures).into());
+            }
+            json_line(&mut self.out, &line)?;
         } else {
             if !self.header_printed {
                 write(
@@ -145,7 +174,14 @@ impl View {
                 &mut self.out,
                 format!(
                     "{:<30}  {:>7.1}  {:>11}  {:>11}  {:>11}  {:>11}  {:>5}\n",
-                    timespec::format_ns(sample.timestamp),
+                    match rollup {
+                        Some(rollup) => format!(
+                            "{} {}m avg",
+                            timespec::format_s(sample.timestamp),
+                            rollup.resolution_seconds / 60
+                        ),
+                        None => timespec::format_ns(sample.timestamp),
+                    },
                     sample.cpu_percent,
                     human_bytes(sample.memory_bytes),
                     limit,

@@ -56,6 +56,13 @@ pub fn format_ns(ns: i64) -> String {
         .unwrap_or_else(|| ns.to_string())
 }
 
+/// Unix nanoseconds as RFC 3339 to the second, in the zone times are shown in.
+pub fn format_s(ns: i64) -> String {
+    utc_of(ns)
+        .map(|t| in_shown_zone(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ns.to_string())
+}
+
 /// Unix nanoseconds as RFC 3339 in UTC with nanoseconds, as JSON output gives every time.
 pub fn format_ns_utc(ns: i64) -> String {
     utc_of(ns)

@@ -115,6 +115,13 @@ impl Store {
             // A sequence above the highest stored one is new (the sender keeps each job's
             // order); only replays need looking up: earlier in this batch, or stored.
             let replay = message.sequence <= highest;
+            let downsampled =
+                kind == Kind::Metric && message.timestamp < summary.metrics_downsampled_before;
+            if replay && downsampled {
+                // Rolled up already (see `downsample.rs`): its key is gone, its minute counts it.
+                outcome.duplicates += 1;
+                continue;
+            }
             if replay {
                 if job.new[kind as usize]
                     .binary_search(&message.sequence)
@@ -172,6 +179,11 @@ impl Store {
                     continue;
                 }
                 value.extend_from_slice(message.data);
+                if downsampled {
+                    // A new sample of a minute rolled up already: the next pass merges it.
+                    let late = summary.metrics_late_from.unwrap_or(i64::MAX);
+                    summary.metrics_late_from = Some(late.min(message.timestamp));
+                }
                 summary.metric_samples += 1;
                 summary.last_metric_sequence = summary.last_metric_sequence.max(message.sequence);
                 outcome.samples += 1;

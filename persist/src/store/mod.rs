@@ -2,7 +2,9 @@
 //!
 //! - `logs`: key (job_id, timestamp, sequence) → stream byte ‖ content bytes, or a gap marker
 //!   (lines lost at that place, and why: see `value.rs`).
-//! - `metrics`: key (job_id, timestamp, sequence) → `joblet.ipc.MetricData` bytes.
+//! - `metrics`: key (job_id, timestamp, sequence) → `joblet.ipc.MetricData` bytes, or for a
+//!   minute older than `retention.metrics_full_resolution`, 0 ‖ `MetricRollup` (see
+//!   `downsample.rs`).
 //! - `summaries`: job_id → `joblet.persist.JobSummary` (first/last timestamp, counts, bytes,
 //!   highest stored sequence per kind), written in the same atomic batch as the records.
 //! - `jobs`: job_id → `joblet.ipc.JobRecord`, the catalogue: the newest version of the job's
@@ -29,8 +31,9 @@
 //!
 //! Layout: this module opens the store and holds the catalogue (summaries, records, deletion);
 //! `ingest.rs` the ingest pipeline, `scan.rs` the scans, `expiry.rs` the compaction filters and the
-//! retention pass.
+//! retention pass, `downsample.rs` the 1-minute rollups of older metric samples.
 
+mod downsample;
 mod expiry;
 mod ingest;
 mod scan;
@@ -56,6 +59,7 @@ use crate::retention::Policy;
 use joblet_daemon::lock;
 use tokio::sync::watch;
 
+pub use downsample::{Downsampled, MINUTE_NS, MetricValue};
 use expiry::{job_record_filter, longest, oldest_kept_ns, record_filter, summary_filter};
 pub use value::Gap;
 
@@ -136,11 +140,14 @@ pub struct LogRecord<'a> {
     pub gap: Option<Gap<'a>>,
 }
 
+/// A stored sample, or a minute of samples downsampled (`rollup`; `sample` then holds the
+/// averages).
 #[derive(Debug, Clone)]
 pub struct MetricRecord {
     pub timestamp: i64,
     pub sequence: u64,
     pub sample: MetricData,
+    pub rollup: Option<joblet_proto::persist::MetricRollup>,
 }
 
 /// How one ingest batch went.
@@ -544,9 +551,12 @@ fn set_compression(options: &mut Options, config: &RocksDbConfig) {
         options.set_compression_options(-14, config.zstd_level, 0, 0);
     }
     options.set_bottommost_compression_type(kind(config.bottommost_compression));
-    let dictionary = config.zstd_dictionary_size.as_u64() as i32;
-    options.set_bottommost_compression_options(-14, config.zstd_level, 0, dictionary, true);
-    options.set_bottommost_zstd_max_train_bytes(dictionary * 100, true);
+    // The dictionary, too, is zstd's alone: LZ4 at the bottom keeps RocksDB's defaults.
+    if config.bottommost_compression == Compression::Zstd {
+        let dictionary = config.zstd_dictionary_size.as_u64() as i32;
+        options.set_bottommost_compression_options(-14, config.zstd_level, 0, dictionary, true);
+        options.set_bottommost_zstd_max_train_bytes(dictionary * 100, true);
+    }
 }
 
 /// Input echoed in an error, cut to 64 characters (a 100 KB id must not make the reply too
@@ -581,6 +591,7 @@ pub fn directory_bytes(dir: &Path) -> u64 {
 mod tests {
     use super::*;
     use crate::config::{Config, Retention};
+    use downsample::floor_minute;
     use joblet_ipc::{Batch, Stream, log_message, now_ns};
     use std::ops::ControlFlow;
     use std::time::Duration;
@@ -657,6 +668,93 @@ mod tests {
         drop(store_with_old_and_new_lines(dir.path()));
         let store = Store::open(&config(dir.path(), Retention(None))).unwrap();
         assert_eq!(count_all(&store, "job"), 5);
+    }
+
+    #[test]
+    fn downsampling_rolls_up_in_bounded_steps_and_loses_no_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), Retention(None));
+        config.retention.metrics_full_resolution = Retention(Some(Duration::from_secs(3600)));
+        let store = Store::open(&config).unwrap();
+        // 50,000 samples 100 ms apart, three hours ago: 84 minutes, more than one step's worth.
+        let start = floor_minute(now_ns() - 3 * HOUR_NS) + 123;
+        let samples: Vec<_> = (1..=50_000u64)
+            .map(|n| {
+                let sample = MetricData {
+                    cpu_percent: n as f64,
+                    ..Default::default()
+                };
+                let at = start + (n as i64 - 1) * 100_000_000;
+                joblet_ipc::metric_message("job", n, at, &sample)
+            })
+            .collect();
+        for chunk in samples.chunks(8192) {
+            ingest(&store, chunk);
+        }
+        let done = store.downsample_metrics().unwrap();
+        assert_eq!((done.jobs, done.samples), (1, 50_000));
+        let mut rollups = Vec::new();
+        store
+            .scan_metrics(
+                &Selection {
+                    job_id: "job".into(),
+                    ..Default::default()
+                },
+                |record| {
+                    rollups.push(record);
+                    ControlFlow::Continue(())
+                },
+            )
+            .unwrap();
+        assert_eq!(rollups.len() as u64, done.rollups);
+        assert_eq!(rollups.len(), 84, "one record a minute");
+        let counted: u32 = rollups
+            .iter()
+            .map(|r| r.rollup.as_ref().unwrap().samples)
+            .sum();
+        assert_eq!(counted, 50_000);
+        let cpu_sum: f64 = rollups
+            .iter()
+            .map(|r| r.rollup.as_ref().unwrap().sum.as_ref().unwrap().cpu_percent)
+            .sum();
+        assert_eq!(cpu_sum, (1..=50_000u64).sum::<u64>() as f64);
+        assert!(
+            rollups
+                .windows(2)
+                .all(|w| w[0].timestamp + MINUTE_NS == w[1].timestamp)
+        );
+        assert_eq!(rollups.last().unwrap().sequence, 50_000);
+        // Nothing left to do, and the summary says where it got to.
+        assert_eq!(store.downsample_metrics().unwrap(), Downsampled::default());
+        let summary = &store.list_jobs("job")[0];
+        assert_eq!(summary.metric_samples, 50_000);
+        assert!(summary.metrics_downsampled_before > rollups.last().unwrap().timestamp);
+        assert_eq!(summary.metrics_late_from, None);
+    }
+
+    #[test]
+    fn the_bottom_level_gets_zstd_options_only_when_it_uses_zstd() {
+        let options_of = |bottommost: Compression| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = config(dir.path(), Retention(None));
+            config.rocksdb.bottommost_compression = bottommost;
+            drop(Store::open(&config).unwrap());
+            let file = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter_map(Result::ok)
+                .find(|e| e.file_name().to_string_lossy().starts_with("OPTIONS-"))
+                .expect("an OPTIONS file");
+            std::fs::read_to_string(file.path()).unwrap()
+        };
+        let zstd = options_of(Compression::Zstd);
+        assert!(zstd.contains("bottommost_compression=kZSTD"), "{zstd}");
+        assert!(zstd.contains("max_dict_bytes=16384"), "{zstd}");
+        let lz4 = options_of(Compression::Lz4);
+        assert!(
+            lz4.contains("bottommost_compression=kLZ4Compression"),
+            "{lz4}"
+        );
+        assert!(!lz4.contains("max_dict_bytes=16384"), "{lz4}");
     }
 
     #[test]

@@ -4,14 +4,13 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 
-use joblet_ipc::MetricData;
-use prost::Message;
 use rocksdb::ReadOptions;
 
 use super::expiry::oldest_kept_ns;
 use super::value::parse_log_value;
 use super::{
-    CF_LOGS, CF_METRICS, LogRecord, MetricRecord, Selection, Store, StoreError, StreamFilter,
+    CF_LOGS, CF_METRICS, LogRecord, MetricRecord, MetricValue, Selection, Store, StoreError,
+    StreamFilter,
 };
 use crate::config::Retention;
 use crate::keys;
@@ -71,14 +70,21 @@ impl Store {
             CF_METRICS,
             self.policy.metrics(),
             selection,
-            |value| MetricData::decode(value).is_ok(),
-            &mut |timestamp, sequence, value| match MetricData::decode(value) {
-                Ok(sample) => emit(MetricRecord {
+            |value| MetricValue::decode(value).is_some(),
+            &mut |timestamp, sequence, value| match MetricValue::decode(value) {
+                Some(MetricValue::Sample(sample)) => emit(MetricRecord {
                     timestamp,
                     sequence,
                     sample,
+                    rollup: None,
                 }),
-                Err(_) => ControlFlow::Continue(()),
+                Some(MetricValue::Rollup(rollup)) => emit(MetricRecord {
+                    timestamp,
+                    sequence,
+                    sample: super::downsample::average(&rollup),
+                    rollup: Some(rollup),
+                }),
+                None => ControlFlow::Continue(()),
             },
         )
     }

@@ -3,6 +3,7 @@
 
 mod catalogue;
 mod connections;
+mod downsampling;
 mod harness;
 mod ingest_and_query;
 mod restart_and_retention;
