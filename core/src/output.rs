@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use joblet_proto::joblet::{LogRecord, LogStream};
-use joblet_proto::wire;
+use joblet_proto::wire::log_record;
 use tokio::sync::watch;
 use tokio_util::codec::Decoder;
 
@@ -346,7 +346,7 @@ impl Output {
                     break;
                 }
                 let body = &buffer[position + 4..position + 4 + len];
-                let sequence = record_sequence(body)
+                let sequence = log_record::sequence(body)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 if state.records.is_multiple_of(INDEX_EVERY) {
                     state
@@ -431,44 +431,6 @@ impl Output {
             codec: joblet_ipc::FrameCodec::new(usize::MAX >> 1),
             progress: self.progress.subscribe(),
         })
-    }
-}
-
-/// The sequence of an encoded `joblet.LogRecord`. Records as [`encode_record`] writes them
-/// (stream, timestamp, sequence: one-byte keys in that order) are read straight through; any
-/// other layout by the general decoder.
-fn record_sequence(body: &[u8]) -> Result<u64, prost::DecodeError> {
-    fn skip_varint(bytes: &[u8]) -> Option<&[u8]> {
-        let end = bytes.iter().position(|b| b & 0x80 == 0)?;
-        Some(&bytes[end + 1..])
-    }
-    fn read_varint(bytes: &[u8]) -> Option<u64> {
-        let mut value = 0u64;
-        for (i, &byte) in bytes.iter().enumerate().take(10) {
-            value |= u64::from(byte & 0x7f) << (7 * i);
-            if byte & 0x80 == 0 {
-                return Some(value);
-            }
-        }
-        None
-    }
-    let canonical = || {
-        let mut rest = body;
-        for key in [0x08, 0x10] {
-            if rest.first() == Some(&key) {
-                rest = skip_varint(&rest[1..])?;
-            }
-        }
-        match rest.first() {
-            Some(&0x18) => read_varint(&rest[1..]),
-            // No sequence field: the record's sequence is 0.
-            Some(&0x22) | None => Some(0),
-            Some(_) => None,
-        }
-    };
-    match canonical() {
-        Some(sequence) => Ok(sequence),
-        None => wire::varint_field(body, 3),
     }
 }
 
@@ -638,24 +600,17 @@ fn encode_record(
     content: &[u8],
     partial: bool,
 ) {
-    let varints = [
-        (1, stream as i32 as u64),
-        (2, timestamp as u64),
-        (3, sequence),
-    ];
-    let len = varints
-        .iter()
-        .map(|&(_, value)| wire::varint_field_len(value))
-        .sum::<usize>()
-        + wire::bytes_field_len(content)
-        + wire::varint_field_len(u64::from(partial));
+    let record = log_record::Record {
+        stream: stream as i32,
+        timestamp,
+        sequence,
+        content,
+        partial,
+    };
+    let len = record.encoded_len();
     buf.reserve(4 + len);
     buf.put_u32(len as u32);
-    for (tag, value) in varints {
-        wire::put_varint_field(tag, value, buf);
-    }
-    wire::put_bytes_field(4, content, buf);
-    wire::put_varint_field(5, u64::from(partial), buf);
+    record.encode(buf);
 }
 
 pub struct SpoolReader {
@@ -1015,24 +970,6 @@ xy
                 assert_eq!(buf, prost_buf, "same bytes as prost for {sequence}");
             }
         }
-    }
-
-    #[test]
-    fn a_records_sequence_is_read_without_decoding_it() {
-        for (stream, timestamp, sequence) in [
-            (LogStream::Stdout, 1_760_000_000_123_456_789i64, 1u64),
-            (LogStream::Stderr, 0, u64::MAX),
-            (LogStream::Unspecified, -5, 300),
-            (LogStream::Stdout, 5, 0),
-        ] {
-            let mut buf = BytesMut::new();
-            encode_record(&mut buf, stream, timestamp, sequence, b"content\n", true);
-            assert_eq!(record_sequence(&buf[4..]), Ok(sequence));
-        }
-        // Another field order goes through the general decoder.
-        let reordered = [0x18, 0x05, 0x08, 0x01];
-        assert_eq!(record_sequence(&reordered), Ok(5));
-        assert!(record_sequence(&[0x08, 0x01, 0x18]).is_err(), "torn");
     }
 
     /// Every reader cursor sees every line once, with the index from the progress file

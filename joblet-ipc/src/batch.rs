@@ -10,7 +10,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use joblet_proto::ipc::{IpcMessage, MessageType};
 
 use crate::codec::{DEFAULT_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES, encode_frame};
-use crate::message::{InvalidMessage, PROTOCOL_VERSION, field, length_delimited, next_is, varint};
+use crate::message::{InvalidMessage, PROTOCOL_VERSION};
+use joblet_proto::wire::{
+    ipc_message, length_delimited, log_data, next_is, read_bytes, read_varint,
+};
 
 /// An `IPCMessage` read in place: the fields borrow the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +59,8 @@ impl<'a> Envelope<'a> {
     #[inline]
     fn read_canonical(mut buf: &'a [u8]) -> Option<Envelope<'a>> {
         let mut envelope = Envelope::read_leading_fields(&mut buf)?;
-        if next_is(0x32, &mut buf) {
-            envelope.data = field(&mut buf)?;
+        if next_is(ipc_message::DATA, &mut buf) {
+            envelope.data = read_bytes(&mut buf)?;
         }
         buf.is_empty().then_some(envelope)
     }
@@ -95,10 +98,10 @@ impl<'a> Envelope<'a> {
     pub fn read_head(mut buf: &'a [u8]) -> Option<Head<'a>> {
         let envelope = Envelope::read_leading_fields(&mut buf)?;
         let mut stream = 0;
-        if next_is(0x32, &mut buf) {
-            varint(&mut buf)?;
-            if next_is(0x08, &mut buf) {
-                stream = varint(&mut buf).unwrap_or_default() as i32;
+        if next_is(ipc_message::DATA, &mut buf) {
+            read_varint(&mut buf)?;
+            if next_is(log_data::STREAM, &mut buf) {
+                stream = read_varint(&mut buf).unwrap_or_default() as i32;
             }
         }
         Some(Head { envelope, stream })
@@ -109,21 +112,20 @@ impl<'a> Envelope<'a> {
     #[inline]
     fn read_leading_fields(buf: &mut &'a [u8]) -> Option<Envelope<'a>> {
         let mut envelope = Envelope::EMPTY;
-        // The key of field n with wire type w is the byte n << 3 | w.
-        if next_is(0x08, buf) {
-            envelope.version = varint(buf)? as u32;
+        if next_is(ipc_message::VERSION, buf) {
+            envelope.version = read_varint(buf)? as u32;
         }
-        if next_is(0x10, buf) {
-            envelope.r#type = varint(buf)? as i32;
+        if next_is(ipc_message::TYPE, buf) {
+            envelope.r#type = read_varint(buf)? as i32;
         }
-        if next_is(0x1a, buf) {
-            envelope.job_id = std::str::from_utf8(field(buf)?).ok()?;
+        if next_is(ipc_message::JOB_ID, buf) {
+            envelope.job_id = std::str::from_utf8(read_bytes(buf)?).ok()?;
         }
-        if next_is(0x20, buf) {
-            envelope.timestamp = varint(buf)? as i64;
+        if next_is(ipc_message::TIMESTAMP, buf) {
+            envelope.timestamp = read_varint(buf)? as i64;
         }
-        if next_is(0x28, buf) {
-            envelope.sequence = varint(buf)?;
+        if next_is(ipc_message::SEQUENCE, buf) {
+            envelope.sequence = read_varint(buf)?;
         }
         Some(envelope)
     }

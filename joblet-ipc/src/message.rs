@@ -2,9 +2,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use joblet_proto::ipc::{IpcMessage, LogData, MessageType, MetricData, Stream};
-use joblet_proto::wire;
+use joblet_proto::wire::{
+    self, ipc_message, length_delimited, log_data, next_is, read_bytes, read_varint,
+};
 use prost::Message;
-use prost::encoding::encoded_len_varint;
 
 use crate::codec::LENGTH_PREFIX_BYTES;
 
@@ -47,33 +48,25 @@ struct Fields<'a> {
 impl Fields<'_> {
     const VERSION: u64 = PROTOCOL_VERSION as u64;
 
-    fn data_field_len(&self) -> usize {
-        if self.payload_len == 0 {
-            0
-        } else {
-            1 + encoded_len_varint(self.payload_len as u64) + self.payload_len
-        }
-    }
-
     fn body_len(&self) -> usize {
-        wire::varint_field_len(Self::VERSION)
-            + wire::varint_field_len(self.kind)
-            + wire::bytes_field_len(self.job_id.as_bytes())
-            + wire::varint_field_len(self.timestamp)
-            + wire::varint_field_len(self.sequence)
-            + self.data_field_len()
+        wire::varint_len(Self::VERSION)
+            + wire::varint_len(self.kind)
+            + wire::bytes_len(self.job_id.as_bytes())
+            + wire::varint_len(self.timestamp)
+            + wire::varint_len(self.sequence)
+            + wire::nested_len(self.payload_len)
     }
 
     /// The fields as prost writes them (in field order, defaults left out), up to the
     /// payload's key and length; the payload follows.
     fn put(&self, buf: &mut impl BufMut) {
-        wire::put_varint_field(1, Self::VERSION, buf);
-        wire::put_varint_field(2, self.kind, buf);
-        wire::put_bytes_field(3, self.job_id.as_bytes(), buf);
-        wire::put_varint_field(4, self.timestamp, buf);
-        wire::put_varint_field(5, self.sequence, buf);
+        wire::put_varint(ipc_message::VERSION, Self::VERSION, buf);
+        wire::put_varint(ipc_message::TYPE, self.kind, buf);
+        wire::put_bytes(ipc_message::JOB_ID, self.job_id.as_bytes(), buf);
+        wire::put_varint(ipc_message::TIMESTAMP, self.timestamp, buf);
+        wire::put_varint(ipc_message::SEQUENCE, self.sequence, buf);
         if self.payload_len > 0 {
-            wire::put_length_delimited_key(6, self.payload_len, buf);
+            wire::put_nested_key(ipc_message::DATA, self.payload_len, buf);
         }
     }
 }
@@ -94,9 +87,9 @@ impl<'a> Frame<'a> {
             job_id,
             timestamp: timestamp_ns as u64,
             sequence,
-            payload_len: wire::varint_field_len(stream)
-                + wire::bytes_field_len(content)
-                + wire::varint_field_len(u64::from(partial)),
+            payload_len: wire::varint_len(stream)
+                + wire::bytes_len(content)
+                + wire::varint_len(u64::from(partial)),
         };
         Frame {
             body_len: envelope.body_len(),
@@ -149,9 +142,9 @@ impl<'a> Frame<'a> {
                 partial,
             } => {
                 envelope.put(buf);
-                wire::put_varint_field(1, stream, buf);
-                wire::put_bytes_field(2, content, buf);
-                wire::put_varint_field(5, u64::from(partial), buf);
+                wire::put_varint(log_data::STREAM, stream, buf);
+                wire::put_bytes(log_data::CONTENT, content, buf);
+                wire::put_varint(log_data::PARTIAL, u64::from(partial), buf);
             }
             Body::Metric { envelope, sample } => {
                 envelope.put(buf);
@@ -282,21 +275,21 @@ pub fn log_payload(buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError> {
     let canonical = || {
         let mut rest = buf;
         let mut payload = LogPayload::default();
-        if next_is(0x08, &mut rest) {
-            payload.stream = varint(&mut rest)? as i32;
+        if next_is(log_data::STREAM, &mut rest) {
+            payload.stream = read_varint(&mut rest)? as i32;
         }
-        if next_is(0x12, &mut rest) {
-            payload.content = field(&mut rest)?;
+        if next_is(log_data::CONTENT, &mut rest) {
+            payload.content = read_bytes(&mut rest)?;
         }
-        if next_is(0x18, &mut rest) {
-            payload.lost_lines = varint(&mut rest)?;
+        if next_is(log_data::LOST_LINES, &mut rest) {
+            payload.lost_lines = read_varint(&mut rest)?;
         }
-        if next_is(0x22, &mut rest) {
-            payload.lost_reason = std::str::from_utf8(field(&mut rest)?).ok()?;
+        if next_is(log_data::LOST_REASON, &mut rest) {
+            payload.lost_reason = std::str::from_utf8(read_bytes(&mut rest)?).ok()?;
         }
-        if next_is(0x28, &mut rest) {
+        if next_is(log_data::PARTIAL, &mut rest) {
             // prost reads any varint as a bool, non-zero as true.
-            payload.partial = varint(&mut rest)? != 0;
+            payload.partial = read_varint(&mut rest)? != 0;
         }
         rest.is_empty().then_some(payload)
     };
@@ -328,64 +321,6 @@ fn log_payload_any(mut buf: &[u8]) -> Result<LogPayload<'_>, prost::DecodeError>
         }
     }
     Ok(payload)
-}
-
-/// A varint that fits in 64 bits, as prost reads it; `None` for anything else, which
-/// the general decoder then refuses.
-#[inline]
-pub(crate) fn varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (i, &byte) in buf.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte < 0x80 {
-            // The tenth byte holds the 64th bit only.
-            if i == 9 && byte > 1 {
-                return None;
-            }
-            *buf = &buf[i + 1..];
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// A length-delimited field's content, when it is all there.
-#[inline]
-pub(crate) fn field<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let mut rest = *buf;
-    let len = usize::try_from(varint(&mut rest)?).ok()?;
-    let (content, rest) = rest.split_at_checked(len)?;
-    *buf = rest;
-    Some(content)
-}
-
-/// Whether `buf` starts with the one-byte `key`; if so, moves past it.
-#[inline]
-pub(crate) fn next_is(key: u8, buf: &mut &[u8]) -> bool {
-    let here = buf.first() == Some(&key);
-    if here {
-        *buf = &buf[1..];
-    }
-    here
-}
-
-/// The content of a length-delimited field whose key was just read from `buf`, borrowed, with
-/// the checks prost's own decoders make; `buf` moves past the field.
-pub(crate) fn length_delimited<'a>(
-    wire_type: prost::encoding::WireType,
-    tag: u32,
-    buf: &mut &'a [u8],
-) -> Result<&'a [u8], prost::DecodeError> {
-    use prost::encoding::{DecodeContext, WireType, check_wire_type, decode_varint, skip_field};
-    check_wire_type(WireType::LengthDelimited, wire_type)?;
-    // Skipping checks the length against what is left; the field is then its length prefix
-    // followed by the content.
-    let mut rest = *buf;
-    skip_field(wire_type, tag, &mut rest, DecodeContext::default())?;
-    let mut field = &buf[..buf.len() - rest.len()];
-    decode_varint(&mut field)?;
-    *buf = rest;
-    Ok(field)
 }
 
 /// Why a received envelope was refused (each one is a `reason` label of the rejection counter).

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::{BufMut, Bytes, BytesMut};
 use joblet_proto::persist::persist_service_server::PersistServiceServer;
 use joblet_proto::persist::{QueryLogsRequest, StreamType};
-use joblet_proto::wire;
+use joblet_proto::wire::log_line;
 use tonic::body::Body;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, Service, http};
@@ -39,10 +39,8 @@ pub struct LineEncoder {
 
 impl LineEncoder {
     pub fn new(job_id: &str) -> Self {
-        let mut job_id_field = Vec::with_capacity(job_id.len() + 6);
-        wire::put_bytes_field(1, job_id.as_bytes(), &mut job_id_field);
         LineEncoder {
-            job_id_field,
+            job_id_field: log_line::job_id_field(job_id),
             buffer: BytesMut::new(),
         }
     }
@@ -53,37 +51,25 @@ impl LineEncoder {
         let stream = match record.stream {
             joblet_ipc::Stream::Stderr => StreamType::Stderr,
             _ => StreamType::Stdout,
-        } as u64;
-        let varints = [
-            (2, stream),
-            (3, record.timestamp as u64),
-            (4, record.sequence),
-        ];
+        };
         let (lost_lines, lost_reason) = record
             .gap
             .map_or((0, &b""[..]), |gap| (gap.lines, gap.reason.as_bytes()));
-        let len = self.job_id_field.len()
-            + varints
-                .iter()
-                .map(|&(_, value)| wire::varint_field_len(value))
-                .sum::<usize>()
-            + wire::bytes_field_len(record.content)
-            + wire::varint_field_len(lost_lines)
-            + wire::bytes_field_len(lost_reason)
-            + wire::varint_field_len(u64::from(record.partial));
+        let line = log_line::Line {
+            stream: stream as i32,
+            timestamp: record.timestamp,
+            sequence: record.sequence,
+            content: record.content,
+            lost_lines,
+            lost_reason,
+            partial: record.partial,
+        };
+        let len = self.job_id_field.len() + line.encoded_len();
         if self.buffer.capacity() < len {
             self.buffer = BytesMut::with_capacity(len.max(BUFFER_BYTES));
         }
-        let buf = &mut self.buffer;
-        buf.put_slice(&self.job_id_field);
-        for (tag, value) in varints {
-            wire::put_varint_field(tag, value, buf);
-        }
-        wire::put_bytes_field(5, record.content, buf);
-        wire::put_varint_field(10, lost_lines, buf);
-        wire::put_bytes_field(11, lost_reason, buf);
-        wire::put_varint_field(12, u64::from(record.partial), buf);
-        buf.split().freeze()
+        line.encode(&self.job_id_field, &mut self.buffer);
+        self.buffer.split().freeze()
     }
 }
 
