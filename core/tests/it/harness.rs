@@ -1,8 +1,6 @@
 //! Starting the daemons and talking to them.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use joblet_proto::joblet::job_service_client::JobServiceClient;
@@ -12,62 +10,29 @@ use joblet_proto::joblet::{
 };
 use joblet_proto::persist::QueryLogsRequest;
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tonic::transport::Channel;
 
-pub const WAIT: Duration = Duration::from_secs(60);
+pub use joblet_test_support::WAIT;
 
 /// Held by tests that load the CPU or measure it, so that they do not run at the same time
 /// (cargo runs a binary's tests in parallel; this machine has two cores).
 pub static CPU_BOUND: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-pub struct Daemon {
-    pub child: Child,
-    pub grpc: SocketAddr,
-    pub metrics: Option<SocketAddr>,
-    pub log: PathBuf,
+/// A running joblet-core or joblet-persist.
+pub struct Daemon(joblet_test_support::Daemon);
+
+impl std::ops::Deref for Daemon {
+    type Target = joblet_test_support::Daemon;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
-async fn start_binary(binary: &Path, config: &Path, log: PathBuf) -> (Child, String) {
-    start_command(Command::new(binary), binary, config, log).await
-}
-
-/// Starts `command` (which runs `binary`) with `--config config` appended.
-async fn start_command(
-    mut command: Command,
-    binary: &Path,
-    config: &Path,
-    log: PathBuf,
-) -> (Child, String) {
-    let mut child = command
-        .arg("--config")
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .expect("daemon did not become ready")
-        .unwrap()
-        .unwrap_or_else(|| {
-            panic!(
-                "{} exited before ready: {}",
-                binary.display(),
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-    (child, ready)
-}
-
-fn field(ready: &str, name: &str) -> Option<String> {
-    ready
-        .split_whitespace()
-        .find_map(|part| part.strip_prefix(&format!("{name}=")))
-        .map(str::to_owned)
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 /// Starts joblet-core with state in `dir`, persist socket `dir/persist.sock`, and `extra` YAML.
@@ -172,26 +137,15 @@ pub async fn start_core_with(command: Command, dir: &Path, extra: &str) -> Daemo
     };
     let path = dir.join("joblet-config.yml");
     std::fs::write(&path, config).unwrap();
-    let log = dir.join("core.log");
-    let binary = Path::new(env!("CARGO_BIN_EXE_joblet-core"));
-    let (child, ready) = start_command(command, binary, &path, log.clone()).await;
-    Daemon {
-        child,
-        grpc: field(&ready, "grpc").unwrap().parse().unwrap(),
-        metrics: field(&ready, "metrics").and_then(|m| m.parse().ok()),
-        log,
-    }
+    Daemon(joblet_test_support::Daemon::start(command, &path, &dir.join("core.log")).await)
 }
 
 /// The joblet-persist binary built beside joblet-core (`cargo build --workspace --bins`).
 pub fn persist_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_joblet-core")).with_file_name("joblet-persist");
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
-        path.display()
-    );
-    path
+    joblet_test_support::sibling(
+        Path::new(env!("CARGO_BIN_EXE_joblet-core")),
+        "joblet-persist",
+    )
 }
 
 /// Starts joblet-persist with data in `dir/persist-data` and socket `dir/persist.sock`.
@@ -211,14 +165,8 @@ pub async fn start_persist_with_metrics(dir: &Path, metrics: bool) -> Daemon {
         ),
     )
     .unwrap();
-    let log = dir.join("persist.log");
-    let (child, ready) = start_binary(&persist_binary(), &path, log.clone()).await;
-    Daemon {
-        child,
-        grpc: field(&ready, "grpc").unwrap().parse().unwrap(),
-        metrics: field(&ready, "metrics").and_then(|m| m.parse().ok()),
-        log,
-    }
+    let command = Command::new(persist_binary());
+    Daemon(joblet_test_support::Daemon::start(command, &path, &dir.join("persist.log")).await)
 }
 
 impl Daemon {
@@ -229,31 +177,12 @@ impl Daemon {
             .max_decoding_message_size(64 << 20)
     }
 
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("daemon did not stop on SIGTERM")
-            .unwrap()
+    pub async fn terminate(self) -> std::process::ExitStatus {
+        self.0.terminate().await
     }
 
-    pub async fn kill_hard(mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
-    }
-
-    pub async fn scrape(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics.unwrap())
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
-        body
+    pub async fn kill_hard(self) {
+        self.0.kill_hard().await
     }
 }
 

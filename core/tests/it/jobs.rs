@@ -180,10 +180,11 @@ async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
     // One that ignores it is killed after the grace period.
     let id = run(
         &mut client,
-        shell("trap '' TERM; while :; do sleep 0.05; done"),
+        shell("trap '' TERM; echo up; while :; do sleep 0.05; done"),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its trap is set once it said so.
+    harness::wait_records(&mut client, &id, 1).await;
     let started = std::time::Instant::now();
     let stopped = client
         .stop_job(StopJobRequest {

@@ -80,7 +80,14 @@ async fn persist_killed_mid_job_still_ends_up_with_every_line_once() {
         shell("i=0; while [ $i -lt 600 ]; do seq $((i*1000+1)) $((i*1000+1000)); i=$((i+1)); sleep 0.01; done"),
     )
     .await;
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Killed while replication is under way: some lines stored, most still to come.
+    let under_way = joblet_test_support::eventually(
+        harness::WAIT,
+        std::time::Duration::from_millis(50),
+        async || harness::persisted_lines(&persist, &id).await.len() >= 10_000,
+    )
+    .await;
+    assert!(under_way, "replication started");
     persist.kill_hard().await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let persist = harness::start_persist(dir.path()).await;

@@ -11,7 +11,7 @@ use joblet_proto::joblet::{DeleteJobRequest, EmptyRequest, StopJobRequest};
 use tonic::transport::Channel;
 
 use crate::harness::{
-    self, Daemon, finished, logs, pids_with, process_with, run, shell, status, wait_records,
+    self, Daemon, WAIT, finished, logs, pids_with, process_with, run, shell, status, wait_records,
     wait_status,
 };
 
@@ -272,7 +272,12 @@ async fn a_job_whose_supervisor_died_while_core_was_down_ends_lost_with_its_outp
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Dead (a zombie's command line is empty) before core comes back.
+    let gone = joblet_test_support::eventually(WAIT, Duration::from_millis(20), async || {
+        !pids_with(&format!("supervise {id}")).contains(&supervisors[0])
+    })
+    .await;
+    assert!(gone, "the supervisor is dead");
 
     let core = harness::start_core(dir.path(), &config).await;
     let mut client = core.client().await;

@@ -48,7 +48,10 @@ async fn idle_connections_cost_little_and_those_beyond_the_limit_are_refused() {
                 .unwrap(),
         );
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        connections_become(&daemon, 300).await,
+        "persist holds the 299 idle connections and the replicator's"
+    );
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(
         grown < 299 * 64,
@@ -74,7 +77,7 @@ async fn idle_connections_cost_little_and_those_beyond_the_limit_are_refused() {
                 == "joblet_persist_ipc_connections_refused_total{reason=\"max_connections\"} 5"),
         "refusals are counted"
     );
-    let said = std::fs::read_to_string(&daemon.stderr_log).unwrap();
+    let said = std::fs::read_to_string(&daemon.log).unwrap();
     assert_eq!(
         said.matches("IPC connection refused").count(),
         1,
@@ -83,7 +86,10 @@ async fn idle_connections_cost_little_and_those_beyond_the_limit_are_refused() {
     // Room again once connections close.
     drop(idle);
     drop(replicator);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        connections_become(&daemon, 0).await,
+        "closed connections are let go"
+    );
     let again = Replicator::connect(&daemon.socket).await;
     again
         .send_all_acked(vec![log_message(
@@ -133,7 +139,7 @@ async fn a_flood_of_bad_messages_is_counted_each_but_logged_once_a_minute() {
         assert!(std::time::Instant::now() < deadline, "not all counted");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let log = std::fs::read_to_string(&daemon.stderr_log).unwrap();
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
     let lines = log
         .lines()
         .filter(|l| l.contains("rejected IPC message") || l.contains("bad IPC frame"))
@@ -141,4 +147,15 @@ async fn a_flood_of_bad_messages_is_counted_each_but_logged_once_a_minute() {
     assert!(lines <= 2, "{lines} log lines for {bad} bad messages");
     drop(stream);
     daemon.terminate().await;
+}
+
+/// Whether persist's connection gauge comes to `count` within a few seconds.
+async fn connections_become(daemon: &harness::Daemon, count: usize) -> bool {
+    let line = format!("joblet_persist_ipc_connections {count}");
+    joblet_test_support::eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        async || daemon.scrape().await.lines().any(|l| l == line),
+    )
+    .await
 }

@@ -1,26 +1,35 @@
 //! Starting and stopping the real daemon, and the clients tests use.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use joblet_ipc::{IpcMessage, IpcSender, MessageType, SenderConfig};
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
 use joblet_proto::persist::{LogLine, QueryLogsRequest};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-pub const WAIT: Duration = Duration::from_secs(30);
+pub use joblet_test_support::WAIT;
 
+/// A running joblet-persist.
 pub struct Daemon {
-    pub child: Child,
-    pub grpc: SocketAddr,
-    pub metrics: SocketAddr,
+    process: joblet_test_support::Daemon,
+    /// The replication socket.
     pub socket: PathBuf,
-    pub stderr_log: PathBuf,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = joblet_test_support::Daemon;
+    fn deref(&self) -> &Self::Target {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.process
+    }
 }
 
 /// Writes a config into `dir` (data, socket and log there; ports chosen free) with `extra`
@@ -52,39 +61,12 @@ pub fn run_to_exit(args: &[&std::ffi::OsStr]) -> std::process::Output {
 }
 
 pub async fn start_with_config(dir: &Path, config_path: &Path) -> Daemon {
-    let stderr_log = dir.join("persist.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_joblet-persist"))
-        .arg("--config")
-        .arg(config_path)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .expect("daemon did not become ready")
-        .unwrap()
-        .unwrap_or_else(|| {
-            panic!(
-                "daemon exited before ready: {}",
-                std::fs::read_to_string(&stderr_log).unwrap_or_default()
-            )
-        });
-    let field = |name: &str| {
-        ready
-            .split_whitespace()
-            .find_map(|part| part.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {ready:?}"))
-            .to_owned()
-    };
+    let command = Command::new(env!("CARGO_BIN_EXE_joblet-persist"));
+    let process =
+        joblet_test_support::Daemon::start(command, config_path, &dir.join("persist.log")).await;
     Daemon {
-        child,
-        grpc: field("grpc").parse().unwrap(),
-        metrics: field("metrics").parse().unwrap(),
-        socket: PathBuf::from(field("ipc")),
-        stderr_log,
+        socket: process.ipc.clone().expect("persist names its socket"),
+        process,
     }
 }
 
@@ -95,30 +77,12 @@ impl Daemon {
             .unwrap()
     }
 
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("daemon did not stop on SIGTERM")
-            .unwrap()
+    pub async fn terminate(self) -> std::process::ExitStatus {
+        self.process.terminate().await
     }
 
-    pub async fn kill_hard(mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
-    }
-
-    /// The Prometheus exposition text.
-    pub async fn scrape(&self) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
-        body
+    pub async fn kill_hard(self) {
+        self.process.kill_hard().await
     }
 }
 

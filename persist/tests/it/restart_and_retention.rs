@@ -296,7 +296,7 @@ async fn a_metrics_address_in_use_is_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let first = harness::start(dir.path(), "").await;
     let second_dir = tempfile::tempdir().unwrap();
-    let config = harness::write_config(second_dir.path(), &first.metrics.to_string(), "");
+    let config = harness::write_config(second_dir.path(), &first.metrics.unwrap().to_string(), "");
     let refused = harness::run_to_exit(&["--config".as_ref(), config.as_ref()]);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -313,7 +313,7 @@ async fn sigterm_stops_cleanly_and_removes_the_socket() {
     let daemon = harness::start(dir.path(), "").await;
     let socket = daemon.socket.clone();
     assert!(socket.exists());
-    let log = daemon.stderr_log.clone();
+    let log = daemon.log.clone();
     let status = daemon.terminate().await;
     assert!(
         status.success(),
@@ -405,15 +405,8 @@ async fn listed_jobs(daemon: &harness::Daemon) -> Vec<String> {
 }
 
 /// Waits up to `within` for `done`, checking every 200 ms.
-async fn eventually(within: std::time::Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    while std::time::Instant::now() < deadline {
-        if done().await {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    false
+async fn eventually(within: std::time::Duration, done: impl AsyncFnMut() -> bool) -> bool {
+    joblet_test_support::eventually(within, std::time::Duration::from_millis(200), done).await
 }
 
 fn data_bytes(dir: &std::path::Path) -> u64 {
@@ -504,7 +497,7 @@ async fn the_size_cap_drops_the_jobs_with_the_oldest_data_first() {
         jobs[first_kept..],
         "the oldest go first, the newest stay"
     );
-    let log = std::fs::read_to_string(&daemon.stderr_log).unwrap();
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert_eq!(
         log.matches("retention.max_bytes: the job with the oldest data is dropped")
             .count(),
@@ -537,7 +530,7 @@ async fn sighup_applies_new_retention_at_once_and_refuses_a_bad_file() {
     std::fs::write(&config, text.replace("logs: 7d", "logs: 5 parsecs")).unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     let refused = eventually(std::time::Duration::from_secs(10), async || {
-        std::fs::read_to_string(&daemon.stderr_log)
+        std::fs::read_to_string(&daemon.log)
             .unwrap()
             .contains("configuration refused")
     })
@@ -566,7 +559,7 @@ async fn sighup_applies_new_retention_at_once_and_refuses_a_bad_file() {
         applied,
         "the job older than the new retention is dropped without a restart"
     );
-    let log = std::fs::read_to_string(&daemon.stderr_log).unwrap();
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(log.contains("retention.logs: 7days → 1m"), "{log}");
     drop(replicator);
     daemon.terminate().await;

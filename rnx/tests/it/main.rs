@@ -6,60 +6,46 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn sibling(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_rnx")).with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
-        path.display()
-    );
-    path
+    joblet_test_support::sibling(Path::new(env!("CARGO_BIN_EXE_rnx")), name)
 }
 
-struct Daemon {
-    child: Child,
-    address: String,
-    /// The Prometheus endpoint, when the config turns it on.
-    metrics: Option<String>,
+/// A daemon of the node: the shared harness's, started from its binary beside rnx's.
+struct Daemon(joblet_test_support::Daemon);
+
+impl std::ops::Deref for Daemon {
+    type Target = joblet_test_support::Daemon;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Daemon {
+    /// Starts `binary` with `config`, its log beside the config.
     async fn start(binary: &str, config: &Path) -> Daemon {
-        let mut child = Command::new(sibling(binary))
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap_or_else(|| panic!("{binary} exited before ready"));
-        let field = |name: &str| {
-            ready
-                .split_whitespace()
-                .find_map(|p| p.strip_prefix(name))
-                .map(str::to_owned)
-        };
-        Daemon {
-            child,
-            address: field("grpc=").unwrap(),
-            metrics: field("metrics=").filter(|m| m != "off"),
-        }
+        let log = config.with_extension("log");
+        Daemon(
+            joblet_test_support::Daemon::start(Command::new(sibling(binary)), config, &log).await,
+        )
     }
 
-    async fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
+    /// The gRPC address, as a config names it.
+    fn address(&self) -> String {
+        self.grpc.to_string()
+    }
+
+    async fn stop(self) {
+        self.0.terminate().await;
     }
 }
 
@@ -113,9 +99,7 @@ impl Node {
             None
         };
         let config = dir.path().join("core.yml");
-        let query = persist
-            .as_ref()
-            .map_or("null".to_owned(), |p| p.address.clone());
+        let query = persist.as_ref().map_or("null".to_owned(), |p| p.address());
         std::fs::write(&config, format!(
             "grpc:\n  listen: {listen}\n  insecure: true\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {query}\n  query_tls: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n{on_shutdown}{core_jobs}",
             dir.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'),
@@ -124,10 +108,10 @@ impl Node {
         let core = Daemon::start("joblet-core", &config).await;
         let persist_address = persist
             .as_ref()
-            .map_or("127.0.0.1:1".to_owned(), |p| p.address.clone());
+            .map_or("127.0.0.1:1".to_owned(), |p| p.address());
         std::fs::write(
             dir.path().join("rnx-config.yml"),
-            format!("nodes:\n  default:\n    address: \"{}\"\n    persistAddress: \"{persist_address}\"\n", core.address),
+            format!("nodes:\n  default:\n    address: \"{}\"\n    persistAddress: \"{persist_address}\"\n", core.grpc),
         )
         .unwrap();
         Node {
@@ -1214,7 +1198,7 @@ async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
     let certs = certs_init(dir);
     let (persist_config, _) = tls_configs(dir, "127.0.0.1:50052");
     let persist = Daemon::start("joblet-persist", &persist_config).await;
-    let (_, core_config) = tls_configs(dir, &persist.address);
+    let (_, core_config) = tls_configs(dir, &persist.address());
     let core = Daemon::start("joblet-core", &core_config).await;
     let port = |address: &str| address.rsplit(':').next().unwrap().to_owned();
     for (file, name) in [
@@ -1226,11 +1210,11 @@ async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
             .unwrap()
             .replace(
                 "localhost:50051",
-                &format!("localhost:{}", port(&core.address)),
+                &format!("localhost:{}", port(&core.address())),
             )
             .replace(
                 "localhost:50052",
-                &format!("localhost:{}", port(&persist.address)),
+                &format!("localhost:{}", port(&persist.address())),
             );
         std::fs::write(dir.join(format!("{name}.yml")), text).unwrap();
     }
@@ -1284,7 +1268,7 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
         dir.path().join("plain.yml"),
         format!(
             "nodes:\n  default:\n    address: \"{}\"\n    persistAddress: \"{}\"\n",
-            core.address, persist.address
+            core.grpc, persist.grpc
         ),
     )
     .unwrap();
@@ -1329,7 +1313,7 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
     );
     let channel = tonic::transport::Endpoint::from_shared(format!(
         "https://{}",
-        core.address.replace("127.0.0.1", "localhost")
+        core.address().replace("127.0.0.1", "localhost")
     ))
     .unwrap()
     .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
@@ -1359,14 +1343,14 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
         .unwrap()
         .replace(
             "localhost:50051",
-            &core.address.replace("127.0.0.1", "localhost"),
+            &core.address().replace("127.0.0.1", "localhost"),
         );
     std::fs::write(dir.path().join("stranger.yml"), stranger).unwrap();
     let handshake = rnx_as(dir.path(), "stranger", &["job", "list"]);
     assert_ne!(handshake.status.code(), Some(0));
 
     // Every denial is counted.
-    let mut stream = tokio::net::TcpStream::connect(core.metrics.as_deref().unwrap())
+    let mut stream = tokio::net::TcpStream::connect(core.metrics.unwrap())
         .await
         .unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n")
