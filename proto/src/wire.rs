@@ -109,19 +109,14 @@ pub mod log_record {
 
         /// Length of the encoded record.
         pub fn encoded_len(&self) -> usize {
-            self.varints()
-                .iter()
-                .map(|&(_, value)| super::varint_len(value))
-                .sum::<usize>()
+            super::varints_len(&self.varints())
                 + super::bytes_len(self.content)
                 + super::varint_len(u64::from(self.partial))
         }
 
         /// Appends the record as prost encodes it.
         pub fn encode(&self, buf: &mut impl bytes::BufMut) {
-            for (field, value) in self.varints() {
-                super::put_varint(field, value, buf);
-            }
+            super::put_varints(&self.varints(), buf);
             super::put_bytes(CONTENT, self.content, buf);
             super::put_varint(PARTIAL, u64::from(self.partial), buf);
         }
@@ -185,10 +180,7 @@ pub mod log_line {
 
         /// Length of the encoded line after `job_id_field` (see [`job_id_field`]).
         pub fn encoded_len(&self) -> usize {
-            self.varints()
-                .iter()
-                .map(|&(_, value)| super::varint_len(value))
-                .sum::<usize>()
+            super::varints_len(&self.varints())
                 + super::bytes_len(self.content)
                 + super::varint_len(self.lost_lines)
                 + super::bytes_len(self.lost_reason)
@@ -199,9 +191,7 @@ pub mod log_line {
         /// a query: encoded once by [`job_id_field`]) first.
         pub fn encode(&self, job_id_field: &[u8], buf: &mut impl bytes::BufMut) {
             buf.put_slice(job_id_field);
-            for (field, value) in self.varints() {
-                super::put_varint(field, value, buf);
-            }
+            super::put_varints(&self.varints(), buf);
             super::put_bytes(CONTENT, self.content, buf);
             super::put_varint(LOST_LINES, self.lost_lines, buf);
             super::put_bytes(LOST_REASON, self.lost_reason, buf);
@@ -214,6 +204,18 @@ pub mod log_line {
         let mut field = Vec::with_capacity(job_id.len() + 6);
         super::put_bytes(JOB_ID, job_id.as_bytes(), &mut field);
         field
+    }
+}
+
+/// Encoded length of varint fields.
+fn varints_len(fields: &[(Field, u64)]) -> usize {
+    fields.iter().map(|&(_, value)| varint_len(value)).sum()
+}
+
+/// Puts varint fields in the order given.
+fn put_varints(fields: &[(Field, u64)], buf: &mut impl BufMut) {
+    for &(field, value) in fields {
+        put_varint(field, value, buf);
     }
 }
 

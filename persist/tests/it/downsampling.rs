@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use joblet_ipc::{MetricData, metric_message};
-use joblet_proto::persist::{ListJobsRequest, Metric, QueryMetricsRequest};
+use joblet_proto::persist::{Metric, QueryMetricsRequest};
 
 use crate::harness::{self, Replicator};
 use crate::ingest_and_query::now;
@@ -46,14 +46,7 @@ async fn query(daemon: &harness::Daemon, start_time: i64, end_time: i64) -> Vec<
 }
 
 async fn summary(daemon: &harness::Daemon) -> joblet_proto::persist::JobSummary {
-    let mut jobs = daemon
-        .client()
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let mut jobs = harness::job_summaries(daemon).await;
     assert_eq!(jobs.len(), 1);
     jobs.remove(0)
 }

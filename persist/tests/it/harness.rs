@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use joblet_ipc::{IpcMessage, IpcSender, MessageType, SenderConfig};
 use joblet_proto::persist::persist_service_client::PersistServiceClient;
-use joblet_proto::persist::{LogLine, QueryLogsRequest};
+use joblet_proto::persist::{JobSummary, ListJobsRequest, LogLine, QueryLogsRequest};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -142,4 +142,16 @@ pub async fn query_logs(
         lines.push(line);
     }
     Ok(lines)
+}
+
+/// Every stored job's summary (ListJobs).
+pub async fn job_summaries(daemon: &Daemon) -> Vec<JobSummary> {
+    daemon
+        .client()
+        .await
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
 }

@@ -2,9 +2,9 @@
 //! and configuration errors.
 
 use joblet_ipc::{MessageType, Stream, log_message};
-use joblet_proto::persist::{ListJobsRequest, QueryLogsRequest};
+use joblet_proto::persist::QueryLogsRequest;
 
-use crate::harness::{self, Replicator, query_logs};
+use crate::harness::{self, Replicator, job_summaries, query_logs};
 use crate::ingest_and_query::now;
 
 const JOB: &str = "7e57d00d-0000-4000-8000-00000000abcd";
@@ -25,17 +25,6 @@ fn lines(
             )
         })
         .collect()
-}
-
-async fn job_summaries(daemon: &harness::Daemon) -> Vec<joblet_proto::persist::JobSummary> {
-    daemon
-        .client()
-        .await
-        .list_jobs(ListJobsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
 }
 
 async fn all_sequences(daemon: &harness::Daemon, job: &str) -> Vec<u64> {

@@ -14,39 +14,12 @@ fn sibling(name: &str) -> PathBuf {
     joblet_test_support::sibling(Path::new(env!("CARGO_BIN_EXE_rnx")), name)
 }
 
-/// A daemon of the node: the shared harness's, started from its binary beside rnx's.
-struct Daemon(joblet_test_support::Daemon);
+use joblet_test_support::Daemon;
 
-impl std::ops::Deref for Daemon {
-    type Target = joblet_test_support::Daemon;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Daemon {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Daemon {
-    /// Starts `binary` with `config`, its log beside the config.
-    async fn start(binary: &str, config: &Path) -> Daemon {
-        let log = config.with_extension("log");
-        Daemon(
-            joblet_test_support::Daemon::start(Command::new(sibling(binary)), config, &log).await,
-        )
-    }
-
-    /// The gRPC address, as a config names it.
-    fn address(&self) -> String {
-        self.grpc.to_string()
-    }
-
-    async fn stop(self) {
-        self.0.terminate().await;
-    }
+/// Starts `binary` (beside rnx's) with `config`, its log beside the config.
+async fn start_daemon(binary: &str, config: &Path) -> Daemon {
+    let log = config.with_extension("log");
+    Daemon::start(Command::new(sibling(binary)), config, &log).await
 }
 
 struct Node {
@@ -94,21 +67,23 @@ impl Node {
                 "data_dir: {}\nipc:\n  socket: {}\n{persist_ipc}grpc:\n  listen: 127.0.0.1:0\n  insecure: true\nmetrics:\n  listen: null\nretention:\n  logs: 0\n  metrics: 0\n",
                 dir.path().join("persist-data").display(), socket.display()
             )).unwrap();
-            Some(Daemon::start("joblet-persist", &config).await)
+            Some(start_daemon("joblet-persist", &config).await)
         } else {
             None
         };
         let config = dir.path().join("core.yml");
-        let query = persist.as_ref().map_or("null".to_owned(), |p| p.address());
+        let query = persist
+            .as_ref()
+            .map_or("null".to_owned(), |p| p.grpc.to_string());
         std::fs::write(&config, format!(
             "grpc:\n  listen: {listen}\n  insecure: true\nmetrics:\n  listen: null\ncgroup:\n  parent: joblet-rnx-test-{}\nstate_dir: {}\npersist:\n  socket: {}\n  query_address: {query}\n  query_tls: null\n  reconnect_delay: 200ms\njobs:\n  metrics_interval: 200ms\n  work_root: {}\n{on_shutdown}{core_jobs}",
             dir.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'),
             dir.path().join("state").display(), socket.display(), dir.path().join("work").display()
         )).unwrap();
-        let core = Daemon::start("joblet-core", &config).await;
+        let core = start_daemon("joblet-core", &config).await;
         let persist_address = persist
             .as_ref()
-            .map_or("127.0.0.1:1".to_owned(), |p| p.address());
+            .map_or("127.0.0.1:1".to_owned(), |p| p.grpc.to_string());
         std::fs::write(
             dir.path().join("rnx-config.yml"),
             format!("nodes:\n  default:\n    address: \"{}\"\n    persistAddress: \"{persist_address}\"\n", core.grpc),
@@ -175,10 +150,10 @@ impl Node {
 
     async fn stop(mut self) {
         if let Some(core) = self.core.take() {
-            core.stop().await;
+            core.terminate().await;
         }
         if let Some(persist) = self.persist.take() {
-            persist.stop().await;
+            persist.terminate().await;
         }
     }
 }
@@ -228,14 +203,14 @@ async fn follow_across_a_core_restart(crash: bool) {
         .await;
     let follower = node.rnx(&["job", "log", "-f", &id]).spawn().unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut core = node.core.take().unwrap();
+    let core = node.core.take().unwrap();
     if crash {
-        core.child.kill().await.unwrap();
+        core.kill_hard().await;
     } else {
-        core.stop().await;
+        core.terminate().await;
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    node.core = Some(Daemon::start("joblet-core", &node.dir.path().join("core.yml")).await);
+    node.core = Some(start_daemon("joblet-core", &node.dir.path().join("core.yml")).await);
     let output = tokio::time::timeout(WAIT, follower.wait_with_output())
         .await
         .expect("rnx job log -f did not end with the job")
@@ -411,7 +386,7 @@ async fn with_core_down_logs_and_metrics_show_history_and_say_so() {
     let id = node.run("seq 1 5; sleep 0.5").await;
     node.wait_ended(&id).await;
     // Core's shutdown waits until persist acknowledged every line of ended jobs.
-    node.core.take().unwrap().stop().await;
+    node.core.take().unwrap().terminate().await;
     for args in [
         &["job", "log", &id][..],
         &["job", "metrics", "--json", &id][..],
@@ -1197,9 +1172,9 @@ fn tls_configs(dir: &Path, persist_address: &str) -> (PathBuf, PathBuf) {
 async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
     let certs = certs_init(dir);
     let (persist_config, _) = tls_configs(dir, "127.0.0.1:50052");
-    let persist = Daemon::start("joblet-persist", &persist_config).await;
-    let (_, core_config) = tls_configs(dir, &persist.address());
-    let core = Daemon::start("joblet-core", &core_config).await;
+    let persist = start_daemon("joblet-persist", &persist_config).await;
+    let (_, core_config) = tls_configs(dir, &persist.grpc.to_string());
+    let core = start_daemon("joblet-core", &core_config).await;
     let port = |address: &str| address.rsplit(':').next().unwrap().to_owned();
     for (file, name) in [
         ("rnx-config.yml", "admin"),
@@ -1210,11 +1185,11 @@ async fn start_tls_node(dir: &Path) -> (Daemon, Daemon) {
             .unwrap()
             .replace(
                 "localhost:50051",
-                &format!("localhost:{}", port(&core.address())),
+                &format!("localhost:{}", port(&core.grpc.to_string())),
             )
             .replace(
                 "localhost:50052",
-                &format!("localhost:{}", port(&persist.address())),
+                &format!("localhost:{}", port(&persist.grpc.to_string())),
             );
         std::fs::write(dir.join(format!("{name}.yml")), text).unwrap();
     }
@@ -1313,7 +1288,7 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
     );
     let channel = tonic::transport::Endpoint::from_shared(format!(
         "https://{}",
-        core.address().replace("127.0.0.1", "localhost")
+        core.grpc.to_string().replace("127.0.0.1", "localhost")
     ))
     .unwrap()
     .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
@@ -1343,7 +1318,7 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
         .unwrap()
         .replace(
             "localhost:50051",
-            &core.address().replace("127.0.0.1", "localhost"),
+            &core.grpc.to_string().replace("127.0.0.1", "localhost"),
         );
     std::fs::write(dir.path().join("stranger.yml"), stranger).unwrap();
     let handshake = rnx_as(dir.path(), "stranger", &["job", "list"]);
@@ -1372,8 +1347,8 @@ async fn mutual_tls_admin_runs_jobs_viewer_only_reads_strangers_are_refused() {
         scrape.contains("joblet_auth_denied_total{reason=\"handshake\"} 1"),
         "{scrape}"
     );
-    core.stop().await;
-    persist.stop().await;
+    core.terminate().await;
+    persist.terminate().await;
 }
 
 /// `--check-config` of a daemon with `config` (and core's `extra` arguments): exit code and
