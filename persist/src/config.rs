@@ -220,10 +220,11 @@ pub struct RocksDbConfig {
     /// it 13-23 % tighter but its compactions hold sustained ingest to a third (see
     /// deploy/config/persist-config.yml).
     pub bottommost_compression: Compression,
-    /// zstd's level (1–22) where zstd is used: higher packs tighter and compacts slower.
+    /// zstd's level (1–22) where zstd is used, and the bottom level's with LZ4 too: higher
+    /// packs tighter and compacts slower.
     pub zstd_level: i32,
-    /// Size of the zstd dictionary trained per bottom-level file (from up to 100 times as
-    /// much of its data); "0" compresses each block on its own.
+    /// Size of the dictionary per bottom-level file (zstd: trained from up to 100 times as
+    /// much of its data; LZ4: sampled from it); "0" compresses each block on its own.
     pub zstd_dictionary_size: ByteSize,
     /// Uncompressed size of a data block: the unit that is compressed and read. Logs are
     /// mostly read in long forward scans: 16 KiB blocks mean a quarter of the block reads,
