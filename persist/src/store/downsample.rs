@@ -64,11 +64,16 @@ impl Store {
     /// Rolls up every job's samples older than the full resolution (see the module docs).
     /// Blocking.
     pub fn downsample_metrics(&self) -> Result<Downsampled, StoreError> {
+        self.downsample_metrics_at(now_ns())
+    }
+
+    /// [`Store::downsample_metrics`] as if it were `now` (Unix ns).
+    pub fn downsample_metrics_at(&self, now: i64) -> Result<Downsampled, StoreError> {
         let Some(full) = self.policy.metrics_full_resolution().0 else {
             return Ok(Downsampled::default());
         };
         let full = i64::try_from(full.as_nanos()).unwrap_or(i64::MAX);
-        let cutoff = floor_minute(now_ns().saturating_sub(full));
+        let cutoff = floor_minute(now.saturating_sub(full));
         let due: Vec<String> = lock(&self.durable)
             .values()
             .filter(|summary| due_from(summary, cutoff).is_some())
@@ -193,6 +198,13 @@ impl Store {
 /// Where `summary`'s job has samples to roll up before `cutoff`, if it has.
 fn due_from(summary: &joblet_proto::persist::JobSummary, cutoff: i64) -> Option<i64> {
     if summary.metric_samples == 0 || summary.first_timestamp >= cutoff {
+        return None;
+    }
+    // Nothing stored since the last pass got past the newest record: a finished job is not
+    // visited (and its summary rewritten) again every pass.
+    if summary.metrics_late_from.is_none()
+        && summary.metrics_downsampled_before > summary.last_timestamp
+    {
         return None;
     }
     let from = match summary.metrics_downsampled_before {

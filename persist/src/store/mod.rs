@@ -724,8 +724,13 @@ mod tests {
                 .all(|w| w[0].timestamp + MINUTE_NS == w[1].timestamp)
         );
         assert_eq!(rollups.last().unwrap().sequence, 50_000);
-        // Nothing left to do, and the summary says where it got to.
+        // Nothing left to do, and the summary says where it got to; an hour later the job
+        // is not even visited: nothing is written.
         assert_eq!(store.downsample_metrics().unwrap(), Downsampled::default());
+        let written = store.raw_db().latest_sequence_number();
+        let later = store.downsample_metrics_at(now_ns() + HOUR_NS).unwrap();
+        assert_eq!(later, Downsampled::default());
+        assert_eq!(store.raw_db().latest_sequence_number(), written);
         let summary = &store.list_jobs("job")[0];
         assert_eq!(summary.metric_samples, 50_000);
         assert!(summary.metrics_downsampled_before > rollups.last().unwrap().timestamp);
