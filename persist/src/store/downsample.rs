@@ -68,7 +68,7 @@ impl Store {
     }
 
     /// [`Store::downsample_metrics`] as if it were `now` (Unix ns).
-    pub fn downsample_metrics_at(&self, now: i64) -> Result<Downsampled, StoreError> {
+    pub(crate) fn downsample_metrics_at(&self, now: i64) -> Result<Downsampled, StoreError> {
         let Some(full) = self.policy.metrics_full_resolution().0 else {
             return Ok(Downsampled::default());
         };
@@ -81,15 +81,12 @@ impl Store {
             .collect();
         let mut done = Downsampled::default();
         for job_id in due {
-            let mut counted = false;
+            let before = done.samples;
             while let Some((samples, rollups)) = self.downsample_step(&job_id, cutoff)? {
                 done.samples += samples;
                 done.rollups += rollups;
-                if !counted && samples > 0 {
-                    done.jobs += 1;
-                    counted = true;
-                }
             }
+            done.jobs += u64::from(done.samples > before);
         }
         if done.samples > 0 {
             metrics::counter!(m::METRICS_DOWNSAMPLED).increment(done.samples);
@@ -154,15 +151,13 @@ impl Store {
                     continue;
                 }
             };
-            match minutes.get_mut(&minute) {
-                Some((merged, highest)) => {
+            minutes
+                .entry(minute)
+                .and_modify(|(merged, highest)| {
                     merge(merged, &rollup);
                     *highest = (*highest).max(sequence);
-                }
-                None => {
-                    minutes.insert(minute, (rollup, sequence));
-                }
-            }
+                })
+                .or_insert((rollup, sequence));
             iter.next();
         }
         iter.status()?;
