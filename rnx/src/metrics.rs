@@ -46,9 +46,9 @@ pub async fn show(node: &Node, args: MetricsArgs, json: bool) -> Result<(), Fail
             })
             .await?
             .into_inner();
-        while let Some(metric) = stream.message().await? {
+        while let Some(mut metric) = stream.message().await? {
             if metric.sequence <= plan.through
-                && let Some(sample) = metric.sample.clone()
+                && let Some(sample) = metric.sample.take()
             {
                 let rollup = (metric.resolution_seconds > 0).then_some(&metric);
                 view.add(sample, rollup)?;
