@@ -487,11 +487,13 @@ impl Writer {
 }
 
 /// Connections persist ended without acknowledging anything, logged when they start, every
-/// [`REFUSAL_SUMMARY_INTERVAL`] while they go on, and when they stop: not once per attempt.
+/// [`REFUSAL_SUMMARY_INTERVAL`] while they go on (with the latest reason), and when they
+/// stop: not once per attempt. A changed reason waits for the next summary too: one failure
+/// often shows as two reasons in a row (a full disk fails a flush, then the next write), and
+/// a reason naming a different file each time must not flood the log.
 #[derive(Default)]
 struct Refusals {
     count: u64,
-    why: Option<String>,
     since: Option<Instant>,
     reported: Option<Instant>,
     reported_count: u64,
@@ -502,31 +504,23 @@ impl Refusals {
         self.count += 1;
         let now = Instant::now();
         let since = *self.since.get_or_insert(now);
-        let changed = self.why.as_deref() != Some(why);
         match self.reported {
-            _ if changed => {
-                tracing::warn!(
-                    why,
-                    "joblet-persist refuses to store replicated data; replication waits and \
-                     retries with backoff"
-                );
-                self.why = Some(why.to_owned());
-                self.reported = Some(now);
-                self.reported_count = self.count;
-            }
-            Some(at) if now.duration_since(at) >= REFUSAL_SUMMARY_INTERVAL => {
-                tracing::warn!(
-                    why,
-                    attempts = self.count - self.reported_count,
-                    failing_for = ?now.duration_since(since),
-                    next_retry_within = ?backoff,
-                    "joblet-persist still refuses; replication waits"
-                );
-                self.reported = Some(now);
-                self.reported_count = self.count;
-            }
-            _ => {}
+            None => tracing::warn!(
+                why,
+                "joblet-persist refuses to store replicated data; replication waits and \
+                 retries with backoff"
+            ),
+            Some(at) if now.duration_since(at) >= REFUSAL_SUMMARY_INTERVAL => tracing::warn!(
+                why,
+                attempts = self.count - self.reported_count,
+                failing_for = ?now.duration_since(since),
+                next_retry_within = ?backoff,
+                "joblet-persist still refuses; replication waits"
+            ),
+            Some(_) => return,
         }
+        self.reported = Some(now);
+        self.reported_count = self.count;
     }
 
     fn recovered(&mut self) {

@@ -55,8 +55,9 @@ impl MessageSink for StoreSink {
             .map_err(|_| "the store closed before flushing".to_owned())?
             .settles(target);
         match settled {
-            Some(true) => Ok(()),
-            _ => Err("flushing to disk failed (see the flush error logged)".to_owned()),
+            Some(Ok(())) => Ok(()),
+            Some(Err(why)) => Err(format!("flushing to disk failed: {why}")),
+            None => Err("flushing to disk failed".to_owned()),
         }
     }
 }

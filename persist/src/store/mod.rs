@@ -174,22 +174,26 @@ struct Flushes {
     unflushed: AtomicBool,
 }
 
-/// The last flush that completed and the last that failed (0: none).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// The last flush that completed and the last that failed (0: none), with why it failed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Flushed {
     pub completed: u64,
     pub failed: u64,
+    pub failure: Option<Arc<str>>,
 }
 
 impl Flushed {
-    /// Whether what [`Store::durable_after`] numbered `target` is durable (`Some(true)`), can
-    /// no longer become durable this way (`Some(false)`: that flush failed; the sender sends it
-    /// again), or is still waiting (`None`).
-    pub fn settles(&self, target: u64) -> Option<bool> {
+    /// Whether what [`Store::durable_after`] numbered `target` is durable (`Some(Ok)`), can
+    /// no longer become durable this way (`Some(Err(why))`: that flush failed; the sender
+    /// sends it again), or is still waiting (`None`).
+    pub fn settles(&self, target: u64) -> Option<Result<(), Arc<str>>> {
         if self.completed >= target {
-            Some(true)
+            Some(Ok(()))
         } else if self.failed >= target {
-            Some(false)
+            Some(Err(self
+                .failure
+                .clone()
+                .unwrap_or_else(|| "unknown".into())))
         } else {
             None
         }
@@ -384,11 +388,15 @@ impl Store {
         let mut options = rocksdb::FlushOptions::default();
         options.set_wait(true);
         let flushed = self.db.flush_cfs_opt(&cfs, &options);
-        flushes.done.send_modify(|done| match flushed {
+        flushes.done.send_modify(|done| match &flushed {
             Ok(()) => done.completed = done.completed.max(number),
             // What waited for this flush is not acknowledged: its connection closes and the
-            // sender sends it again, as when a write fails (a full disk, for one).
-            Err(_) => done.failed = done.failed.max(number),
+            // sender sends it again, as when a write fails (a full disk, for one), and is
+            // told why.
+            Err(error) => {
+                done.failed = done.failed.max(number);
+                done.failure = Some(StoreError::from(error.clone()).to_string().into());
+            }
         });
         flushed?;
         Ok(true)
