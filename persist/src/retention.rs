@@ -58,7 +58,7 @@ fn retention(nanos: u64) -> Retention {
 impl Policy {
     pub fn new(config: &RetentionConfig) -> Arc<Policy> {
         let policy = Arc::new(Policy::default());
-        policy.apply(config);
+        policy.set(config);
         policy
     }
 
@@ -82,6 +82,14 @@ impl Policy {
     /// Takes the periods and cap of `config` (already validated); returns what changed, as
     /// `key: old → new` texts, and wakes the retention task if anything did.
     pub fn apply(&self, config: &RetentionConfig) -> Vec<String> {
+        let changed = self.set(config);
+        if !changed.is_empty() {
+            self.wake.notify_one();
+        }
+        changed
+    }
+
+    fn set(&self, config: &RetentionConfig) -> Vec<String> {
         let mut changed = Vec::new();
         let show = |nanos: u64| match nanos {
             0 => "0 (forever)".to_owned(),
@@ -121,9 +129,6 @@ impl Policy {
                 changed.push(format!("{key}: {} → {}", shown(old), shown(value)));
             }
         }
-        if !changed.is_empty() {
-            self.wake.notify_one();
-        }
         changed
     }
 }
@@ -137,8 +142,9 @@ pub struct Dropped {
     pub capped_bytes: u64,
 }
 
-/// Runs retention passes until `shutdown`: every `interval`, when the policy changes, and when a
-/// twentieth of the cap was ingested since the last pass.
+/// Runs retention passes until `shutdown`: at start, so that what expired while persist was
+/// down goes at once; then every `interval`, when the policy changes, and when a twentieth of
+/// the cap was ingested since the last pass.
 pub async fn run(
     store: Arc<Store>,
     data_dir: PathBuf,
@@ -148,17 +154,20 @@ pub async fn run(
     let policy = store.policy().clone();
     let mut last = Instant::now();
     let mut ingested_at_last = store.ingested_bytes();
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = policy.wake.notified() => {}
-            () = tokio::time::sleep(interval.min(CAP_POLL)) => {
-                let due = last.elapsed() >= interval;
-                let filling = policy.max_bytes().is_some_and(|cap| {
-                    store.ingested_bytes().saturating_sub(ingested_at_last) >= cap / 20
-                });
-                if !due && !filling {
-                    continue;
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = policy.wake.notified() => {}
+                () = tokio::time::sleep(interval.min(CAP_POLL)) => {
+                    let due = last.elapsed() >= interval;
+                    let filling = policy.max_bytes().is_some_and(|cap| {
+                        store.ingested_bytes().saturating_sub(ingested_at_last) >= cap / 20
+                    });
+                    if !due && !filling {
+                        continue;
+                    }
                 }
             }
         }

@@ -55,7 +55,13 @@ fn request(job: &str) -> QueryLogsRequest {
 #[tokio::test]
 async fn replicated_lines_and_metrics_are_queryable_with_every_filter() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = harness::start(dir.path(), "retention:\n  logs: 0\n  metrics: 0\n").await;
+    // The data is from 2023: kept forever, and its samples at full resolution (by default a
+    // retention pass, the first at start, rolls samples older than a day into minutes).
+    let daemon = harness::start(
+        dir.path(),
+        "retention:\n  logs: 0\n  metrics: 0\n  metrics_full_resolution: 0\n",
+    )
+    .await;
     let replicator = Replicator::connect(&daemon.socket).await;
     let mut messages = job_lines();
     messages.push(log_message(

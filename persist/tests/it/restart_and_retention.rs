@@ -448,6 +448,36 @@ async fn an_expired_job_frees_its_disk_without_a_restart() {
     daemon.terminate().await;
 }
 
+/// What expired while persist was down goes when it starts, not a check interval later.
+#[tokio::test]
+async fn a_restart_drops_what_expired_meanwhile_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = harness::start(dir.path(), "retention:\n  logs: 0\n  metrics: 0\n").await;
+    let old = "e0000000-0000-4000-8000-000000000003";
+    let replicator = Replicator::connect(&daemon.socket).await;
+    let two_days_ago = now() - 2 * 86_400 * 1_000_000_000;
+    replicator
+        .send_all_acked(incompressible_lines(old, 1000, two_days_ago))
+        .await;
+    drop(replicator);
+    daemon.terminate().await;
+
+    // A day's retention, checked hourly: only the pass at start can drop the job in time.
+    let daemon = harness::start(
+        dir.path(),
+        "retention:\n  logs: 1d\n  metrics: 1d\n  check_interval: 1h\n",
+    )
+    .await;
+    let evicted = "joblet_persist_retention_evicted_jobs_total{reason=\"retention\"} 1";
+    let dropped = eventually(std::time::Duration::from_secs(20), async || {
+        daemon.scrape().await.contains(evicted)
+    })
+    .await;
+    assert!(dropped, "the job is dropped: {}", daemon.scrape().await);
+    assert_eq!(listed_jobs(&daemon).await, Vec::<String>::new());
+    daemon.terminate().await;
+}
+
 #[tokio::test]
 async fn the_size_cap_drops_the_jobs_with_the_oldest_data_first() {
     let dir = tempfile::tempdir().unwrap();
