@@ -154,20 +154,19 @@ pub async fn run(
     let policy = store.policy().clone();
     let mut last = Instant::now();
     let mut ingested_at_last = store.ingested_bytes();
-    let mut first = true;
+    // The first pass runs at once.
+    policy.wake.notify_one();
     loop {
-        if !std::mem::take(&mut first) {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = policy.wake.notified() => {}
-                () = tokio::time::sleep(interval.min(CAP_POLL)) => {
-                    let due = last.elapsed() >= interval;
-                    let filling = policy.max_bytes().is_some_and(|cap| {
-                        store.ingested_bytes().saturating_sub(ingested_at_last) >= cap / 20
-                    });
-                    if !due && !filling {
-                        continue;
-                    }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = policy.wake.notified() => {}
+            () = tokio::time::sleep(interval.min(CAP_POLL)) => {
+                let due = last.elapsed() >= interval;
+                let filling = policy.max_bytes().is_some_and(|cap| {
+                    store.ingested_bytes().saturating_sub(ingested_at_last) >= cap / 20
+                });
+                if !due && !filling {
+                    continue;
                 }
             }
         }
